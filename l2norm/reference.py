@@ -1,0 +1,258 @@
+r"""The reference: the maths of l2norm in NumPy, forward and exact backward.
+
+Every adapter is tested against this module, so it favours exactness over speed.
+
+Forward, with ``n = ||x||`` over the normalized axes, ``d(n)`` the denominator of the
+chosen ``eps_mode`` and ``s`` the scale broadcast along the channel axis:
+
+.. math::
+
+    y = s \cdot \frac{x}{d(n)}
+
+Backward (vector-Jacobian product) for a cotangent ``g``. Write ``\hat x = x / n``
+(zero where ``n = 0``), ``\sigma = s g`` and ``r = n\,d'(n) / d(n) \in [0, 1]``:
+
+.. math::
+
+    \frac{\partial L}{\partial x} = \frac{\sigma - r\,\hat x\,\langle\sigma, \hat x\rangle}{d(n)},
+    \qquad
+    \frac{\partial L}{\partial s_c} = \sum_{\text{all but } c} g \cdot \frac{x}{d(n)}
+
+which is ``(s g)/d - x <s g, x> d'(n) / (n d**2)`` rearranged so that every factor is
+bounded: ``\hat x`` is a unit vector and ``r`` lies in ``[0, 1]``:
+
+=============== ================== ===============================
+eps_mode        ``d(n)``           ``r``
+=============== ================== ===============================
+``add_sumsq``   ``sqrt(n² + eps)`` ``n² / d²``
+``add_norm``    ``n + eps``        ``n / (n + eps)``
+``clamp_sumsq`` ``max(n, √eps)``   ``1`` if ``n >= √eps`` else ``0``
+``clamp_norm``  ``max(n, eps)``    ``1`` if ``n >= eps`` else ``0``
+=============== ================== ===============================
+
+At ``n = 0`` the gradient is ``s g / d(0)``: ``s g / eps`` in ``add_norm`` mode, where
+autodiff of ``x / (sqrt(sum(x**2)) + eps)`` gives NaN.
+
+Numerics:
+
+* The input is promoted to a working precision of float64 (or, for float64 input,
+  ``np.longdouble`` where it is wider) and the result is rounded once to the input dtype.
+* Each slice is first divided by the power of two just below its largest magnitude,
+  so the sum of squares can neither overflow nor underflow whatever the input's range;
+  eps is divided by the same power, so it keeps its meaning on the true norm.
+* A slice holding a NaN is NaN throughout (forward and gradient).
+* A slice holding ±Inf (and no NaN) takes the limit direction: its infinite entries map
+  to ``±s / sqrt(k)`` (``k`` the number of infinite entries), its finite entries to 0,
+  and its input gradient is 0 (the limit of ``1 / d(n)`` as ``n`` grows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+import numpy as np
+
+from l2norm._spec import Axes, Spec, check_float_dtype, check_scale_shape
+
+__all__ = ["l2_normalize", "l2_normalize_vjp", "forward", "vjp"]
+
+_LONGDOUBLE_IS_WIDER = np.finfo(np.longdouble).nmant > np.finfo(np.float64).nmant
+
+
+def _working_dtype(dtype: np.dtype) -> type:
+    if dtype == np.float64 and _LONGDOUBLE_IS_WIDER:
+        return np.longdouble
+    return np.float64
+
+
+@dataclass
+class _Parts:
+    """Per-slice quantities in working precision, in units of the slice's power of two."""
+
+    xhat: np.ndarray  # x / n, zero where n == 0; the limit direction in Inf slices
+    d_scaled: np.ndarray  # d(n) / p
+    p: np.ndarray  # the power of two each slice was divided by
+    ratio: np.ndarray  # n / d(n)
+    r: np.ndarray  # n d'(n) / d(n)
+    inf_slice: np.ndarray  # the slice holds ±Inf and no NaN
+
+
+def _parts(xw: np.ndarray, spec: Spec, axes: Axes) -> _Parts:
+    keep = {"axis": axes.norm, "keepdims": True}
+    is_inf = np.isinf(xw)
+    inf_slice = is_inf.any(**keep) & ~np.isnan(xw).any(**keep)
+    # Inf slices: keep only the signs of the infinite entries; their direction is the limit.
+    xw = np.where(inf_slice, np.where(is_inf, np.sign(xw), 0), xw)
+    largest = np.max(np.abs(xw), **keep)
+    _, exponent = np.frexp(largest)
+    p = np.ldexp(np.ones_like(largest), exponent - 1)  # p <= largest < 2p; 0.5 for zero slices
+    xs = xw / p  # exact: p is a power of two
+    ns = np.sqrt(np.sum(xs * xs, **keep))
+    positive = ns > 0
+    xhat = np.divide(xs, ns, out=np.zeros_like(xs), where=positive)
+
+    eps_s = spec.eps / p
+    thr_s = spec.threshold / p
+    mode = spec.eps_mode
+    if mode == "add_sumsq":
+        d_s = np.hypot(ns, np.sqrt(spec.eps) / p)
+    elif mode == "add_norm":
+        d_s = ns + eps_s
+    else:
+        d_s = np.maximum(ns, thr_s)
+    ratio = ns / d_s
+    if mode == "add_sumsq":
+        r = ratio * ratio
+    elif mode == "add_norm":
+        r = ratio
+    else:
+        r = (ns >= thr_s).astype(xw.dtype)
+    # In the Inf limit n / d(n) -> 1 whatever the mode.
+    ratio = np.where(inf_slice, 1, ratio).astype(xw.dtype)
+    return _Parts(xhat=xhat, d_scaled=d_s, p=p, ratio=ratio, r=r, inf_slice=inf_slice)
+
+
+def _check_input(x: Any, name: str = "x") -> np.ndarray:
+    arr = np.asarray(x)
+    check_float_dtype(arr.dtype.name, what=name)
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-d array")
+    return arr
+
+
+def _scale_array(scale: Any, x: np.ndarray, axes: Axes) -> np.ndarray | None:
+    if scale is None:
+        return None
+    arr = np.asarray(scale)
+    if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf" and arr.dtype.name != "bfloat16":
+        raise TypeError(f"scale must hold real numbers, got dtype {arr.dtype}")
+    check_scale_shape(arr.shape, x.shape[axes.channel], axes)
+    return arr
+
+
+def _broadcast_scale(scale: np.ndarray | None, axes: Axes, dtype: type) -> np.ndarray | Any:
+    if scale is None:
+        return dtype(1)
+    values = scale.astype(dtype).reshape(-1)
+    if values.shape[0] == 1:
+        return values.reshape(())
+    shape = [1] * axes.ndim
+    shape[axes.channel] = values.shape[0]
+    return values.reshape(shape)
+
+
+def forward(x: np.ndarray, scale: np.ndarray | None, spec: Spec) -> np.ndarray:
+    """Forward pass from a validated :class:`~l2norm._spec.Spec` (see :func:`l2_normalize`)."""
+    x = _check_input(x)
+    axes = spec.resolve(x.ndim)
+    scale = _scale_array(scale, x, axes)
+    work = _working_dtype(x.dtype)
+    parts = _parts(x.astype(work), spec, axes)
+    y = _broadcast_scale(scale, axes, work) * (parts.xhat * parts.ratio)
+    return np.asarray(y).astype(x.dtype)
+
+
+def vjp(
+    x: np.ndarray, scale: np.ndarray | None, cotangent: np.ndarray, spec: Spec
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Exact vector-Jacobian product from a validated spec (see :func:`l2_normalize_vjp`)."""
+    x = _check_input(x)
+    g = _check_input(cotangent, "cotangent")
+    if g.shape != x.shape:
+        raise ValueError(f"cotangent has shape {g.shape}, expected the input's shape {x.shape}")
+    axes = spec.resolve(x.ndim)
+    scale = _scale_array(scale, x, axes)
+    work = _working_dtype(x.dtype)
+    parts = _parts(x.astype(work), spec, axes)
+    gw = g.astype(work)
+    sigma = _broadcast_scale(scale, axes, work) * gw
+    inner = np.sum(sigma * parts.xhat, axis=axes.norm, keepdims=True)
+    dx = (sigma - parts.r * parts.xhat * inner) / parts.d_scaled / parts.p
+    dx = np.where(parts.inf_slice, 0, dx)
+    dx = dx.astype(x.dtype)
+    if scale is None:
+        return dx, None
+    u = parts.xhat * parts.ratio
+    if scale.size == 1:
+        dscale = np.sum(gw * u).reshape(scale.shape)
+    else:
+        dscale = np.sum(gw * u, axis=axes.reduced)
+    out_dtype = scale.dtype if scale.dtype.kind == "f" or scale.dtype.name == "bfloat16" else x.dtype
+    return dx, dscale.astype(out_dtype)
+
+
+def l2_normalize(
+    x: Any,
+    scale: Any = None,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    across_spatial: bool = False,
+    eps: float | None = None,
+    eps_mode: str | None = None,
+    preset: str | None = None,
+) -> np.ndarray:
+    """L2-normalize ``x`` along ``axis`` and multiply by ``scale`` (ParseNet / SSD).
+
+    Args:
+        x: float16, bfloat16 (``ml_dtypes``), float32 or float64 array, rank >= 1.
+        scale: None; a scalar or shape ``(1,)`` array (one shared value, Caffe's
+            ``channel_shared``); or one value per channel of the channel axis.
+        axis: the normalized axis, or a tuple of axes whose first entry is the channel
+            axis the scale runs along.
+        across_spatial: normalize over every axis but the first (one norm per sample,
+            Caffe's ``across_spatial``); ``axis`` then names the channel axis only.
+        eps: positive finite epsilon; default ``1e-12`` (or the preset's).
+        eps_mode: ``"add_sumsq"``, ``"add_norm"``, ``"clamp_sumsq"`` or
+            ``"clamp_norm"`` (default: ``"clamp_norm"``, as ``torch.nn.functional.normalize``).
+        preset: ``"caffe"``, ``"ssd.pytorch"``, ``"mmdet"``, ``"torchvision"``,
+            ``"tensorflow"``, ``"ssd_keras"`` or ``"keras"``: that peer's eps and eps_mode.
+
+    Returns:
+        An array of ``x``'s shape and dtype.
+
+    Example:
+        >>> import numpy as np
+        >>> from l2norm import l2_normalize
+        >>> x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
+        >>> l2_normalize(x, np.array([20.0, 10.0], dtype=np.float32))
+        array([[12.,  8.],
+               [ 0.,  0.]], dtype=float32)
+    """
+    spec = Spec.create(
+        axis=axis, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
+    )
+    return forward(x, scale, spec)
+
+
+def l2_normalize_vjp(
+    x: Any,
+    scale: Any,
+    cotangent: Any,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    across_spatial: bool = False,
+    eps: float | None = None,
+    eps_mode: str | None = None,
+    preset: str | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The exact vector-Jacobian product of :func:`l2_normalize`.
+
+    Returns:
+        ``(dx, dscale)``: ``dx`` in ``x``'s dtype; ``dscale`` in the scale's shape (and
+        its dtype when the scale is a float array, else ``x``'s dtype), or None when
+        ``scale`` is None.
+
+    Example:
+        >>> import numpy as np
+        >>> from l2norm import l2_normalize_vjp
+        >>> x = np.zeros((1, 3))
+        >>> dx, ds = l2_normalize_vjp(x, 2.0, np.ones((1, 3)), eps_mode="add_norm", eps=0.5)
+        >>> dx  # finite at zero: scale * cotangent / eps
+        array([[4., 4., 4.]])
+    """
+    spec = Spec.create(
+        axis=axis, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
+    )
+    return vjp(x, scale, cotangent, spec)
