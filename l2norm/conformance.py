@@ -11,10 +11,11 @@ Error measures (the tolerances are per backend and per dtype):
   elements whose reference is finite. The ULP of the smallest subnormal floors the
   measure; a backend that flushes subnormals to zero (``flushes_subnormals``) is
   measured with the smallest normal number as the floor instead.
-* gradients: ``|dx - dx_ref|`` divided by ``max |dx_ref|`` over the same slice, and
-  ``|dscale - dscale_ref|`` divided by ``sum |g * x / d|`` over the same channel, both
-  in units of the dtype's machine epsilon: a backward pass has cancellations, so an
-  elementwise ULP bound would measure the problem's conditioning, not the backend.
+* gradients: ``|dx - dx_ref|`` divided by ``max |scale * g| / d(n)`` over the same
+  slice, and ``|dscale - dscale_ref|`` divided by ``sum |g * x / d(n)|`` over the same
+  channel, both in units of the dtype's machine epsilon: the backward adds terms of
+  those sizes and may cancel them, so an elementwise ULP bound would measure the
+  problem's conditioning, not the backend.
 * non-finite mismatches: an element where the backend is NaN/Inf and the reference is
   not, or the other way round (NaN where the reference is NaN passes).
 """
@@ -315,38 +316,58 @@ def forward_error(got: np.ndarray, want: np.ndarray, dtype: np.dtype, flushes: b
     return float(diff.max())
 
 
-def _slice_relative(diff: np.ndarray, ref: np.ndarray, axes: Axes, floor: float) -> np.ndarray:
-    scale = np.max(np.abs(ref), axis=axes.norm, keepdims=True)
-    return diff / np.maximum(scale, floor)
-
-
 def gradient_error(
     dx: np.ndarray,
     dx_ref: np.ndarray,
+    dx_magnitude: np.ndarray,
     dscale: np.ndarray | None,
     dscale_ref: np.ndarray | None,
-    conditioning: np.ndarray | None,
-    axes: Axes,
+    dscale_magnitude: np.ndarray | None,
     dtype: np.dtype,
     flushes: bool,
 ) -> float:
-    """Max gradient error in machine epsilons (see the module docstring)."""
+    """Max gradient error in machine epsilons of ``dtype``.
+
+    ``dx_magnitude`` (broadcastable to ``dx``) is each slice's ``max |scale * g| / d(n)``,
+    the size of the terms the backward adds up; ``dscale_magnitude`` is each channel's
+    ``sum |g * x / d(n)|``. Errors are measured relative to those, so a result that
+    cancels to nearly zero is held to what any backward-stable computation can give.
+    """
     info = ml_dtypes.finfo(dtype) if dtype.name == "bfloat16" else np.finfo(dtype)
     eps = float(info.eps)
-    floor = float(info.smallest_normal if flushes else info.smallest_subnormal) / eps
-    dx = np.asarray(dx, dtype=np.float64)
-    dx_ref = np.asarray(dx_ref, dtype=np.float64)
-    finite = np.isfinite(dx_ref) & np.isfinite(dx)
-    rel = _slice_relative(np.where(finite, np.abs(dx - dx_ref), 0.0), dx_ref, axes, floor)
-    worst = float(np.max(np.where(finite, rel, 0.0), initial=0.0)) / eps
+    floor = float(info.smallest_normal if flushes else info.smallest_subnormal)
+    worst = _relative_error(dx, dx_ref, dx_magnitude, floor)
     if dscale_ref is not None:
-        ds = np.asarray(dscale, dtype=np.float64).reshape(-1)
-        ds_ref = np.asarray(dscale_ref, dtype=np.float64).reshape(-1)
-        cond = np.asarray(conditioning, dtype=np.float64).reshape(-1)
-        ok = np.isfinite(ds_ref) & np.isfinite(ds)
-        rel_s = np.abs(ds - ds_ref) / np.maximum(cond, floor)
-        worst = max(worst, float(np.max(np.where(ok, rel_s, 0.0), initial=0.0)) / eps)
-    return worst
+        worst = max(worst, _relative_error(dscale, dscale_ref, dscale_magnitude, floor))
+    return worst / eps
+
+
+def _relative_error(got, want, magnitude, floor: float) -> float:
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64).reshape(got.shape)
+    magnitude = np.broadcast_to(np.asarray(magnitude, dtype=np.float64), want.shape)
+    finite = np.isfinite(want) & np.isfinite(got)
+    # Where the reference is exactly right to within the dtype's smallest step, allow it.
+    allowed = np.where(np.isfinite(magnitude), np.maximum(magnitude, floor), floor)
+    rel = np.where(finite, np.abs(got - want), 0.0) / allowed
+    return float(np.max(rel, initial=0.0))
+
+
+def gradient_magnitudes(
+    x: np.ndarray, scale: np.ndarray | None, g: np.ndarray, spec: Spec
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The term sizes :func:`gradient_error` measures against, in float64."""
+    axes = spec.resolve(x.ndim)
+    x64 = x.astype(np.float64)
+    g64 = np.abs(g.astype(np.float64))
+    sigma = g64 if scale is None else g64 * np.abs(_oracle._scale_full(scale, x, axes))
+    d = reference.denominator(x64, spec)
+    dx_magnitude = np.max(sigma, axis=axes.norm, keepdims=True) / d
+    if scale is None:
+        return dx_magnitude, None
+    gu = g64 * np.abs(reference.forward(x64, None, spec))
+    dscale_magnitude = np.sum(gu) if scale.size == 1 else np.sum(gu, axis=axes.reduced)
+    return dx_magnitude, np.asarray(dscale_magnitude).reshape(-1)
 
 
 def _round_to(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -357,7 +378,6 @@ def run_case(backend: Backend, case: Case) -> CaseResult:
     """Run one case through one backend and measure it against the reference (or oracle)."""
     x, scale, g = case.inputs()
     spec = Spec.create(**case.options)
-    axes = case.axes()
     dtype = numpy_dtype(case.dtype)
     truth = _oracle if backend.compare_to_oracle else reference
     try:
@@ -373,11 +393,7 @@ def run_case(backend: Backend, case: Case) -> CaseResult:
         dx_ref = _round_to(dx_ref, dtype)
         if dscale_ref is not None:
             dscale_ref = _round_to(dscale_ref, dtype)
-        conditioning = None
-        if scale is not None:
-            u = np.abs(reference.forward(x.astype(np.float64), None, spec))
-            gu = np.abs(g.astype(np.float64)) * u
-            conditioning = np.sum(gu) if scale.size == 1 else np.sum(gu, axis=axes.reduced)
+        dx_magnitude, dscale_magnitude = gradient_magnitudes(x, scale, g, spec)
     problems = []
     if y.shape != x.shape or y.dtype != x.dtype:
         problems.append(f"forward returned {y.dtype}{y.shape}, expected {x.dtype}{x.shape}")
@@ -391,7 +407,14 @@ def run_case(backend: Backend, case: Case) -> CaseResult:
     with np.errstate(all="ignore"):
         fwd = forward_error(y, y_ref, dtype, backend.flushes_subnormals)
         grad = gradient_error(
-            dx, dx_ref, dscale, dscale_ref, conditioning, axes, dtype, backend.flushes_subnormals
+            dx,
+            dx_ref,
+            dx_magnitude,
+            dscale,
+            dscale_ref,
+            dscale_magnitude,
+            dtype,
+            backend.flushes_subnormals,
         )
     nonfinite = _nonfinite_mismatches(np.asarray(y, np.float64), np.asarray(y_ref, np.float64))
     nonfinite += _nonfinite_mismatches(np.asarray(dx, np.float64), np.asarray(dx_ref, np.float64))

@@ -76,6 +76,7 @@ class _Parts:
     p: np.ndarray  # the power of two each slice was divided by
     ratio: np.ndarray  # n / d(n)
     r: np.ndarray  # n d'(n) / d(n)
+    one_minus_r: np.ndarray  # 1 - r, computed without cancellation
     inf_slice: np.ndarray  # the slice holds ±Inf and no NaN
 
 
@@ -105,13 +106,24 @@ def _parts(xw: np.ndarray, spec: Spec, axes: Axes) -> _Parts:
     ratio = ns / d_s
     if mode == "add_sumsq":
         r = ratio * ratio
+        one_minus_r = np.square(np.sqrt(spec.eps) / p / d_s)
     elif mode == "add_norm":
         r = ratio
+        one_minus_r = eps_s / d_s
     else:
         r = (ns >= thr_s).astype(xw.dtype)
+        one_minus_r = 1 - r
     # In the Inf limit n / d(n) -> 1 whatever the mode.
     ratio = np.where(inf_slice, 1, ratio).astype(xw.dtype)
-    return _Parts(xhat=xhat, d_scaled=d_s, p=p, ratio=ratio, r=r, inf_slice=inf_slice)
+    return _Parts(
+        xhat=xhat,
+        d_scaled=d_s,
+        p=p,
+        ratio=ratio,
+        r=r,
+        one_minus_r=one_minus_r,
+        inf_slice=inf_slice,
+    )
 
 
 def _check_input(x: Any, name: str = "x") -> np.ndarray:
@@ -143,6 +155,17 @@ def _broadcast_scale(scale: np.ndarray | None, axes: Axes, dtype: type) -> np.nd
     return values.reshape(shape)
 
 
+def denominator(x: np.ndarray, spec: Spec) -> np.ndarray:
+    """``d(n)`` of every slice in float64 (keepdims), Inf for Inf slices, NaN for NaN ones.
+
+    Used to put gradient errors on the scale of ``scale * cotangent / d``.
+    """
+    x = _check_input(x)
+    parts = _parts(x.astype(_working_dtype(x.dtype)), spec, spec.resolve(x.ndim))
+    d = np.asarray(parts.d_scaled * parts.p, dtype=np.float64)
+    return np.where(parts.inf_slice, np.inf, d)
+
+
 def forward(x: np.ndarray, scale: np.ndarray | None, spec: Spec) -> np.ndarray:
     """Forward pass from a validated :class:`~l2norm._spec.Spec` (see :func:`l2_normalize`)."""
     x = _check_input(x)
@@ -169,7 +192,9 @@ def vjp(
     gw = g.astype(work)
     sigma = _broadcast_scale(scale, axes, work) * gw
     inner = np.sum(sigma * parts.xhat, axis=axes.norm, keepdims=True)
-    dx = (sigma - parts.r * parts.xhat * inner) / parts.d_scaled / parts.p
+    # sigma - r xhat <sigma, xhat>, split so that 1 - r (tiny near eps) cancels nothing.
+    projected = sigma - parts.xhat * inner
+    dx = (projected + parts.one_minus_r * parts.xhat * inner) / parts.d_scaled / parts.p
     dx = np.where(parts.inf_slice, 0, dx)
     dx = dx.astype(x.dtype)
     if scale is None:
@@ -179,7 +204,9 @@ def vjp(
         dscale = np.sum(gw * u).reshape(scale.shape)
     else:
         dscale = np.sum(gw * u, axis=axes.reduced)
-    out_dtype = scale.dtype if scale.dtype.kind == "f" or scale.dtype.name == "bfloat16" else x.dtype
+    out_dtype = (
+        scale.dtype if scale.dtype.kind == "f" or scale.dtype.name == "bfloat16" else x.dtype
+    )
     return dx, dscale.astype(out_dtype)
 
 
