@@ -64,7 +64,8 @@ def hostile_arrays(
         dtype: a dtype name, or None to draw one.
         shape: the shape, or None to draw one (rank 2 to 4).
         axis: the normalized axis; each slice along it gets one kind of values.
-        allow_nan / allow_infinity: also plant NaN / ±Inf entries.
+        allow_nan: also plant NaN entries.
+        allow_infinity: also plant ±Inf entries.
     """
     dtype = draw(dtypes()) if dtype is None else dtype
     shape = draw(shapes()) if shape is None else shape
