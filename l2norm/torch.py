@@ -1,0 +1,723 @@
+r"""PyTorch adapter: :class:`L2Norm` and :func:`l2_normalize`.
+
+The maths, the options and the rules for NaN, Inf, zeros and extreme magnitudes are those
+of :mod:`l2norm.reference`; this module only decides how to compute them fast in torch.
+
+Two implementations of the same formulas live here:
+
+* the *eager* path (``_fast_forward`` / ``_fast_vjp``) computes the sum of squares in the
+  working precision (float32 for float16/bfloat16/float32 input, float64 for float64)
+  without any pre-scaling, then checks each slice's sum of squares: the few slices where
+  it overflowed, underflowed or met a NaN/Inf are recomputed with the safe path, gathered
+  and scattered back. Ordinary activations therefore pay one reduction and two
+  elementwise passes, and the guarantees cost a handful of ops on slice-sized tensors.
+* the *safe* path (``_safe_forward`` / ``_safe_vjp``) is branch-free: every slice is
+  divided by the power of two just below its largest magnitude (as the reference does),
+  so it traces cleanly under ``torch.compile(fullgraph=True)``, ``torch.export``,
+  ``torch.jit.script`` / ``trace`` and ONNX export, and it is written in differentiable
+  ops so that double backward works.
+
+The gradient is hand-derived (see :mod:`l2norm.reference`'s docstring, which states the
+formula; it is not re-derived here): with ``xhat = x / n``, ``sigma = s g`` and
+``r = n d'(n) / d(n)``, ``dx = (sigma - r xhat <sigma, xhat>) / d`` and
+``ds_c = sum_{all but c} g x / d``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from l2norm import conformance
+from l2norm._spec import Axes, Spec, check_scale_shape, scale_init_values
+
+__all__ = ["L2Norm", "l2_normalize"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Everything one call needs that depends only on the spec, the rank and the shape.
+
+    Built in Python once per (spec, shape); the kernels below read plain ints and floats.
+    """
+
+    norm: tuple[int, ...]  # normalized axes, sorted
+    channel: int
+    ndim: int
+    k: int  # elements per slice
+    mode: str
+    eps: float
+    thr: float  # spec.threshold: eps (``*_norm``) or sqrt(eps) (``*_sumsq``)
+
+    @property
+    def reduced(self) -> tuple[int, ...]:
+        return tuple(a for a in range(self.ndim) if a != self.channel)
+
+    @property
+    def rest(self) -> tuple[int, ...]:
+        return tuple(a for a in range(self.ndim) if a not in self.norm)
+
+
+def _plan(spec: Spec, axes: Axes, shape: Sequence[int]) -> _Plan:
+    k = 1
+    for a in axes.norm:
+        k *= int(shape[a])
+    return _Plan(axes.norm, axes.channel, axes.ndim, k, spec.eps_mode, spec.eps, spec.threshold)
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- safe path
+# Written in the TorchScript subset (no finfo, no frexp, no comprehension over tuples) because
+# the scripted module (``L2Norm.__prepare_scriptable__``) runs these functions too.
+
+
+def _minexp(x: Tensor) -> int:
+    return -1022 if x.dtype == torch.float64 else -126
+
+
+def _maxexp(x: Tensor) -> int:
+    return 1024 if x.dtype == torch.float64 else 128
+
+
+def _weight_view(weight: Tensor | None, ndim: int, channel: int, ref: Tensor) -> Tensor | None:
+    """The scale in ``ref``'s dtype, reshaped to broadcast along the channel axis."""
+    if weight is None:
+        return None
+    w = weight.to(ref.dtype)
+    shape = [1] * ndim
+    if w.numel() != 1:
+        shape[channel] = w.numel()
+    return w.reshape(shape)
+
+
+def _safe_parts(
+    x: Tensor,
+    norm: list[int],
+    mode: str,
+    thr: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-slice quantities in units of each slice's power of two (cf. reference._parts).
+
+    Returns ``(xs, ns, ds, ts, p, inf_slice)``: the scaled slice (Inf slices replaced by
+    the signs of their infinite entries), its norm, the denominator ``d(n) / p``, the
+    threshold ``thr / p``, the power of two ``p`` and the Inf-slice mask.
+    """
+    xw = x.to(torch.float64) if x.dtype == torch.float64 else x.to(torch.float32)
+    is_inf = torch.isinf(xw)
+    has_nan = torch.isnan(xw).sum(norm, keepdim=True) > 0
+    inf_slice = (is_inf.sum(norm, keepdim=True) > 0) & ~has_nan
+    xw = torch.where(inf_slice, torch.where(is_inf, torch.sign(xw), torch.zeros_like(xw)), xw)
+    # p = 2**e just below the slice's largest magnitude keeps the squares from overflowing
+    # or underflowing. e is bounded below so that thr / p stays finite for a zero or tiny
+    # slice (thr < 2**te), and above so that p itself stays finite.
+    te = int(math.floor(math.log2(thr))) + 1
+    tm = thr / (2.0**te)
+    e_lo = float(max(_minexp(xw) + 3, te - _maxexp(xw) + 3))
+    e_hi = float(_maxexp(xw) - 1)
+    amax = xw.abs().amax(norm, keepdim=True)
+    e = torch.floor(torch.log2(amax)).clamp(min=e_lo, max=e_hi)
+    e = torch.where(torch.isnan(e), torch.zeros_like(e), e)
+    p = torch.exp2(e)
+    xs = xw / p
+    n2 = (xs * xs).sum(norm, keepdim=True)
+    positive = n2 > 0
+    # sqrt has an infinite derivative at 0: the double where keeps double backward finite.
+    ns = torch.where(positive, torch.sqrt(torch.where(positive, n2, torch.ones_like(n2))), n2)
+    ts = torch.exp2(e.neg() + te) * tm  # thr / p without forming an over/underflowing thr
+    if mode == "add_sumsq":
+        big = torch.maximum(ns, ts)
+        q = torch.minimum(ns, ts) / big
+        ds = big * torch.sqrt(q * q + 1.0)
+    elif mode == "add_norm":
+        ds = ns + ts
+    else:
+        ds = torch.maximum(ns, ts)
+    return xs, ns, ds, ts, p, inf_slice
+
+
+def _safe_forward(
+    x: Tensor,
+    weight: Tensor | None,
+    norm: list[int],
+    channel: int,
+    mode: str,
+    thr: float,
+) -> Tensor:
+    """Branch-free, differentiable forward (see the module docstring)."""
+    xs, ns, ds, _, _, inf_slice = _safe_parts(x, norm, mode, thr)
+    # In an Inf slice xs holds the signs of the infinite entries and the limit is xs / ns.
+    u = xs / torch.where(inf_slice, ns, ds)
+    w = _weight_view(weight, x.dim(), channel, u)
+    y = u if w is None else u * w
+    return y.to(x.dtype)
+
+
+def _safe_vjp(
+    x: Tensor,
+    weight: Tensor | None,
+    g: Tensor,
+    norm: list[int],
+    channel: int,
+    mode: str,
+    thr: float,
+) -> tuple[Tensor, Tensor | None]:
+    """Branch-free, differentiable VJP: the formula of reference.py's docstring."""
+    xs, ns, ds, ts, p, inf_slice = _safe_parts(x, norm, mode, thr)
+    positive = ns > 0
+    xhat = torch.where(positive, xs / torch.where(positive, ns, torch.ones_like(ns)), xs * 0)
+    if mode == "add_sumsq":
+        r = (ns / ds) ** 2
+    elif mode == "add_norm":
+        r = ns / ds
+    else:
+        r = (ns >= ts).to(xs.dtype)
+    gw = g.to(xs.dtype)
+    w = _weight_view(weight, x.dim(), channel, xs)
+    sigma = gw if w is None else gw * w
+    inner = (sigma * xhat).sum(norm, keepdim=True)
+    dx = (sigma - r * xhat * inner) / ds / p
+    dx = torch.where(inf_slice, torch.zeros_like(dx), dx)
+    dw: Tensor | None = None
+    if weight is not None:
+        gu = gw * (xs / torch.where(inf_slice, ns, ds))
+        if weight.numel() == 1:
+            total = gu.sum()
+        else:
+            total = gu.sum([a for a in range(x.dim()) if a != channel])
+        dw = total.reshape(weight.shape).to(weight.dtype)
+    return dx.to(x.dtype), dw
+
+
+def _safe_forward_plan(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
+    return _safe_forward(x, weight, list(plan.norm), plan.channel, plan.mode, plan.thr)
+
+
+def _safe_vjp_plan(
+    x: Tensor, weight: Tensor | None, g: Tensor, plan: _Plan
+) -> tuple[Tensor, Tensor | None]:
+    return _safe_vjp(x, weight, g, list(plan.norm), plan.channel, plan.mode, plan.thr)
+
+
+# --------------------------------------------------------------------------- eager path
+
+
+def _fast_ok(plan: _Plan, cd: torch.dtype) -> bool:
+    """Whether eps fits the working dtype well enough for the unscaled fast path."""
+    finfo = torch.finfo(cd)
+    lo, hi = float(finfo.tiny), float(finfo.max) / 16
+    return lo <= plan.eps <= hi and lo <= plan.thr <= hi
+
+
+def _rows_perm(plan: _Plan) -> list[int]:
+    return list(plan.rest) + list(plan.norm)
+
+
+def _bad_rows(t: Tensor, bad: Tensor, plan: _Plan) -> Tensor:
+    """The slices of ``t`` where ``bad`` (slice-shaped, keepdim) holds, as (m, *norm)."""
+    perm = _rows_perm(plan)
+    mask = bad.permute(perm).reshape([bad.shape[a] for a in plan.rest])
+    return t.permute(perm)[mask]
+
+
+def _put_rows(t: Tensor, bad: Tensor, rows: Tensor, plan: _Plan) -> None:
+    perm = _rows_perm(plan)
+    mask = bad.permute(perm).reshape([bad.shape[a] for a in plan.rest])
+    t.permute(perm)[mask] = rows.to(t.dtype)
+
+
+def _row_plan(plan: _Plan) -> _Plan:
+    """The plan of the gathered rows: (m, *norm shape), channel inside the norm axes."""
+    nd = 1 + len(plan.norm)
+    return _Plan(
+        tuple(range(1, nd)),
+        1 + plan.norm.index(plan.channel),
+        nd,
+        plan.k,
+        plan.mode,
+        plan.eps,
+        plan.thr,
+    )
+
+
+def _fast_stats(n2: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
+    """``(inv_d, c, ok)`` per slice from the unscaled sum of squares.
+
+    ``c = r / n**2``, so that ``dx = (sigma - c <sigma, x> x) / d``. ``ok`` is False where
+    the sum of squares cannot be trusted: it overflowed, met a NaN or Inf, or is so small
+    that subnormal squares (absolute error <= 2**-150 each in float32) could matter.
+    """
+    finfo = torch.finfo(n2.dtype)
+    lo = 4.0 * plan.k * float(finfo.tiny)
+    ok = (n2 >= lo) & (n2 <= float(finfo.max))
+    n2 = torch.where(ok, n2, torch.ones_like(n2))  # keeps the discarded slices finite
+    if plan.mode == "add_sumsq":
+        d2 = n2 + plan.eps
+        inv_d = d2.rsqrt()
+        c = d2.reciprocal()
+    elif plan.mode == "add_norm":
+        n = n2.sqrt()
+        inv_d = (n + plan.eps).reciprocal()
+        c = inv_d / n
+    else:
+        n = n2.sqrt()
+        inv_d = n.clamp_min(plan.thr).reciprocal()
+        c = torch.where(n >= plan.thr, n2.reciprocal(), torch.zeros_like(n2))
+    zero = torch.zeros_like(inv_d)
+    return torch.where(ok, inv_d, zero), torch.where(ok, c, zero), ok
+
+
+def _fast_forward(x: Tensor, weight: Tensor | None, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
+    cd = _working_dtype(x.dtype)
+    xc = x.to(cd)
+    buf = torch.mul(xc, xc)
+    n2 = buf.sum(plan.norm, keepdim=True)
+    inv_d, c, ok = _fast_stats(n2, plan)
+    w = _weight_view(weight, plan.ndim, plan.channel, xc)
+    if w is not None and w.numel() == 1:
+        torch.mul(xc, inv_d * w, out=buf)
+    else:
+        torch.mul(xc, inv_d, out=buf)
+        if w is not None:
+            buf.mul_(w)
+    y = buf.to(x.dtype)
+    if not bool(ok.all()):
+        bad = ~ok
+        rows = _safe_forward_plan(_bad_rows(x, bad, plan), weight, _row_plan(plan))
+        _put_rows(y, bad, rows, plan)
+    return y, inv_d, c
+
+
+def _fast_vjp(
+    x: Tensor, weight: Tensor | None, g: Tensor, inv_d: Tensor, c: Tensor, plan: _Plan
+) -> tuple[Tensor, Tensor | None]:
+    cd = inv_d.dtype
+    xc = x.to(cd)
+    gc = g.to(cd)
+    w = _weight_view(weight, plan.ndim, plan.channel, xc)
+    t = gc * xc
+    if w is None:
+        ip = t.sum(plan.norm, keepdim=True)
+    elif w.numel() == 1:
+        ip = t.sum(plan.norm, keepdim=True) * w
+    else:
+        ip = (t * w).sum(plan.norm, keepdim=True)
+    coef = c * ip
+    # inv_d == 0 marks the slices the forward could not trust; a non-finite c <sigma, x>
+    # (a huge cotangent) is sent to the safe path too.
+    bad = (inv_d == 0) | ~torch.isfinite(coef)
+    any_bad = bool(bad.any())
+    coef = torch.where(bad, torch.zeros_like(coef), coef)
+    dw = None
+    if weight is not None:
+        if any_bad:
+            _put_rows(t, bad, torch.zeros((), dtype=cd, device=t.device), plan)
+        tu = t.mul_(inv_d)
+        dw = tu.sum() if weight.numel() == 1 else tu.sum(plan.reduced)
+    if w is None or w.numel() == 1:
+        scale = inv_d if w is None else inv_d * w
+        dx = torch.mul(gc, scale)
+        dx.addcmul_(xc, coef * inv_d, value=-1.0)
+    else:
+        dx = torch.mul(gc, w)
+        dx.addcmul_(xc, coef, value=-1.0)
+        dx.mul_(inv_d)
+    dx = dx.to(x.dtype)
+    if any_bad:
+        rows_plan = _row_plan(plan)
+        bad_x = _bad_rows(x, bad, plan)
+        bad_g = _bad_rows(g, bad, plan)
+        rdx, rdw = _safe_vjp_plan(bad_x, weight, bad_g, rows_plan)
+        _put_rows(dx, bad, rdx, plan)
+        if dw is not None and rdw is not None:
+            dw = dw + rdw.to(dw.dtype).reshape(dw.shape)
+    if dw is not None:
+        dw = dw.reshape(weight.shape).to(weight.dtype)
+    return dx, dw
+
+
+class _L2NormFunction(torch.autograd.Function):
+    """Forward and hand-derived backward; saves only the input and slice-sized tensors."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
+        ctx.plan = plan
+        fast = not torch.compiler.is_compiling() and _fast_ok(plan, _working_dtype(x.dtype))
+        ctx.fast = fast
+        if fast:
+            y, inv_d, c = _fast_forward(x, weight, plan)
+            ctx.save_for_backward(x, weight, inv_d, c)
+        else:
+            y = _safe_forward_plan(x, weight, plan)
+            ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        plan = ctx.plan
+        if ctx.fast and not torch.is_grad_enabled():
+            x, weight, inv_d, c = ctx.saved_tensors
+            dx, dw = _fast_vjp(x, weight, g, inv_d, c, plan)
+        else:
+            # create_graph=True (double backward) or a compiled graph: the safe VJP is
+            # made of differentiable, traceable ops and recomputes from x alone.
+            x, weight = ctx.saved_tensors[:2]
+            dx, dw = _safe_vjp_plan(x, weight, g, plan)
+        if not ctx.needs_input_grad[1]:
+            dw = None
+        return dx, dw, None
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_tensor(x: Any) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(
+            "input must be a floating tensor (torch.float16, torch.bfloat16, torch.float32 "
+            f"or torch.float64), got {x.dtype}"
+        )
+
+
+def _check_weight(weight: Any, x: Tensor, axes: Axes) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    # A float32 weight with a float16/bfloat16 input is the mixed-precision layout (master
+    # weights in float32, activations in half, autocast); any other mix would silently
+    # change the result's precision, so it is refused.
+    accepted = (x.dtype,) if x.dtype in (torch.float32, torch.float64) else (x.dtype, torch.float32)
+    if weight.dtype not in accepted:
+        names = " or ".join(str(d) for d in accepted)
+        raise TypeError(
+            f"weight has dtype {weight.dtype}, but the input is {x.dtype}; expected {names}"
+        )
+    if weight.device != x.device:
+        raise ValueError(
+            f"weight is on {weight.device} but the input is on {x.device}; move one of them"
+        )
+    check_scale_shape(tuple(weight.shape), int(x.shape[axes.channel]), axes)
+
+
+def _apply(x: Tensor, weight: Tensor | None, spec: Spec, *, min_rank: int) -> Tensor:
+    _check_tensor(x)
+    if x.dim() < min_rank:
+        raise ValueError(
+            f"L2Norm expects an input of rank >= {min_rank} (batch, channels, ...), "
+            f"got rank {x.dim()} with shape {tuple(x.shape)}"
+        )
+    axes = spec.resolve(x.dim())
+    _check_weight(weight, x, axes)
+    plan = _plan(spec, axes, x.shape)
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        # Exporters record plain, branch-free ops (they would otherwise meet a Python
+        # autograd.Function they cannot serialize).
+        return _safe_forward_plan(x, weight, plan)
+    return _L2NormFunction.apply(x, weight, plan)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def l2_normalize(
+    x: Tensor,
+    weight: Tensor | None = None,
+    *,
+    dim: int | Sequence[int] = 1,
+    across_spatial: bool = False,
+    eps: float | None = None,
+    eps_mode: str | None = None,
+    preset: str | None = None,
+) -> Tensor:
+    r"""L2-normalize ``x`` along ``dim`` and multiply by ``weight`` (ParseNet / SSD).
+
+    .. math::
+
+        y = w \cdot \frac{x}{d\left(\lVert x \rVert_2\right)}
+
+    with the norm over ``dim`` (or every axis but 0 with ``across_spatial``) and ``d`` the
+    denominator of ``eps_mode`` (default ``max(n, 1e-12)``, as
+    :func:`torch.nn.functional.normalize`). Same maths as :func:`l2norm.l2_normalize`.
+
+    Args:
+        x: float16, bfloat16, float32 or float64 tensor of rank >= 1. Half inputs are
+            computed in float32 and the result is returned in ``x``'s dtype.
+        weight: None, one shared value (shape ``()`` or ``(1,)``), or one value per
+            channel of the channel axis. Its dtype is ``x``'s (or float32 for a half
+            input); it must be on ``x``'s device.
+        dim: the normalized axis, or a tuple of axes whose first entry is the channel axis.
+        across_spatial: one norm per sample over every axis but 0 (Caffe); ``dim`` then
+            names the channel axis only.
+        eps: positive finite epsilon (default 1e-12, or the preset's).
+        eps_mode: ``"add_sumsq"``, ``"add_norm"``, ``"clamp_sumsq"`` or ``"clamp_norm"``.
+        preset: a peer's conventions: ``"caffe"``, ``"ssd.pytorch"``, ``"mmdet"``,
+            ``"torchvision"``, ``"tensorflow"``, ``"ssd_keras"`` or ``"keras"``.
+
+    Returns:
+        A tensor of ``x``'s shape, dtype and memory format.
+
+    Example:
+        >>> import torch
+        >>> from l2norm.torch import l2_normalize
+        >>> l2_normalize(torch.tensor([[3.0, 4.0]]), torch.tensor([20.0, 10.0]))
+        tensor([[12.,  8.]])
+    """
+    spec = Spec.create(
+        axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
+    )
+    return _apply(x, weight, spec, min_rank=1)
+
+
+class L2Norm(nn.Module):
+    r"""L2 normalization with a learnable per-channel scale (ParseNet, SSD's ``conv4_3``).
+
+    .. math::
+
+        y = \gamma \cdot \frac{x}{d\left(\lVert x \rVert_2\right)}
+
+    The norm is taken over ``dim`` for every other position (per pixel over the channels
+    for NCHW input), or over every axis but the batch axis with ``across_spatial``.
+    :math:`\gamma` is a learnable vector of size ``num_channels`` (one value with
+    ``channel_shared``) initialised to ``scale_init`` (SSD uses 20). ``d`` is the
+    denominator of ``eps_mode``:
+
+    =============== ========================= ===========================
+    eps_mode        :math:`d(n)`              peers
+    =============== ========================= ===========================
+    ``clamp_norm``  :math:`\max(n, \epsilon)`  torchvision (the default)
+    ``add_norm``    :math:`n + \epsilon`       ssd.pytorch, mmdetection
+    ``add_sumsq``   :math:`\sqrt{n^2+\epsilon}` Caffe SSD
+    ``clamp_sumsq`` :math:`\max(n, \sqrt{\epsilon})` TensorFlow, ssd_keras
+    =============== ========================= ===========================
+
+    Half-precision inputs (and inputs under :func:`torch.autocast`) are computed in
+    float32 and returned in their own dtype; the result is exact to a few ULPs for every
+    finite input (no overflow of the sum of squares, no NaN for all-zero pixels, a
+    finite gradient everywhere).
+
+    Args:
+        num_channels: :math:`C`, the size of the channel axis ``dim``.
+        dim: the channel axis (default 1, NCHW). A tuple normalizes over all its axes;
+            its first entry is the channel axis. Negative values count from the end.
+        scale_init: initial :math:`\gamma`: a number, or one value per channel
+            (a sequence or a tensor). Default: 20.
+        channel_shared: one scalar :math:`\gamma` for all channels (Caffe's option).
+        across_spatial: one norm per sample over every axis but 0 (Caffe's option).
+        learnable: :math:`\gamma` is a parameter; if False, a buffer (still in the
+            ``state_dict``). Default: True.
+        eps: epsilon (default 1e-12 or the preset's); eps_mode: where it goes (see the
+            table); preset: a peer's (eps_mode, eps), e.g. ``"ssd.pytorch"``.
+        device, dtype: of the parameter (factory kwargs, as in :class:`torch.nn.LayerNorm`).
+
+    Attributes:
+        weight: :math:`\gamma`, shape :math:`(C,)` or :math:`(1,)` with ``channel_shared``.
+            The name matches ssd.pytorch and mmdetection checkpoints (``L2Norm.weight``).
+
+    Shape:
+        - Input: :math:`(N, C, *)` for ``dim=1``; in general any rank >= 2 with
+          :math:`C` entries along ``dim``.
+        - Output: same shape, dtype and memory format as the input.
+
+    Examples::
+
+        >>> import torch
+        >>> from l2norm.torch import L2Norm
+        >>> norm = L2Norm(512)  # SSD conv4_3: per pixel over the channels, gamma = 20
+        >>> x = torch.randn(2, 512, 38, 38)
+        >>> y = norm(x)
+        >>> torch.allclose(y.norm(dim=1), torch.full((2, 38, 38), 20.0))
+        True
+        >>> L2Norm(512, preset="ssd.pytorch")  # eps placement of ssd.pytorch's L2Norm
+        L2Norm(512, dim=1, eps_mode=add_norm, eps=1e-10, preset=ssd.pytorch)
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        dim: int | Sequence[int] = 1,
+        scale_init: float | Sequence[float] | Tensor = 20.0,
+        channel_shared: bool = False,
+        across_spatial: bool = False,
+        learnable: bool = True,
+        eps: float | None = None,
+        eps_mode: str | None = None,
+        preset: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if (
+            not isinstance(num_channels, numbers.Integral)
+            or isinstance(num_channels, bool)
+            or num_channels < 1
+        ):
+            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        for name, flag in (("channel_shared", channel_shared), ("learnable", learnable)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _FLOATS:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        self.spec = Spec.create(
+            axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
+        )
+        if isinstance(scale_init, Tensor):
+            scale_init = scale_init.detach().to("cpu", torch.float64).numpy()
+        self._scale_init = scale_init_values(scale_init, int(num_channels), channel_shared)
+        self.num_channels = int(num_channels)
+        self.dim = self.spec.axis
+        self.channel_shared = channel_shared
+        self.across_spatial = self.spec.across_spatial
+        self.learnable = learnable
+        weight = torch.empty(self._scale_init.shape, device=device, dtype=dtype)
+        if learnable:
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+        self.reset_parameters()
+
+    @property
+    def eps(self) -> float:
+        return self.spec.eps
+
+    @property
+    def eps_mode(self) -> str:
+        return self.spec.eps_mode
+
+    def reset_parameters(self) -> None:
+        """Set :math:`\\gamma` back to ``scale_init``."""
+        with torch.no_grad():
+            self.weight.copy_(torch.from_numpy(self._scale_init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_tensor(x)
+        if x.dim() >= 2:
+            axes = self.spec.resolve(x.dim())
+            if x.shape[axes.channel] != self.num_channels:
+                raise ValueError(
+                    f"L2Norm({self.num_channels}) got an input of shape {tuple(x.shape)} with "
+                    f"{x.shape[axes.channel]} channels along dim {axes.channel}; expected "
+                    f"{self.num_channels}"
+                )
+        return _apply(x, self.weight, self.spec, min_rank=2)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.num_channels}", f"dim={self.dim}"]
+        if self.across_spatial:
+            parts.append("across_spatial=True")
+        if self.channel_shared:
+            parts.append("channel_shared=True")
+        if not self.learnable:
+            parts.append("learnable=False")
+        parts.append(f"eps_mode={self.spec.eps_mode}, eps={self.spec.eps:g}")
+        if self.spec.preset is not None:
+            parts.append(f"preset={self.spec.preset}")
+        return ", ".join(parts)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this (as for torchvision's ops): the scripted twin shares
+        # the weight and runs the safe path, which TorchScript can compile.
+        return _ScriptableL2Norm(self)
+
+
+class _ScriptableL2Norm(nn.Module):
+    """What :func:`torch.jit.script` compiles in place of :class:`L2Norm`."""
+
+    axis: list[int]
+    across_spatial: bool
+    num_channels: int
+    mode: str
+    thr: float
+
+    def __init__(self, module: L2Norm) -> None:
+        super().__init__()
+        if isinstance(module.weight, nn.Parameter):
+            self.weight = module.weight
+        else:
+            self.register_buffer("weight", module.weight)
+        axis = module.spec.axis
+        self.axis = list(axis) if isinstance(axis, tuple) else [axis]
+        self.across_spatial = module.spec.across_spatial
+        self.num_channels = module.num_channels
+        self.mode = module.spec.eps_mode
+        self.thr = module.spec.threshold
+
+    def forward(self, x: Tensor) -> Tensor:
+        ndim = x.dim()
+        if ndim < 2:
+            raise ValueError("L2Norm expects an input of rank >= 2, got rank " + str(ndim))
+        norm: list[int] = []
+        for a in self.axis:
+            if a < -ndim or a >= ndim:
+                raise ValueError("L2Norm: dim " + str(a) + " is out of range for rank " + str(ndim))
+            norm.append(a % ndim)
+        channel = norm[0]
+        if self.across_spatial:
+            norm = list(range(1, ndim))
+        else:
+            norm.sort()
+        if x.shape[channel] != self.num_channels:
+            raise ValueError(
+                "L2Norm(" + str(self.num_channels) + ") got " + str(x.shape[channel]) + " channels"
+            )
+        return _safe_forward(x, self.weight, norm, channel, self.mode, self.thr)
+
+
+# --------------------------------------------------------------------------- conformance
+
+
+def _to_torch(a: np.ndarray) -> Tensor:
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _to_numpy(t: Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(conformance.numpy_dtype("bfloat16"))
+    return t.numpy()
+
+
+def _options_to_kwargs(options: dict) -> dict:
+    kwargs = dict(options)
+    kwargs["dim"] = kwargs.pop("axis", -1)
+    return kwargs
+
+
+def _backend_forward(x: np.ndarray, scale: np.ndarray | None, options: dict) -> np.ndarray:
+    w = None if scale is None else _to_torch(scale)
+    return _to_numpy(l2_normalize(_to_torch(x), w, **_options_to_kwargs(options)))
+
+
+def _backend_vjp(
+    x: np.ndarray, scale: np.ndarray | None, g: np.ndarray, options: dict
+) -> tuple[np.ndarray, np.ndarray | None]:
+    xt = _to_torch(x).requires_grad_(True)
+    wt = None if scale is None else _to_torch(scale).requires_grad_(True)
+    y = l2_normalize(xt, wt, **_options_to_kwargs(options))
+    inputs = (xt,) if wt is None else (xt, wt)
+    grads = torch.autograd.grad(y, inputs, _to_torch(g))
+    dx = _to_numpy(grads[0])
+    return dx, (None if wt is None else _to_numpy(grads[1]))
+
+
+conformance.register(conformance.Backend(name="torch", forward=_backend_forward, vjp=_backend_vjp))
