@@ -257,26 +257,28 @@ def _row_plan(plan: _Plan) -> _Plan:
 def _fast_stats(n2: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
     """``(inv_d, c, ok)`` per slice from the unscaled sum of squares.
 
-    ``c = r / n**2``, so that ``dx = (sigma - c <sigma, x> x) / d``. ``ok`` is False where
-    the sum of squares cannot be trusted: it overflowed, met a NaN or Inf, or is so small
-    that subnormal squares (absolute error <= 2**-150 each in float32) could matter.
+    ``c = r / (n * xhat-free)``: chosen so that ``dx = (sigma - c <sigma, x / d> x) / d``,
+    i.e. ``c = r d / n**2``: ``1 / n`` (clamp modes above the threshold, add_norm),
+    ``1 / d`` (add_sumsq), 0 below a clamp threshold. ``ok`` is False where the sum of
+    squares cannot be trusted: it overflowed, met a NaN or Inf, or is so small that
+    subnormal squares (absolute error <= 2**-150 each in float32) could matter; those
+    slices get ``inv_d = c = 0`` here and are recomputed by the safe path.
     """
     finfo = torch.finfo(n2.dtype)
     lo = 4.0 * plan.k * float(finfo.tiny)
     ok = (n2 >= lo) & (n2 <= float(finfo.max))
     n2 = torch.where(ok, n2, torch.ones_like(n2))  # keeps the discarded slices finite
     if plan.mode == "add_sumsq":
-        d2 = n2 + plan.eps
-        inv_d = d2.rsqrt()
-        c = d2.reciprocal()
+        inv_d = (n2 + plan.eps).rsqrt()
+        c = inv_d
     elif plan.mode == "add_norm":
         n = n2.sqrt()
         inv_d = (n + plan.eps).reciprocal()
-        c = inv_d / n
+        c = n.reciprocal()
     else:
         n = n2.sqrt()
         inv_d = n.clamp_min(plan.thr).reciprocal()
-        c = torch.where(n >= plan.thr, n2.reciprocal(), torch.zeros_like(n2))
+        c = torch.where(n >= plan.thr, n.reciprocal(), torch.zeros_like(n))
     zero = torch.zeros_like(inv_d)
     return torch.where(ok, inv_d, zero), torch.where(ok, c, zero), ok
 
@@ -288,6 +290,8 @@ def _fast_forward(x: Tensor, weight: Tensor | None, plan: _Plan) -> tuple[Tensor
     n2 = buf.sum(plan.norm, keepdim=True)
     inv_d, c, ok = _fast_stats(n2, plan)
     w = _weight_view(weight, plan.ndim, plan.channel, xc)
+    # One pass writes x / d into the squares' buffer and one in-place pass applies the
+    # per-channel scale: cheaper than materialising the (slice x channel) outer product.
     if w is not None and w.numel() == 1:
         torch.mul(xc, inv_d * w, out=buf)
     else:
@@ -302,46 +306,66 @@ def _fast_forward(x: Tensor, weight: Tensor | None, plan: _Plan) -> tuple[Tensor
     return y, inv_d, c
 
 
+def _nc_rest(t: Tensor, plan: _Plan) -> Tensor | None:
+    """``t`` as (prefix, C, suffix) without a copy, when only the channel is normalized."""
+    if plan.norm != (plan.channel,) or not t.is_contiguous():
+        return None
+    prefix = 1
+    for a in range(plan.channel):
+        prefix *= t.shape[a]
+    return t.view(prefix, t.shape[plan.channel], -1)
+
+
 def _fast_vjp(
     x: Tensor, weight: Tensor | None, g: Tensor, inv_d: Tensor, c: Tensor, plan: _Plan
 ) -> tuple[Tensor, Tensor | None]:
+    """``dx = (sigma - c <sigma, x / d> x) / d`` and ``ds = sum g x / d`` on the fast path."""
     cd = inv_d.dtype
     xc = x.to(cd)
     gc = g.to(cd)
     w = _weight_view(weight, plan.ndim, plan.channel, xc)
-    t = gc * xc
-    if w is None:
-        ip = t.sum(plan.norm, keepdim=True)
-    elif w.numel() == 1:
-        ip = t.sum(plan.norm, keepdim=True) * w
-    else:
-        ip = (t * w).sum(plan.norm, keepdim=True)
-    coef = c * ip
-    # inv_d == 0 marks the slices the forward could not trust; a non-finite c <sigma, x>
-    # (a huge cotangent) is sent to the safe path too.
-    bad = (inv_d == 0) | ~torch.isfinite(coef)
+    per_channel = w is not None and w.numel() > 1
+    bad = inv_d == 0  # the slices the forward handed to the safe path
     any_bad = bool(bad.any())
-    coef = torch.where(bad, torch.zeros_like(coef), coef)
+    t = gc * xc
+    if any_bad:  # their g * x may be Inf or NaN and must not reach the channel sums
+        _put_rows(t, bad, torch.zeros((), dtype=cd, device=t.device), plan)
+    t3 = _nc_rest(t, plan) if per_channel else None
     dw = None
-    if weight is not None:
-        if any_bad:
-            _put_rows(t, bad, torch.zeros((), dtype=cd, device=t.device), plan)
-        tu = t.mul_(inv_d)
-        dw = tu.sum() if weight.numel() == 1 else tu.sum(plan.reduced)
-    if w is None or w.numel() == 1:
-        scale = inv_d if w is None else inv_d * w
-        dx = torch.mul(gc, scale)
-        dx.addcmul_(xc, coef * inv_d, value=-1.0)
+    if t3 is not None:
+        # NCHW-like: both contractions are matrix products on views (no temporaries).
+        wb = weight.to(cd).reshape(1, 1, -1).expand(t3.shape[0], 1, -1)
+        ip = torch.bmm(wb, t3).view(inv_d.shape) * inv_d  # <sigma, x / d>
+        if weight is not None:
+            dw = torch.bmm(t3, inv_d.reshape(t3.shape[0], -1, 1)).sum(0)
     else:
-        dx = torch.mul(gc, w)
+        t.mul_(inv_d)  # g * x / d
+        if weight is not None:
+            dw = t.sum() if weight.numel() == 1 else t.sum(plan.reduced)
+        if per_channel:
+            t.mul_(w)
+        ip = t.sum(plan.norm, keepdim=True)  # <sigma, x / d> (times s when shared)
+        if w is not None and not per_channel:
+            ip = ip * w
+    coef = c * ip
+    if not bool(torch.isfinite(coef).all()) and bool(torch.isfinite(g).all()):
+        # A huge cotangent overflowed <sigma, x> somewhere (the only way a finite g gives
+        # a non-finite coefficient outside the bad slices): rare enough to redo it all.
+        return _safe_vjp_plan(x, weight, g, plan)
+    coef = torch.where(bad, torch.zeros_like(coef), coef)
+    dx = t  # reuse the buffer
+    if per_channel:
+        torch.mul(gc, w, out=dx)
         dx.addcmul_(xc, coef, value=-1.0)
         dx.mul_(inv_d)
+    else:
+        torch.mul(gc, inv_d if w is None else inv_d * w, out=dx)
+        dx.addcmul_(xc, coef * inv_d, value=-1.0)
     dx = dx.to(x.dtype)
     if any_bad:
-        rows_plan = _row_plan(plan)
-        bad_x = _bad_rows(x, bad, plan)
-        bad_g = _bad_rows(g, bad, plan)
-        rdx, rdw = _safe_vjp_plan(bad_x, weight, bad_g, rows_plan)
+        rdx, rdw = _safe_vjp_plan(
+            _bad_rows(x, bad, plan), weight, _bad_rows(g, bad, plan), _row_plan(plan)
+        )
         _put_rows(dx, bad, rdx, plan)
         if dw is not None and rdw is not None:
             dw = dw + rdw.to(dw.dtype).reshape(dw.shape)
