@@ -1,0 +1,280 @@
+"""The benchmark suite: every backend against the peer idioms and the copy bound.
+
+Usage::
+
+    python benchmarks/run.py                  # the full run (sizes tiny to large)
+    python benchmarks/run.py --quick          # about a minute
+    python benchmarks/run.py --output DIR     # where results.json, results.md, *.png go
+    python benchmarks/run.py --frameworks torch,jax
+
+Each framework module ``benchmarks/bench_<name>.py`` exposes
+``suites(shape, dtype, quick) -> list[Suite]`` for an NCHW ``shape`` (it converts to
+its own layout); every suite is timed interleaved (A B A B ...), warm-up excluded,
+median of repeats (``benchmarks/harness.py``). Keras runs once per Keras backend, each
+in a child process, since Keras picks its backend once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` and `l2norm` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import Timing, time_suite  # noqa: E402
+
+FRAMEWORKS = ("numpy", "torch", "jax", "keras-tensorflow", "keras-jax", "keras-torch")
+#: NCHW sizes from per-call overhead to bandwidth-bound; conv4_3 is the headline.
+SIZES = ((1, 64, 8, 8), (2, 256, 19, 19), (8, 512, 38, 38), (32, 512, 75, 75))
+QUICK_SIZES = ((1, 64, 8, 8), (8, 512, 38, 38))
+HEADLINE = (8, 512, 38, 38)
+DTYPES = ("float32", "bfloat16")
+
+
+def _module_for(framework: str):
+    name = "keras" if framework.startswith("keras-") else framework
+    return importlib.import_module(f"benchmarks.bench_{name}")
+
+
+def _repeats(shape: tuple[int, ...], quick: bool) -> int:
+    numel = 1
+    for side in shape:
+        numel *= side
+    base = 5 if quick else 15
+    return max(3, min(base, int(base * 6e6 / numel)))
+
+
+def run_framework(framework: str, sizes, dtypes, quick: bool, progress=None) -> list[dict]:
+    """Time every suite of one framework in this process; rows of plain data."""
+    module = _module_for(framework)
+    rows = []
+    for shape in sizes:
+        for dtype in dtypes:
+            for suite in module.suites(shape, dtype, quick):
+                timing = time_suite(suite, repeats=_repeats(shape, quick), warmup=2, min_time=0.002)
+                rows.append(_row(framework, timing, shape))
+                if progress is not None:
+                    progress.set_postfix_str(f"{framework} {shape} {dtype} {suite.mode}")
+            if progress is not None:
+                progress.update(1)
+    return rows
+
+
+def _row(framework: str, timing: Timing, nchw: tuple[int, ...]) -> dict:
+    suite = timing.suite
+    return {
+        "framework": framework,
+        "device": getattr(suite, "device", "cpu"),
+        "mode": suite.mode,
+        "compiled": suite.compiled,
+        "shape_nchw": list(nchw),
+        "shape": list(suite.shape),
+        "dtype": suite.dtype,
+        "median_s": timing.seconds,
+        "samples_s": timing.samples,
+        "ratios": timing.ratios(),
+        "memory_bytes": suite.memory,
+    }
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    for package in ("numpy", "torch", "jax", "flax", "keras", "tensorflow"):
+        try:
+            info[package] = importlib.import_module(package).__version__
+        except Exception:  # not installed: leave it out
+            continue
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["cuda_device"] = torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return info
+
+
+def _run_keras_child(framework: str, args, sizes, dtypes) -> list[dict]:
+    backend = framework.split("-", 1)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
+        cmd += ["--child-out", str(out), "--dtypes", ",".join(dtypes)]
+        cmd += ["--sizes", ";".join(",".join(map(str, s)) for s in sizes)]
+        if args.quick:
+            cmd.append("--quick")
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{framework} benchmark failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+def markdown(rows: list[dict], info: dict) -> str:
+    lines = [
+        "| framework | device | shape | dtype | mode | compiled | l2norm (ms) | best peer | "
+        "l2norm / best peer | l2norm / copy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratios = row["ratios"]
+        lines.append(
+            f"| {row['framework']} | {row['device']} | {tuple(row['shape'])} | {row['dtype']} | "
+            f"{row['mode']} | {'yes' if row['compiled'] else 'no'} | "
+            f"{row['median_s']['l2norm'] * 1e3:.3f} | {ratios.get('best_peer', '-')} | "
+            f"{ratios.get('vs_best_peer', float('nan')):.2f} | "
+            f"{ratios.get('vs_copy', float('nan')):.1f} |"
+        )
+    memory = [r for r in rows if r["memory_bytes"]]
+    if memory:
+        lines += ["", "Bytes saved for backward (or peak), per implementation:", ""]
+        for row in memory:
+            lines.append(
+                f"- {row['framework']} {tuple(row['shape'])} {row['dtype']}: "
+                + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in row["memory_bytes"].items())
+            )
+    header = "Machine: " + ", ".join(f"{k}={v}" for k, v in info.items())
+    return header + "\n\n" + "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    frameworks = sorted({r["framework"] for r in rows})
+    for framework in frameworks:
+        chosen = [
+            r
+            for r in rows
+            if r["framework"] == framework and r["dtype"] == "float32" and not r["compiled"]
+        ]
+        if not chosen:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+        for ax, mode in zip(axes, ("forward", "forward+backward"), strict=True):
+            by_mode = [r for r in chosen if r["mode"] == mode]
+            by_mode.sort(key=lambda r: _numel(r["shape"]))
+            impls = sorted({k for r in by_mode for k in r["median_s"]})
+            for impl in impls:
+                xs = [_numel(r["shape"]) for r in by_mode if impl in r["median_s"]]
+                ys = [r["median_s"][impl] * 1e3 for r in by_mode if impl in r["median_s"]]
+                style = "-o" if impl == "l2norm" else ("--" if impl == "copy" else "-.")
+                ax.plot(xs, ys, style, label=impl, linewidth=2.5 if impl == "l2norm" else 1.2)
+            ax.set(xscale="log", yscale="log", xlabel="elements", ylabel="ms (median)")
+            ax.set_title(f"{framework}: {mode}, float32, eager")
+            ax.legend(fontsize=8)
+        path = out_dir / f"time_vs_size_{framework}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    headline = [
+        r
+        for r in rows
+        if tuple(r["shape_nchw"]) == HEADLINE
+        and r["dtype"] == "float32"
+        and "vs_best_peer" in r["ratios"]
+    ]
+    if headline:
+        labels = [
+            f"{r['framework']}\n{r['mode']}{' (compiled)' if r['compiled'] else ''}"
+            for r in headline
+        ]
+        values = [r["ratios"]["vs_best_peer"] for r in headline]
+        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(values)), 4.5), constrained_layout=True)
+        ax.bar(
+            range(len(values)), values, color=["tab:green" if v <= 1 else "tab:red" for v in values]
+        )
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("l2norm time / fastest peer idiom")
+        ax.set_title(f"SSD conv4_3 {HEADLINE}, float32: below 1 is faster than every peer")
+        path = out_dir / "headline_ratios.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _numel(shape) -> int:
+    n = 1
+    for side in shape:
+        n *= side
+    return n
+
+
+def _parse_sizes(text: str | None, quick: bool):
+    if not text:
+        return QUICK_SIZES if quick else SIZES
+    return tuple(tuple(int(v) for v in part.split(",")) for part in text.split(";"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a one-minute run")
+    parser.add_argument("--output", default="bench-out", help="directory for the results")
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--sizes", help="NCHW sizes, e.g. '1,64,8,8;8,512,38,38'")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sizes = _parse_sizes(args.sizes, args.quick)
+    dtypes = tuple(args.dtypes.split(","))
+
+    if args.child:
+        rows = run_framework(args.child, sizes, dtypes, args.quick)
+        Path(args.child_out).write_text(json.dumps(rows))
+        return 0
+
+    from tqdm import tqdm
+
+    frameworks = [f for f in args.frameworks.split(",") if f]
+    unknown = sorted(set(frameworks) - set(FRAMEWORKS))
+    if unknown:
+        parser.error(f"unknown frameworks {unknown}; expected some of {list(FRAMEWORKS)}")
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    with tqdm(
+        total=len(frameworks) * len(sizes) * len(dtypes), unit="size", file=sys.stderr
+    ) as bar:
+        for framework in frameworks:
+            if framework.startswith("keras-"):
+                bar.set_postfix_str(f"{framework} (child process)")
+                rows += _run_keras_child(framework, args, sizes, dtypes)
+                bar.update(len(sizes) * len(dtypes))
+            else:
+                rows += run_framework(framework, sizes, dtypes, args.quick, progress=bar)
+    info = machine()
+    (out_dir / "results.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    table = markdown(rows, info)
+    (out_dir / "results.md").write_text(table)
+    written = plots(rows, out_dir)
+    print(table)
+    print(
+        "wrote",
+        ", ".join(str(p) for p in [out_dir / "results.json", out_dir / "results.md", *written]),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
