@@ -109,7 +109,8 @@ def _safe_parts(
     x: Tensor,
     norm: list[int],
     mode: str,
-    thr: float,
+    tm: float,
+    te: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-slice quantities in units of each slice's power of two (cf. reference._parts).
 
@@ -124,21 +125,19 @@ def _safe_parts(
     xw = torch.where(inf_slice, torch.where(is_inf, torch.sign(xw), torch.zeros_like(xw)), xw)
     # p = 2**e just below the slice's largest magnitude keeps the squares from overflowing
     # or underflowing. e is bounded below so that thr / p stays finite for a zero or tiny
-    # slice (thr < 2**te), and above so that p itself stays finite.
-    te = int(math.floor(math.log2(thr))) + 1
-    tm = thr / (2.0**te)
+    # slice (thr = tm * 2**te < 2**te), and above so that p itself stays finite.
     e_lo = float(max(_minexp(xw) + 3, te - _maxexp(xw) + 3))
     e_hi = float(_maxexp(xw) - 1)
     amax = xw.abs().amax(norm, keepdim=True)
     e = torch.floor(torch.log2(amax)).clamp(min=e_lo, max=e_hi)
     e = torch.where(torch.isnan(e), torch.zeros_like(e), e)
-    p = torch.exp2(e)
+    p = torch.pow(2.0, e)
     xs = xw / p
     n2 = (xs * xs).sum(norm, keepdim=True)
     positive = n2 > 0
     # sqrt has an infinite derivative at 0: the double where keeps double backward finite.
     ns = torch.where(positive, torch.sqrt(torch.where(positive, n2, torch.ones_like(n2))), n2)
-    ts = torch.exp2(e.neg() + te) * tm  # thr / p without forming an over/underflowing thr
+    ts = torch.pow(2.0, e.neg() + te) * tm  # thr / p without forming an over/underflowing thr
     if mode == "add_sumsq":
         big = torch.maximum(ns, ts)
         q = torch.minimum(ns, ts) / big
@@ -156,10 +155,11 @@ def _safe_forward(
     norm: list[int],
     channel: int,
     mode: str,
-    thr: float,
+    tm: float,
+    te: int,
 ) -> Tensor:
     """Branch-free, differentiable forward (see the module docstring)."""
-    xs, ns, ds, _, _, inf_slice = _safe_parts(x, norm, mode, thr)
+    xs, ns, ds, _, _, inf_slice = _safe_parts(x, norm, mode, tm, te)
     # In an Inf slice xs holds the signs of the infinite entries and the limit is xs / ns.
     u = xs / torch.where(inf_slice, ns, ds)
     w = _weight_view(weight, x.dim(), channel, u)
@@ -174,10 +174,11 @@ def _safe_vjp(
     norm: list[int],
     channel: int,
     mode: str,
-    thr: float,
+    tm: float,
+    te: int,
 ) -> tuple[Tensor, Tensor | None]:
     """Branch-free, differentiable VJP: the formula of reference.py's docstring."""
-    xs, ns, ds, ts, p, inf_slice = _safe_parts(x, norm, mode, thr)
+    xs, ns, ds, ts, p, inf_slice = _safe_parts(x, norm, mode, tm, te)
     positive = ns > 0
     xhat = torch.where(positive, xs / torch.where(positive, ns, torch.ones_like(ns)), xs * 0)
     if mode == "add_sumsq":
@@ -203,14 +204,19 @@ def _safe_vjp(
     return dx.to(x.dtype), dw
 
 
+def _split(thr: float) -> tuple[float, int]:
+    """``thr`` as ``(tm, te)`` with ``thr = tm * 2**te`` (TorchScript has no frexp)."""
+    return math.frexp(thr)
+
+
 def _safe_forward_plan(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
-    return _safe_forward(x, weight, list(plan.norm), plan.channel, plan.mode, plan.thr)
+    return _safe_forward(x, weight, list(plan.norm), plan.channel, plan.mode, *_split(plan.thr))
 
 
 def _safe_vjp_plan(
     x: Tensor, weight: Tensor | None, g: Tensor, plan: _Plan
 ) -> tuple[Tensor, Tensor | None]:
-    return _safe_vjp(x, weight, g, list(plan.norm), plan.channel, plan.mode, plan.thr)
+    return _safe_vjp(x, weight, g, list(plan.norm), plan.channel, plan.mode, *_split(plan.thr))
 
 
 # --------------------------------------------------------------------------- eager path
@@ -665,12 +671,6 @@ class L2Norm(nn.Module):
 class _ScriptableL2Norm(nn.Module):
     """What :func:`torch.jit.script` compiles in place of :class:`L2Norm`."""
 
-    axis: list[int]
-    across_spatial: bool
-    num_channels: int
-    mode: str
-    thr: float
-
     def __init__(self, module: L2Norm) -> None:
         super().__init__()
         if isinstance(module.weight, nn.Parameter):
@@ -682,7 +682,7 @@ class _ScriptableL2Norm(nn.Module):
         self.across_spatial = module.spec.across_spatial
         self.num_channels = module.num_channels
         self.mode = module.spec.eps_mode
-        self.thr = module.spec.threshold
+        self.tm, self.te = _split(module.spec.threshold)
 
     def forward(self, x: Tensor) -> Tensor:
         ndim = x.dim()
@@ -702,7 +702,7 @@ class _ScriptableL2Norm(nn.Module):
             raise ValueError(
                 "L2Norm(" + str(self.num_channels) + ") got " + str(x.shape[channel]) + " channels"
             )
-        return _safe_forward(x, self.weight, norm, channel, self.mode, self.thr)
+        return _safe_forward(x, self.weight, norm, channel, self.mode, self.tm, self.te)
 
 
 # --------------------------------------------------------------------------- conformance

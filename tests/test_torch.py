@@ -1,0 +1,538 @@
+"""The PyTorch adapter: conformance, properties against the reference, autograd,
+mixed precision, memory formats, compilation, export, checkpoints, DDP and bad input.
+
+Every numerical check measures against :mod:`l2norm.reference` with the conformance
+suite's measures (ULPs forward, machine epsilons relative to the slice for gradients).
+The tests run on CUDA too when it is present (``DEVICES``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import os
+import socket
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from l2norm import conformance, reference
+from l2norm._spec import Spec
+from l2norm.testing.strategies import hostile_arrays, options
+from l2norm.torch import L2Norm, l2_normalize
+
+BACKEND = conformance.get_backend("torch")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MODES = ["clamp_norm", "clamp_sumsq", "add_norm", "add_sumsq"]
+
+
+def np_of(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.uint16).numpy().view(conformance.numpy_dtype("bfloat16"))
+    return t.numpy()
+
+
+def ref_forward(x: torch.Tensor, w: torch.Tensor | None, **opts) -> np.ndarray:
+    scale = None if w is None else np_of(w).astype(np_of(x).dtype)
+    return reference.forward(np_of(x), scale, Spec.create(**opts))
+
+
+def assert_close_ulps(got: torch.Tensor, want: np.ndarray, bound: float, flushes=False):
+    got_np = np_of(got)
+    assert got_np.dtype == want.dtype and got_np.shape == want.shape
+    err = conformance.forward_error(got_np, want, want.dtype, flushes)
+    nonfinite = conformance._nonfinite_mismatches(
+        got_np.astype(np.float64), want.astype(np.float64)
+    )
+    assert err <= bound and nonfinite == 0, f"{err} ULP, {nonfinite} non-finite mismatches"
+
+
+# --------------------------------------------------------------------------- conformance
+
+
+@pytest.mark.parametrize("case", list(conformance.cases()), ids=lambda c: c.id)
+def test_conformance_case(case):
+    result = conformance.run_case(BACKEND, case)
+    assert result.passed, (
+        f"{case.id}: forward {result.forward_ulps:.3g} ULP, gradient {result.grad_eps:.3g} eps, "
+        f"{result.nonfinite} non-finite mismatches, error={result.error}"
+    )
+
+
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(["float16", "bfloat16", "float32", "float64"]),
+    opts=options(),
+    scale_kind=st.sampled_from(["per_channel", "shared", "none"]),
+)
+def test_matches_reference_on_hostile_inputs(data, dtype, opts, scale_kind):
+    shape = data.draw(st.lists(st.integers(1, 5), min_size=2, max_size=4).map(tuple))
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x_np = data.draw(
+        hostile_arrays(dtype, shape, axis=dim, allow_nan=True, allow_infinity=True), "x"
+    )
+    rng = np.random.default_rng(0)
+    npdt = conformance.numpy_dtype(dtype)
+    c = shape[dim]
+    scale = {
+        "per_channel": rng.uniform(0.5, 20, c).astype(npdt),
+        "shared": np.array([20.0], dtype=npdt),
+        "none": None,
+    }[scale_kind]
+    g_np = rng.standard_normal(shape).astype(npdt)
+    full = {"axis": dim, **opts}
+    spec = Spec.create(**full)
+    y = BACKEND.forward(x_np, scale, full)
+    want = reference.forward(x_np, scale, spec)
+    # Subnormal outputs are measured against the smallest normal (flushes=True): when the
+    # input mixes ordinary values with subnormal ones, x / d * s rounds twice down there,
+    # an absolute error below 2**-140 that says nothing about the slice. The conformance
+    # cases above hold the strict measure.
+    fwd = conformance.forward_error(y, want, npdt, True)
+    assert fwd <= BACKEND.forward_ulps[dtype], f"forward {fwd} ULP"
+    assert conformance._nonfinite_mismatches(y.astype(np.float64), want.astype(np.float64)) == 0
+    # In a clamp mode the gradient jumps where the norm crosses the threshold; a norm within
+    # float32 rounding of it may take either side (the reference decides in float64).
+    axes = spec.resolve(len(shape))
+    with np.errstate(all="ignore"):
+        parts = reference._parts(x_np.astype(np.float64), spec, axes)
+        norm = parts.ratio * parts.d_scaled * parts.p
+    near = np.abs(norm / spec.threshold - 1) < 1e-5
+    assume(not (spec.eps_mode.startswith("clamp") and near.any()))
+    dx, ds = BACKEND.vjp(x_np, scale, g_np, full)
+    dx_ref, ds_ref = reference.vjp(x_np, scale, g_np, spec)
+    dx_mag, ds_mag = conformance.gradient_magnitudes(x_np, scale, g_np, spec)
+    round_to = conformance._round_to
+    grad = conformance.gradient_error(
+        dx,
+        round_to(dx_ref, npdt),
+        dx_mag,
+        ds,
+        None if ds_ref is None else round_to(ds_ref, npdt),
+        ds_mag,
+        npdt,
+        False,
+    )
+    assert grad <= BACKEND.grad_eps[dtype], f"gradient {grad} eps"
+    assert np.isfinite(dx.astype(np.float64))[np.isfinite(dx_ref)].all()
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scale_kind", ["per_channel", "shared", "none"])
+@pytest.mark.parametrize(
+    "layout", [((2, 5, 3), 1, False), ((2, 3, 2, 4), (1, 3), False), ((3, 4, 2), 2, True)]
+)
+def test_gradcheck_and_gradgradcheck(mode, scale_kind, layout):
+    shape, dim, across = layout
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    channels = shape[dim[0] if isinstance(dim, tuple) else dim]
+    w = {
+        "per_channel": torch.rand(channels, dtype=torch.float64, generator=gen) + 0.5,
+        "shared": torch.tensor([3.0], dtype=torch.float64),
+        "none": None,
+    }[scale_kind]
+    inputs = (x,) if w is None else (x, w.requires_grad_(True))
+
+    def fn(*args):
+        return l2_normalize(*args, dim=dim, across_spatial=across, eps_mode=mode, eps=1e-3)
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("preset", ["ssd.pytorch", "mmdet", "caffe", "torchvision", "tensorflow"])
+def test_zero_pixels_have_the_exact_finite_gradient(preset):
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    x[0, :, 1, 1] = 0.0  # a pixel that a ReLU zeroed on every channel
+    x.requires_grad_(True)
+    w = torch.full((8,), 20.0, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(x)
+    y = l2_normalize(x, w, preset=preset)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    dx_ref, dw_ref = reference.vjp(
+        x.detach().numpy(), w.detach().numpy(), g.numpy(), Spec.create(axis=1, preset=preset)
+    )
+    np.testing.assert_allclose(dx.numpy(), dx_ref, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(dw.numpy(), dw_ref, rtol=1e-12)
+    # d = eps at zero, so the gradient there is s * g / eps exactly.
+    eps = Spec.create(preset=preset).threshold
+    np.testing.assert_allclose(dx[0, :, 1, 1].numpy(), (20.0 * g[0, :, 1, 1] / eps).numpy())
+
+
+def test_double_backward_matches_autodiff_of_a_plain_formula():
+    # Away from every threshold, the plain clamp_norm formula is smooth: its Hessian-vector
+    # products must equal ours.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(6, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(2, 6, 3, 3, dtype=torch.float64, generator=gen)
+
+    def plain(x, w):
+        return x / x.norm(dim=1, keepdim=True) * w.view(1, -1, 1, 1)
+
+    results = []
+    for f in (plain, lambda x, w: l2_normalize(x, w)):
+        loss = (f(x, w) ** 3).sum()
+        gx, gw = torch.autograd.grad(loss, (x, w), create_graph=True)
+        results.append(torch.autograd.grad((gx * v).sum() + gw.sum(), (x, w)))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def saved_bytes(fn, *args) -> int:
+    total = 0
+    seen = set()
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.dtype, t.shape)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("kwargs", [{}, {"channel_shared": True}, {"preset": "caffe"}])
+def test_memory_saved_for_backward_is_about_the_input(dtype, kwargs):
+    m = L2Norm(64, dtype=torch.float32 if dtype != torch.float64 else dtype, **kwargs)
+    x = torch.randn(4, 64, 16, 16, dtype=dtype, requires_grad=True)
+    saved = saved_bytes(m, x)
+    assert saved <= 1.1 * x.numel() * x.element_size(), saved
+    # and the peers' idiom, for scale: autograd of ssd.pytorch's formula saves ~3x
+    peer = saved_bytes(
+        lambda x: x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) * m.weight.view(1, -1, 1, 1),
+        x.float().detach().requires_grad_(True),
+    )
+    assert peer > 2 * x.numel() * 4
+
+
+# --------------------------------------------------------------------------- dtypes, formats
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_are_kept_and_computed_wide(device, dtype):
+    m = L2Norm(16, dtype=torch.float32 if dtype != torch.float64 else dtype, device=device)
+    x = (torch.randn(2, 16, 4, 4, device=device) * 600).to(dtype)  # float16 norm ~ 1e4
+    x.requires_grad_(True)
+    y = m(x)
+    assert y.dtype == dtype
+    assert_close_ulps(y, ref_forward(x, m.weight, axis=1), 1 if dtype != torch.float64 else 4)
+    y.float().sum().backward()
+    assert x.grad.dtype == dtype and m.weight.grad.dtype == m.weight.dtype
+    assert torch.isfinite(x.grad).all()
+
+
+def test_autocast_cpu_bfloat16():
+    conv = torch.nn.Conv2d(3, 16, 3)
+    m = L2Norm(16)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        y = m(h)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    assert_close_ulps(y, ref_forward(h, m.weight, axis=1), 1)
+    y.float().sum().backward()
+    assert m.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast float16 needs CUDA")
+def test_autocast_cuda_float16():
+    m = L2Norm(16, device="cuda")
+    x = torch.randn(2, 16, 8, 8, device="cuda") * 300
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = m(x.half())
+    assert y.dtype == torch.float16
+    assert_close_ulps(y, ref_forward(x.half(), m.weight, axis=1), 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_is_preserved(device):
+    m = L2Norm(16, device=device)
+    x = torch.randn(2, 16, 5, 5, device=device).to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    y = m(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_close_ulps(y, ref_forward(x, m.weight, axis=1), 4)
+    y.backward(torch.randn_like(y))
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "shape, dim",
+    [((4, 7), 1), ((4, 7), -1), ((2, 3, 7), -1), ((2, 7, 3, 3, 2), 1), ((2, 3, 7, 2), (2, 3))],
+)
+def test_any_rank_and_dim(shape, dim):
+    channel = dim[0] if isinstance(dim, tuple) else dim
+    m = L2Norm(shape[channel], dim=dim, scale_init=torch.arange(1.0, shape[channel] + 1))
+    x = torch.randn(shape)
+    assert_close_ulps(m(x), ref_forward(x, m.weight, axis=dim), 4)
+
+
+def test_overflow_and_underflow_safe_float32():
+    x = torch.randn(3, 8, 4, 4)
+    x[0] *= 1e20  # squares overflow float32
+    x[1] *= 1e-25  # squares underflow
+    x[2, :, 0, 0] = torch.tensor([5e-41] * 8)  # subnormal pixel
+    w = torch.rand(8) + 0.5
+    y = l2_normalize(x, w)
+    assert_close_ulps(y, ref_forward(x, w, axis=1), 4)
+    xg = x.clone().requires_grad_(True)
+    l2_normalize(xg, w).backward(torch.ones_like(x))
+    assert torch.isfinite(xg.grad).all()
+
+
+def test_nan_and_inf_slices_follow_the_reference():
+    x = torch.randn(2, 4, 3)
+    x[0, 1, 0] = float("nan")
+    x[1, 0, 2] = float("inf")
+    x[1, 3, 2] = float("-inf")
+    y = l2_normalize(x, torch.full((4,), 2.0))
+    assert torch.isnan(y[0, :, 0]).all() and not torch.isnan(y[0, :, 1:]).any()
+    inf_col = y[1, :, 2]
+    torch.testing.assert_close(inf_col, torch.tensor([2.0, 0, 0, -2.0]) / 2**0.5)
+
+
+# --------------------------------------------------------------------------- compile, export
+
+
+def make_inputs():
+    x = torch.randn(2, 16, 5, 5)
+    x[0, :, 0, 0] = 0.0
+    x[1, :, 1, 1] *= 1e20
+    x[1, :, 2, 2] *= 1e-25
+    return x
+
+
+@pytest.fixture(scope="module")
+def model():
+    return torch.nn.Sequential(torch.nn.Identity(), L2Norm(16, scale_init=torch.rand(16) + 1))
+
+
+def reference_of(model, x):
+    return reference.forward(x.numpy(), np_of(model[1].weight), Spec.create(axis=1))
+
+
+def test_torch_compile_fullgraph(model):
+    compiled = torch.compile(model, fullgraph=True)
+    x = make_inputs().requires_grad_(True)
+    y = compiled(x)
+    assert_close_ulps(y, reference_of(model, x.detach()), 4)
+    g = torch.randn_like(y)
+    y.backward(g)
+    dx_ref, _ = reference.vjp(
+        x.detach().numpy(), np_of(model[1].weight), g.numpy(), Spec.create(axis=1)
+    )
+    np.testing.assert_allclose(x.grad.numpy(), dx_ref, rtol=1e-4, atol=1e-5 * np.abs(dx_ref).max())
+
+
+def test_torch_jit_script(model):
+    scripted = torch.jit.script(model)
+    x = make_inputs()
+    assert_close_ulps(scripted(x), reference_of(model, x), 4)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    assert_close_ulps(torch.jit.load(buffer)(x), reference_of(model, x), 4)
+    with pytest.raises(Exception, match="channels"):
+        scripted(torch.randn(2, 8, 3, 3))
+
+
+def test_torch_jit_trace(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, make_inputs())
+    x = make_inputs() * 3
+    assert_close_ulps(traced(x), reference_of(model, x), 4)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+
+
+def test_torch_export(model):
+    exported = torch.export.export(model, (make_inputs(),))
+    x = make_inputs()
+    assert_close_ulps(exported.module()(x), reference_of(model, x), 4)
+
+
+def test_onnx_export_runs_in_onnxruntime(model):
+    import onnxruntime
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter: the dynamo one needs onnxscript, not a dependency.
+        torch.onnx.export(
+            model,
+            (make_inputs(),),
+            buffer,
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}},
+        )
+    session = onnxruntime.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 16, 7, 4)
+    x[0, :, 0, 0] = 0.0
+    x[2, :, 1, 1] *= 1e20
+    (y,) = session.run(None, {"x": x.numpy()})
+    assert_close_ulps(torch.from_numpy(y), reference_of(model, x), 4)
+
+
+# --------------------------------------------------------------------------- module API
+
+
+def test_state_dict_round_trip_and_peer_checkpoints():
+    class SSDLike(torch.nn.Module):  # ssd.pytorch names the layer L2Norm, the scale weight
+        def __init__(self):
+            super().__init__()
+            self.L2Norm = L2Norm(512, preset="ssd.pytorch")
+
+    src, dst = SSDLike(), SSDLike()
+    with torch.no_grad():
+        src.L2Norm.weight.uniform_(5, 25)
+    buffer = io.BytesIO()
+    torch.save(src.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    assert list(state) == ["L2Norm.weight"] and state["L2Norm.weight"].shape == (512,)
+    dst.load_state_dict(state)
+    assert torch.equal(dst.L2Norm.weight, src.L2Norm.weight)
+    # a checkpoint from ssd.pytorch / mmdetection is a plain (512,) tensor under that key
+    dst.load_state_dict({"L2Norm.weight": torch.full((512,), 20.0)})
+    assert torch.equal(dst.L2Norm.weight, torch.full((512,), 20.0))
+    frozen = L2Norm(8, learnable=False, scale_init=3.0)
+    assert list(frozen.parameters()) == [] and "weight" in frozen.state_dict()
+
+
+def test_module_api():
+    m = L2Norm(4, scale_init=[1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    assert m.weight.dtype == torch.float64 and m.weight.tolist() == [1.0, 2.0, 3.0, 4.0]
+    with torch.no_grad():
+        m.weight.zero_()
+    m.reset_parameters()
+    assert m.weight.tolist() == [1.0, 2.0, 3.0, 4.0]
+    shared = L2Norm(4, channel_shared=True)
+    assert shared.weight.shape == (1,) and shared.weight.item() == 20.0
+    assert "channel_shared=True" in repr(shared)
+    assert repr(L2Norm(512, preset="caffe")) == (
+        "L2Norm(512, dim=1, eps_mode=add_sumsq, eps=1e-10, preset=caffe)"
+    )
+    x = torch.randn(2, 4, 3)
+    torch.testing.assert_close(shared(x), F.normalize(x, dim=1) * 20)
+
+
+def test_matches_torchvision_idiom_on_ordinary_activations():
+    x = torch.randn(2, 32, 6, 6)
+    w = torch.rand(32) * 20
+    torch.testing.assert_close(l2_normalize(x, w), F.normalize(x, dim=1) * w.view(1, -1, 1, 1))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: L2Norm(8)(torch.randn(8)), ValueError, "rank >= 2"),
+        (lambda: L2Norm(8, dim=4)(torch.randn(2, 8, 3)), ValueError, "out of range"),
+        (lambda: L2Norm(8)(torch.randn(2, 6, 3)), ValueError, "6 channels.*expected 8"),
+        (lambda: L2Norm(8)(torch.ones(2, 8, dtype=torch.int64)), TypeError, "torch.int64"),
+        (lambda: L2Norm(8)(torch.ones(2, 8, dtype=torch.bool)), TypeError, "torch.bool"),
+        (lambda: L2Norm(8)(torch.ones(2, 8, dtype=torch.complex64)), TypeError, "complex64"),
+        (lambda: L2Norm(8)(np.ones((2, 8))), TypeError, "torch.Tensor"),
+        (lambda: L2Norm(8)(torch.randn(2, 8).double()), TypeError, "weight has dtype"),
+        (lambda: L2Norm(8, dtype=torch.float16)(torch.randn(2, 8)), TypeError, "weight has dtype"),
+        (lambda: L2Norm(8, device="meta")(torch.randn(2, 8)), ValueError, "meta"),
+        (lambda: l2_normalize(torch.randn(2, 8), torch.ones(4)), ValueError, "shape \\(4,\\)"),
+        (lambda: l2_normalize(torch.randn(2, 8), torch.ones(8, 1)), ValueError, "shape"),
+        (lambda: l2_normalize(torch.randn(2, 8), [1.0] * 8), TypeError, "weight"),
+        (lambda: l2_normalize(torch.randn(2, 8), eps=-1.0), ValueError, "eps"),
+        (lambda: l2_normalize(torch.randn(2, 8), eps_mode="add"), ValueError, "eps_mode"),
+        (lambda: l2_normalize(torch.randn(2, 8), preset="x"), ValueError, "preset"),
+        (
+            lambda: l2_normalize(torch.randn(2, 8), preset="caffe", eps_mode="add_norm"),
+            ValueError,
+            "conflicts",
+        ),
+        (lambda: l2_normalize(torch.randn(2, 8), dim=True), TypeError, "axis"),
+        (lambda: l2_normalize(torch.randn(2, 8), dim=(1, 1)), ValueError, "repeats"),
+        (lambda: L2Norm(0), ValueError, "num_channels"),
+        (lambda: L2Norm(8, scale_init=[1.0, 2.0]), ValueError, "scale_init"),
+        (lambda: L2Norm(8, scale_init=float("nan")), ValueError, "finite"),
+        (lambda: L2Norm(8, dtype=torch.int32), TypeError, "dtype"),
+        (lambda: L2Norm(8, learnable=1), TypeError, "learnable"),
+        (lambda: L2Norm(8, across_spatial=True, dim=0)(torch.randn(8, 3)), ValueError, "axis 0"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), L2Norm(8))
+        x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 8, 5, 5)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        part = slice(rank * 2, rank * 2 + 2)
+        (ddp(x[part]) * g[part]).sum().mul(world).backward()  # DDP averages over ranks
+        if rank == 0:
+            torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, "ddp.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_distributed_data_parallel_gradients_equal_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    context = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 120
+    # join() returns False while some worker is still running; it raises if one failed.
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() < deadline:
+            continue
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+        pytest.fail("DDP workers did not finish within 120 s")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), L2Norm(8))
+    x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 8, 5, 5)
+    (model(x) * g).sum().backward()
+    for single, ddp in zip(model.parameters(), torch.load(tmp_path / "ddp.pt"), strict=True):
+        torch.testing.assert_close(ddp, single.grad, rtol=1e-5, atol=1e-6)
