@@ -111,6 +111,7 @@ def _safe_parts(
     mode: str,
     tm: float,
     te: int,
+    wide: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-slice quantities in units of each slice's power of two (cf. reference._parts).
 
@@ -118,7 +119,11 @@ def _safe_parts(
     the signs of their infinite entries), its norm, the denominator ``d(n) / p``, the
     threshold ``thr / p``, the power of two ``p`` and the Inf-slice mask.
     """
-    xw = x.to(torch.float64) if x.dtype == torch.float64 else x.to(torch.float32)
+    # wide: float64 squares of float32-range values can neither overflow nor underflow, so
+    # no pre-scaling is needed (p = 1); used under torch.compile, where the conversion is
+    # fused into the reduction and costs no memory traffic.
+    wide = wide and x.dtype != torch.float64
+    xw = x.to(torch.float64) if x.dtype == torch.float64 or wide else x.to(torch.float32)
     is_inf = torch.isinf(xw)
     has_nan = torch.isnan(xw).sum(norm, keepdim=True) > 0
     inf_slice = (is_inf.sum(norm, keepdim=True) > 0) & ~has_nan
@@ -128,9 +133,12 @@ def _safe_parts(
     # slice (thr = tm * 2**te < 2**te), and above so that p itself stays finite.
     e_lo = float(max(_minexp(xw) + 3, te - _maxexp(xw) + 3))
     e_hi = float(_maxexp(xw) - 1)
-    amax = xw.abs().amax(norm, keepdim=True)
-    e = torch.floor(torch.log2(amax)).clamp(min=e_lo, max=e_hi)
-    e = torch.where(torch.isnan(e), torch.zeros_like(e), e)
+    if wide:
+        e = torch.zeros_like(xw.sum(norm, keepdim=True))
+    else:
+        amax = xw.abs().amax(norm, keepdim=True)
+        e = torch.floor(torch.log2(amax)).clamp(min=e_lo, max=e_hi)
+        e = torch.where(torch.isnan(e), torch.zeros_like(e), e)
     p = torch.pow(2.0, e)
     xs = xw / p
     n2 = (xs * xs).sum(norm, keepdim=True)
@@ -157,9 +165,10 @@ def _safe_forward(
     mode: str,
     tm: float,
     te: int,
+    wide: bool = False,
 ) -> Tensor:
     """Branch-free, differentiable forward (see the module docstring)."""
-    xs, ns, ds, _, _, inf_slice = _safe_parts(x, norm, mode, tm, te)
+    xs, ns, ds, _, _, inf_slice = _safe_parts(x, norm, mode, tm, te, wide)
     # In an Inf slice xs holds the signs of the infinite entries and the limit is xs / ns.
     u = xs / torch.where(inf_slice, ns, ds)
     w = _weight_view(weight, x.dim(), channel, u)
@@ -176,9 +185,10 @@ def _safe_vjp(
     mode: str,
     tm: float,
     te: int,
+    wide: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Branch-free, differentiable VJP: the formula of reference.py's docstring."""
-    xs, ns, ds, ts, p, inf_slice = _safe_parts(x, norm, mode, tm, te)
+    xs, ns, ds, ts, p, inf_slice = _safe_parts(x, norm, mode, tm, te, wide)
     positive = ns > 0
     xhat = torch.where(positive, xs / torch.where(positive, ns, torch.ones_like(ns)), xs * 0)
     if mode == "add_sumsq":
@@ -209,14 +219,16 @@ def _split(thr: float) -> tuple[float, int]:
     return math.frexp(thr)
 
 
-def _safe_forward_plan(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
-    return _safe_forward(x, weight, list(plan.norm), plan.channel, plan.mode, *_split(plan.thr))
+def _safe_forward_plan(x: Tensor, weight: Tensor | None, plan: _Plan, wide: bool = False) -> Tensor:
+    tm, te = _split(plan.thr)
+    return _safe_forward(x, weight, list(plan.norm), plan.channel, plan.mode, tm, te, wide)
 
 
 def _safe_vjp_plan(
-    x: Tensor, weight: Tensor | None, g: Tensor, plan: _Plan
+    x: Tensor, weight: Tensor | None, g: Tensor, plan: _Plan, wide: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    return _safe_vjp(x, weight, g, list(plan.norm), plan.channel, plan.mode, *_split(plan.thr))
+    tm, te = _split(plan.thr)
+    return _safe_vjp(x, weight, g, list(plan.norm), plan.channel, plan.mode, tm, te, wide)
 
 
 # --------------------------------------------------------------------------- eager path
@@ -386,13 +398,14 @@ class _L2NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
         ctx.plan = plan
-        fast = not torch.compiler.is_compiling() and _fast_ok(plan, _working_dtype(x.dtype))
-        ctx.fast = fast
+        compiling = torch.compiler.is_compiling()
+        fast = not compiling and _fast_ok(plan, _working_dtype(x.dtype))
+        ctx.fast, ctx.wide = fast, compiling
         if fast:
             y, inv_d, c = _fast_forward(x, weight, plan)
             ctx.save_for_backward(x, weight, inv_d, c)
         else:
-            y = _safe_forward_plan(x, weight, plan)
+            y = _safe_forward_plan(x, weight, plan, compiling)
             ctx.save_for_backward(x, weight)
         return y
 
@@ -406,7 +419,7 @@ class _L2NormFunction(torch.autograd.Function):
             # create_graph=True (double backward) or a compiled graph: the safe VJP is
             # made of differentiable, traceable ops and recomputes from x alone.
             x, weight = ctx.saved_tensors[:2]
-            dx, dw = _safe_vjp_plan(x, weight, g, plan)
+            dx, dw = _safe_vjp_plan(x, weight, g, plan, ctx.wide)
         if not ctx.needs_input_grad[1]:
             dw = None
         return dx, dw, None

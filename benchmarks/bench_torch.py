@@ -1,0 +1,198 @@
+"""PyTorch: l2norm.torch against the idioms people use today, and the copy bound.
+
+Peers (written out as their projects write them, see ../shared/peers.md):
+
+* torchvision SSD: ``F.normalize(x, dim=1) * w``
+* ssd.pytorch: ``x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) * w``
+* mmdetection: the same in float32 for half inputs, cast back
+* copy: ``buf.copy_(x)`` into a preallocated buffer (the memory-bandwidth bound)
+
+Suites: eager forward, eager forward+backward (with the bytes each saves for backward,
+counted with ``torch.autograd.graph.saved_tensors_hooks``), compiled forward
+(``torch.compile`` of ours against the compiled torchvision idiom), and the cost of the
+guarantees (ours against the same fast path without the overflow check / fallback and
+without the float32 upcast).
+
+Usage::
+
+    python benchmarks/bench_torch.py [--quick] [--threads N]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: make `benchmarks` and `l2norm` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.harness import Suite, time_suite
+from l2norm._spec import Spec
+from l2norm.torch import _plan, _weight_view, l2_normalize
+
+HEADLINE = (8, 512, 38, 38)
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torchvision_idiom(x, w):
+    return F.normalize(x, dim=1) * w.view(1, -1, 1, 1)
+
+
+def ssd_pytorch_idiom(x, w):
+    return x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) * w.view(1, -1, 1, 1)
+
+
+def mmdet_idiom(x, w):
+    x_float = x.float()
+    norm = x_float.pow(2).sum(1, keepdim=True).sqrt() + 1e-10
+    return (w[None, :, None, None].float().expand_as(x_float) * x_float / norm).type_as(x)
+
+
+def without_guarantees(x, w):
+    """Our eager fast path minus the guarantees: no overflow/underflow check, no safe
+    fallback, no float32 upcast of half inputs (the default clamp_norm mode)."""
+    plan = _plan(Spec.create(axis=1), Spec.create(axis=1).resolve(x.dim()), x.shape)
+    buf = torch.mul(x, x)
+    inv_d = buf.sum(plan.norm, keepdim=True).sqrt_().clamp_min_(plan.thr).reciprocal_()
+    torch.mul(x, inv_d, out=buf)
+    return buf.mul_(_weight_view(w, plan.ndim, plan.channel, x))
+
+
+def saved_bytes(fn, x, w) -> int:
+    """Bytes autograd keeps for backward (each storage counted once)."""
+    seen: dict = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))] = t.nbytes
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x, w)
+    return sum(seen.values())
+
+
+def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suite]:
+    tdt = TORCH_DTYPES[dtype]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(tdt)
+    # the weight follows the usual mixed-precision layout: float32 master weights
+    w = torch.full((shape[1],), 20.0)
+    w_same = w.to(tdt)  # the peers (except mmdet) need the input's dtype
+    buf = torch.empty_like(x)
+    copy = {"copy": lambda: buf.copy_(x)}
+    ours = lambda x, w: l2_normalize(x, w)  # noqa: E731
+    peers = {
+        "torchvision": lambda: torchvision_idiom(x, w_same),
+        "ssd.pytorch": lambda: ssd_pytorch_idiom(x, w_same),
+        "mmdet": lambda: mmdet_idiom(x, w),
+    }
+    out = [
+        Suite(
+            "torch", "forward", False, shape, dtype, {"l2norm": lambda: ours(x, w), **peers, **copy}
+        )
+    ]
+
+    xg = x.clone().requires_grad_(True)
+    wg = w.clone().requires_grad_(True)
+    wg_same = w_same.clone().requires_grad_(True)
+    g = torch.randn(shape, generator=gen).to(tdt)
+
+    def fwd_bwd(fn, weight):
+        def run():
+            xg.grad = None
+            weight.grad = None
+            fn(xg, weight).backward(g)
+
+        return run
+
+    fb = {
+        "l2norm": fwd_bwd(ours, wg),
+        "torchvision": fwd_bwd(torchvision_idiom, wg_same),
+        "ssd.pytorch": fwd_bwd(ssd_pytorch_idiom, wg_same),
+        "mmdet": fwd_bwd(mmdet_idiom, wg),
+    }
+    memory = {
+        "l2norm": saved_bytes(ours, xg, wg),
+        "torchvision": saved_bytes(torchvision_idiom, xg, wg_same),
+        "ssd.pytorch": saved_bytes(ssd_pytorch_idiom, xg, wg_same),
+        "mmdet": saved_bytes(mmdet_idiom, xg, wg),
+        "input": x.nbytes,
+    }
+    out.append(Suite("torch", "forward+backward", False, shape, dtype, {**fb, **copy}, memory))
+
+    out.append(
+        Suite(
+            "torch",
+            "forward (guarantees cost)",
+            False,
+            shape,
+            dtype,
+            {
+                "l2norm": lambda: ours(x, w),
+                "without_guarantees": lambda: without_guarantees(x, w_same),
+            },
+        )
+    )
+
+    if not quick or shape == HEADLINE:
+        c_ours = torch.compile(lambda x, w: l2_normalize(x, w), fullgraph=True, dynamic=False)
+        c_tv = torch.compile(torchvision_idiom, fullgraph=True, dynamic=False)
+        out.append(
+            Suite(
+                "torch",
+                "forward",
+                True,
+                shape,
+                dtype,
+                {"l2norm": lambda: c_ours(x, w), "torchvision": lambda: c_tv(x, w_same), **copy},
+            )
+        )
+    return out
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Time the headline shape (float32; bfloat16 too unless quick); one dict per suite."""
+    rows = []
+    for dtype in ("float32",) if quick else ("float32", "bfloat16"):
+        for suite in suites(HEADLINE, dtype, quick):
+            timing = time_suite(suite, repeats=7 if quick else 15, warmup=2)
+            rows.append(
+                {
+                    "framework": "torch",
+                    "impl": "l2norm",
+                    "shape": list(suite.shape),
+                    "dtype": dtype,
+                    "mode": f"{suite.mode}, {'compiled' if suite.compiled else 'eager'}",
+                    "median_s": timing.seconds,
+                    "ratios": timing.ratios(),
+                    "memory_bytes": suite.memory,
+                    "threads": torch.get_num_threads(),
+                }
+            )
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    if "--threads" in argv:
+        torch.set_num_threads(int(argv[argv.index("--threads") + 1]))
+    rows = run(quick="--quick" in argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, shape {HEADLINE}")
+    for row in rows:
+        print(f"\n{row['dtype']} {row['mode']}")
+        ours = row["median_s"]["l2norm"]
+        for name, seconds in row["median_s"].items():
+            ratio = "" if name == "l2norm" else f"  l2norm / {name} = {ours / seconds:.2f}"
+            print(f"  {name:20s} {seconds * 1e3:8.2f} ms{ratio}")
+        if row["memory_bytes"]:
+            base = row["memory_bytes"]["input"]
+            saved = ", ".join(
+                f"{k} {v / base:.2f}x" for k, v in row["memory_bytes"].items() if k != "input"
+            )
+            print(f"  saved for backward / input bytes: {saved}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
