@@ -458,7 +458,11 @@ class L2Norm(keras.layers.Layer):
                 f"L2Norm was built for {self._channels} channels on axis {axes.channel}, "
                 f"got an input of shape {tuple(inputs.shape)} with {channels}"
             )
-        return _normalize(inputs, ops.convert_to_tensor(self.gamma), self.spec, axes)
+        gamma = self.gamma.value
+        if hasattr(gamma, "read_value"):
+            # A tf.Variable: tf.custom_gradient wants tensors in, not variables read inside.
+            gamma = gamma.read_value()
+        return _normalize(inputs, gamma, self.spec, axes)
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple:
         self.spec.resolve(len(input_shape))
