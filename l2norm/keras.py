@@ -103,14 +103,14 @@ def _exact_upscale(x: Any, small: Any, work: str) -> Any:
 
 
 def _slice_parts(
-    x: Any, s_sq: Any | None, s_b: Any | None, spec: Spec, axes: Axes, work: str, rescale: bool
+    x: Any, norm: Any | None, s_b: Any | None, spec: Spec, axes: Axes, work: str, rescale: bool
 ) -> tuple[Any, Any, Any, Any]:
     """``(y, u, q, c)``: ``y = s * x / d(n)``, ``u = x / d(n)``, ``q = 1 / d(n)`` per slice
     (0 in ±Inf slices) and ``c = r / (n / d)**2`` per slice, the factor of the backward
     formula below. ``s_b`` is the scale broadcast against ``x``, or None.
 
     With ``rescale`` each slice is first brought to ``[1, 2)`` by an exact power of two
-    (after the ±Inf limit substitution); without it ``s_sq`` is the plain sum of squares.
+    (after the ±Inf limit substitution); without it ``norm`` is the plain norm.
     """
     norm_axes = axes.norm
     one = _const(1.0, work)
@@ -137,27 +137,30 @@ def _slice_parts(
         )
         xs = x_pre / p
         s_sq = ops.sum(xs * xs, axis=norm_axes, keepdims=True)
+        ns = ops.sqrt(s_sq)
         # 1 / p_true where x = xs * p_true; <= 2 / threshold for pre-multiplied slices,
         # and it may flush to 0 for huge slices, where eps is negligible anyway.
         inv_p = pre / p
+        thr_s = _const(thr, work) * inv_p
     else:
         xs = x
-        inv_p = one
+        inv_p = None
         inf_slice = small = None
-    ns = ops.sqrt(s_sq)
-    thr_s = _const(thr, work) * inv_p
+        ns = norm
+        s_sq = ns * ns
+        thr_s = _const(thr, work)
     mode = spec.eps_mode
     if mode == "add_sumsq":
         ds = ops.sqrt(s_sq + thr_s * thr_s)
         c = ops.ones_like(ns)
     elif mode == "add_norm":
-        ds = ns + _const(spec.eps, work) * inv_p
+        ds = ns + (_const(spec.eps, work) if inv_p is None else _const(spec.eps, work) * inv_p)
         c = ops.where(ns > 0, ds / ops.where(ns > 0, ns, one), zero)
     else:
         ds = _maximum(ns, thr_s)
         c = ops.where(ns >= thr_s, one, zero)
     fs = one / ds
-    q = fs * inv_p
+    q = fs if inv_p is None else fs * inv_p
     if inf_slice is not None:
         # The ±Inf limit: direction sign(x) / sqrt(k) whatever eps, input gradient 0.
         fs = ops.where(inf_slice, one / ops.where(inf_slice, ns, one), fs)
@@ -183,8 +186,23 @@ def _cond(pred: Any, true_fn, false_fn) -> Any:
     return true_fn() if flag else false_fn()
 
 
-def _fast_path_ok(s_sq: Any, axes: Axes, shape: Sequence[int | None], work: str) -> Any:
-    """True when every plain sum of squares is finite and clear of the underflow range."""
+def _plain_norm(x: Any, axes: Axes) -> Any:
+    """``sqrt(sum(x**2))`` over the normalized axes, without scaling; a fused kernel where
+    the backend has one (XLA fuses the plain formula by itself)."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.math.reduce_euclidean_norm(x, axis=axes.norm, keepdims=True)
+    if backend == "torch":
+        import torch
+
+        return torch.linalg.vector_norm(x, dim=axes.norm, keepdim=True)
+    return ops.sqrt(ops.sum(x * x, axis=axes.norm, keepdims=True))
+
+
+def _fast_path_ok(norm: Any, axes: Axes, shape: Sequence[int | None], work: str) -> Any:
+    """True when every plain norm is finite, its square too, and clear of underflow."""
     info = np.finfo(work)
     size = 1
     for a in axes.norm:
@@ -193,7 +211,8 @@ def _fast_path_ok(s_sq: Any, axes: Axes, shape: Sequence[int | None], work: str)
     # A flushed or subnormal square errs by at most smallest_normal; 2**30 such errors
     # per element of the slice stay below 2**-30 relative to a sum of at least lo.
     lo = float(info.smallest_normal) * size * 2.0**30
-    ok = ops.logical_and(s_sq >= _const(lo, work), s_sq <= _const(float(info.max), work))
+    hi = float(np.sqrt(info.max)) / 2
+    ok = ops.logical_and(norm >= _const(np.sqrt(lo), work), norm <= _const(hi, work))
     return ops.all(ok)
 
 
@@ -211,10 +230,10 @@ def _normalize(x: Any, scale: Any | None, spec: Spec, axes: Axes) -> Any:
 
     def forward(xv: Any, s_b: Any | None) -> tuple[Any, Any, Any, Any]:
         xw = ops.cast(xv, work)
-        s_sq = ops.sum(xw * xw, axis=axes.norm, keepdims=True)
+        norm = _plain_norm(xw, axes)
         return _cond(
-            _fast_path_ok(s_sq, axes, tuple(xv.shape), work),
-            lambda: _slice_parts(xw, s_sq, s_b, spec, axes, work, rescale=False),
+            _fast_path_ok(norm, axes, tuple(xv.shape), work),
+            lambda: _slice_parts(xw, norm, s_b, spec, axes, work, rescale=False),
             lambda: _slice_parts(xw, None, s_b, spec, axes, work, rescale=True),
         )
 

@@ -1,0 +1,229 @@
+"""Keras adapter vs the idioms people use today, on SSD's conv4_3 feature map.
+
+Runs on the Keras backend named by KERAS_BACKEND (tensorflow, jax or torch); run it once
+per backend::
+
+    KERAS_BACKEND=tensorflow python benchmarks/bench_keras.py
+    KERAS_BACKEND=jax python benchmarks/bench_keras.py
+    KERAS_BACKEND=torch python benchmarks/bench_keras.py
+
+Peers (../shared/peers.md): ``tf.math.l2_normalize(x, -1) * g`` and
+``keras.layers.UnitNormalization()(x) * g`` on TensorFlow; on JAX
+``x / max(||x||, eps) * g`` (what ``optax.safe_norm`` / ``keras.ops.normalize`` compute)
+and UnitNormalization; on torch ``F.normalize(x, dim=-1) * g`` and UnitNormalization.
+The copy bound is one elementwise pass ``x * 1``. Timings are interleaved (A B A B ...),
+warm-up excluded, median of the repeats.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from l2norm.keras import L2Norm  # noqa: E402
+
+SHAPE = (8, 38, 38, 512)
+QUICK_SHAPE = (2, 38, 38, 512)
+
+
+def _sync(value):
+    """Block until ``value`` is computed (JAX dispatches asynchronously)."""
+    for leaf in value if isinstance(value, (list, tuple)) else [value]:
+        if hasattr(leaf, "block_until_ready"):
+            leaf.block_until_ready()
+    return value
+
+
+def _impls_tensorflow(x, g, dy, layer, unit):
+    import tensorflow as tf
+
+    def ours(x_, g_):
+        return layer(x_)
+
+    def tf_l2(x_, g_):
+        return tf.math.l2_normalize(x_, -1) * g_
+
+    def keras_unit(x_, g_):
+        return unit(x_) * g_
+
+    def fwd_bwd(fn, watch_gamma_variable):
+        def run(x_, g_):
+            with tf.GradientTape() as tape:
+                tape.watch(x_)
+                if not watch_gamma_variable:
+                    tape.watch(g_)
+                y = fn(x_, g_)
+            target = layer.gamma if watch_gamma_variable else g_
+            return tape.gradient(y, [x_, target], output_gradients=dy)
+
+        return run
+
+    impls = {}
+    for name, fn, is_ours in (
+        ("l2norm.keras.L2Norm", ours, True),
+        ("tf.math.l2_normalize*g", tf_l2, False),
+        ("UnitNormalization*g", keras_unit, False),
+    ):
+        impls[name] = {
+            ("forward", "eager"): fn,
+            ("forward+backward", "eager"): fwd_bwd(fn, is_ours),
+            ("forward", "compiled"): tf.function(fn, jit_compile=True),
+            ("forward+backward", "compiled"): tf.function(fwd_bwd(fn, is_ours), jit_compile=True),
+        }
+    copy = {("forward", "eager"): lambda x_, g_: x_ * 1.0}
+    copy[("forward", "compiled")] = tf.function(copy[("forward", "eager")], jit_compile=True)
+    impls["copy bound"] = copy
+    return impls, (tf.constant(x), tf.constant(g))
+
+
+def _impls_jax(x, g, dy, layer, unit):
+    import jax
+    import jax.numpy as jnp
+
+    from l2norm.keras import l2_normalize
+
+    def ours(x_, g_):
+        return l2_normalize(x_, g_)
+
+    def native(x_, g_):
+        n = jnp.sqrt(jnp.sum(x_ * x_, axis=-1, keepdims=True))
+        return x_ / jnp.maximum(n, 1e-12) * g_
+
+    def keras_unit(x_, g_):
+        return unit(x_) * g_
+
+    def fwd_bwd(fn):
+        def run(x_, g_):
+            return jax.vjp(fn, x_, g_)[1](dy)
+
+        return run
+
+    impls = {}
+    for name, fn in (
+        ("l2norm.keras.l2_normalize", ours),
+        ("jnp x/max(norm,eps)*g", native),
+        ("UnitNormalization*g", keras_unit),
+    ):
+        impls[name] = {
+            ("forward", "compiled"): jax.jit(fn),
+            ("forward+backward", "compiled"): jax.jit(fwd_bwd(fn)),
+        }
+    impls["copy bound"] = {("forward", "compiled"): jax.jit(lambda x_, g_: x_ * 1.0)}
+    return impls, (jnp.asarray(x), jnp.asarray(g))
+
+
+def _impls_torch(x, g, dy, layer, unit):
+    import torch
+    import torch.nn.functional as F
+
+    dy_t = torch.from_numpy(dy)
+
+    def ours(x_, g_):
+        return layer(x_)
+
+    def native(x_, g_):
+        return F.normalize(x_, dim=-1) * g_
+
+    def keras_unit(x_, g_):
+        return unit(x_) * g_
+
+    def fwd_bwd(fn, is_ours):
+        def run(x_, g_):
+            x_ = x_.detach().requires_grad_(True)
+            target = layer.gamma.value if is_ours else g_.detach().requires_grad_(True)
+            y = fn(x_, target)
+            return torch.autograd.grad(y, [x_, target], dy_t)
+
+        return run
+
+    impls = {}
+    for name, fn, is_ours in (
+        ("l2norm.keras.L2Norm", ours, True),
+        ("F.normalize*g", native, False),
+        ("UnitNormalization*g", keras_unit, False),
+    ):
+        impls[name] = {
+            ("forward", "eager"): lambda x_, g_, fn=fn: _no_grad(fn, x_, g_),
+            ("forward+backward", "eager"): fwd_bwd(fn, is_ours),
+        }
+    impls["copy bound"] = {("forward", "eager"): lambda x_, g_: x_ * 1.0}
+    return impls, (torch.from_numpy(x), torch.from_numpy(g))
+
+
+def _no_grad(fn, x_, g_):
+    import torch
+
+    with torch.no_grad():
+        return fn(x_, g_)
+
+
+def _time_interleaved(fns: dict[str, Callable], args, repeats: int, warmup: int = 2) -> dict:
+    for fn in fns.values():
+        for _ in range(warmup):
+            _sync(fn(*args))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            _sync(fn(*args))
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Time every implementation in every mode; one dict per (impl, mode)."""
+    backend = keras.backend.backend()
+    shape = QUICK_SHAPE if quick else SHAPE
+    rng = np.random.default_rng(0)
+    x = np.maximum(rng.standard_normal(shape), 0).astype("float32")  # after a ReLU
+    g = np.full((shape[-1],), 20.0, dtype="float32")
+    dy = rng.standard_normal(shape).astype("float32")
+    layer = L2Norm(scale_init=20.0)
+    layer.build(shape)
+    unit = keras.layers.UnitNormalization()
+    make = {"tensorflow": _impls_tensorflow, "jax": _impls_jax, "torch": _impls_torch}[backend]
+    impls, args = make(x, g, dy, layer, unit)
+    modes = sorted({mode for table in impls.values() for mode in table})
+    rows = []
+    for mode in modes:
+        fns = {name: table[mode] for name, table in impls.items() if mode in table}
+        medians = _time_interleaved(fns, args, repeats=5 if quick else 20)
+        for name, seconds in medians.items():
+            rows.append(
+                {
+                    "framework": f"keras-{backend}",
+                    "impl": name,
+                    "shape": shape,
+                    "dtype": "float32",
+                    "mode": f"{mode[0]}, {mode[1]}",
+                    "median_s": seconds,
+                    "bytes_in": int(np.prod(shape)) * 4,
+                }
+            )
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    lines = []
+    for mode in sorted({r["mode"] for r in rows}):
+        by = {r["impl"]: r["median_s"] for r in rows if r["mode"] == mode}
+        ours = next(v for k, v in by.items() if k.startswith("l2norm"))
+        lines.append(f"\n{rows[0]['framework']}  {mode}  shape={rows[0]['shape']}")
+        for name, seconds in by.items():
+            lines.append(
+                f"  {name:28s} {seconds * 1e3:9.2f} ms   l2norm/this = {ours / seconds:5.2f}"
+            )
+        peers = [v for k, v in by.items() if not k.startswith("l2norm") and k != "copy bound"]
+        lines.append(f"  l2norm / faster peer = {ours / min(peers):.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(_table(run(quick="--quick" in sys.argv)))
