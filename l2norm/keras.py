@@ -193,7 +193,9 @@ def _plain_norm(x: Any, axes: Axes) -> Any:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.math.reduce_euclidean_norm(x, axis=axes.norm, keepdims=True)
+        # EuclideanNorm has no XLA kernel, and a traced graph may be compiled by XLA.
+        if tf.executing_eagerly():
+            return tf.math.reduce_euclidean_norm(x, axis=axes.norm, keepdims=True)
     if backend == "torch":
         import torch
 
