@@ -1,0 +1,98 @@
+"""L2 normalization layer for Flax Linen (ParseNet / SSD), over :mod:`l2norm.jax`.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from l2norm.linen import L2Norm
+    >>> layer = L2Norm()  # SSD's conv4_3 norm: per-channel gamma initialised to 20
+    >>> x = jnp.ones((2, 38, 38, 512))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> variables["params"]["scale"].shape
+    (512,)
+    >>> layer.apply(variables, x).shape
+    (2, 38, 38, 512)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from l2norm import jax as _l2jax
+from l2norm._spec import Spec
+
+__all__ = ["L2Norm"]
+
+
+class L2Norm(nn.Module):
+    """``y = scale * x / ||x||`` along the channel axis, with a learnable per-channel scale.
+
+    The fields are those of :class:`l2norm.nnx.L2Norm`; the number of channels is read
+    from the input, as ``nn.LayerNorm`` does.
+
+    Attributes:
+        axis: the normalized (and channel) axis, or a tuple whose first entry is the
+            channel axis. Default ``-1``.
+        scale_init: a number (default 20, SSD's), one value per channel, or a Flax
+            initializer ``init(key, shape, dtype)``.
+        channel_shared: one scale for every channel.
+        across_spatial: one norm per sample over every axis but the first.
+        learnable: False puts the scale in the ``"constants"`` collection instead of
+            ``"params"``: saved and restored with the variables, never trained.
+        eps, eps_mode, preset: where eps goes; see :func:`l2norm.jax.l2_normalize`.
+        dtype: the compute and output dtype; None keeps the input's dtype.
+        param_dtype: the storage dtype of the scale.
+    """
+
+    axis: int | Sequence[int] = -1
+    scale_init: Any = 20.0
+    channel_shared: bool = False
+    across_spatial: bool = False
+    learnable: bool = True
+    eps: float | None = None
+    eps_mode: str | None = None
+    preset: str | None = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @property
+    def spec(self) -> Spec:
+        return Spec.create(
+            axis=self.axis,
+            across_spatial=self.across_spatial,
+            eps=self.eps,
+            eps_mode=self.eps_mode,
+            preset=self.preset,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalize ``x``; the result has ``x``'s shape and ``dtype`` (or ``x``'s)."""
+        spec = self.spec
+        _l2jax._layer_check_dtype(self.dtype)
+        x = jnp.asarray(x)
+        features = x.shape[spec.resolve(x.ndim).channel]
+
+        def init(key: jax.Array | None) -> jax.Array:
+            return _l2jax._layer_initial_scale(
+                self.scale_init, features, self.channel_shared, self.param_dtype, key
+            )
+
+        if self.learnable:
+            scale = self.param("scale", lambda key: init(key))
+        else:
+            scale = self.variable(
+                "constants",
+                "scale",
+                lambda: init(self.make_rng("params") if callable(self.scale_init) else None),
+            ).value
+        expected = _l2jax._layer_scale_shape(features, self.channel_shared)
+        if scale.shape != expected:
+            raise ValueError(
+                f"the stored scale has shape {scale.shape}, but an input with {features} "
+                f"features needs {expected}"
+            )
+        return _l2jax._layer_apply(x, scale, spec, None, self.dtype)

@@ -1,0 +1,91 @@
+"""L2 normalization layer for Flax NNX (ParseNet / SSD), over :mod:`l2norm.jax`.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from l2norm.nnx import L2Norm
+    >>> layer = L2Norm(512, rngs=nnx.Rngs(0))  # SSD's conv4_3 norm, gamma = 20
+    >>> layer(jnp.ones((2, 38, 38, 512))).shape
+    (2, 38, 38, 512)
+    >>> float(layer.scale.value[0])
+    20.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from l2norm import jax as _l2jax
+from l2norm._spec import Spec
+
+__all__ = ["L2Norm", "Constant"]
+
+
+class Constant(nnx.Variable):
+    """A non-learnable scale: saved with the state, left alone by ``nnx.Optimizer``
+    (which updates ``nnx.Param`` only) and by ``nnx.grad`` over ``nnx.Param``."""
+
+
+class L2Norm(nnx.Module):
+    """``y = scale * x / ||x||`` along the channel axis, with a learnable per-channel scale.
+
+    Args:
+        num_features: the number of channels on the channel axis (checked at call).
+        axis: the normalized (and channel) axis, or a tuple of axes whose first entry
+            is the channel axis. Default ``-1`` (NHWC, Flax's layout).
+        scale_init: a number (SSD uses 20, the default), one value per channel, or a
+            Flax initializer ``init(key, shape, dtype)`` (which needs ``rngs``).
+        channel_shared: one scale for every channel (Caffe's ``channel_shared``).
+        across_spatial: one norm per sample over every axis but the first.
+        learnable: False stores the scale as a :class:`Constant` variable, which is
+            serialized with the state but not trained.
+        eps, eps_mode, preset: where eps goes; see :func:`l2norm.jax.l2_normalize`.
+        dtype: the compute and output dtype; None keeps the input's dtype (float16 and
+            bfloat16 are computed in float32 either way).
+        param_dtype: the storage dtype of the scale.
+        rngs: only needed when ``scale_init`` is an initializer.
+
+    Raises:
+        TypeError / ValueError: at construction for bad options, at trace time for an
+            input whose dtype, rank or channel count does not fit.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: int | Sequence[int] = -1,
+        scale_init: Any = 20.0,
+        channel_shared: bool = False,
+        across_spatial: bool = False,
+        learnable: bool = True,
+        eps: float | None = None,
+        eps_mode: str | None = None,
+        preset: str | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        self.spec = Spec.create(
+            axis=axis, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
+        )
+        _l2jax._layer_check_dtype(dtype)
+        key = rngs.params() if (rngs is not None and callable(scale_init)) else None
+        value = _l2jax._layer_initial_scale(
+            scale_init, num_features, channel_shared, param_dtype, key
+        )
+        self.scale = nnx.Param(value) if learnable else Constant(value)
+        self.num_features = num_features
+        self.channel_shared = channel_shared
+        self.learnable = learnable
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalize ``x``; the result has ``x``'s shape and ``dtype`` (or ``x``'s)."""
+        return _l2jax._layer_apply(x, self.scale.value, self.spec, self.num_features, self.dtype)
