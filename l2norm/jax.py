@@ -490,3 +490,12 @@ conformance.register(
         flushes_subnormals=True,
     )
 )
+
+try:
+    import flax  # noqa: F401
+except ImportError:  # plain JAX (optax, Equinox) users: l2_normalize needs no Flax
+    pass
+else:
+    # The layers register their own conformance rows ("nnx", "linen").
+    from l2norm import linen as _linen  # noqa: F401, E402
+    from l2norm import nnx as _nnx  # noqa: F401, E402
