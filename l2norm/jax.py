@@ -176,6 +176,8 @@ class _Consts:
         # Squares below the smallest normal are flushed; a sum of squares above LOW
         # loses at most slice_size of them, under a quarter of an ulp of the sum.
         self.low = slice_size * tiny * 2.0 ** (self.nmant + 3)
+        # Above HIGH, r / ss (the backward's factor) would approach the flush range.
+        self.high = 2.0 ** (self.bias - 2 * self.nmant)
         # eps below the smallest normal would be read as 0 by a flushing CPU.
         vmax = max if isinstance(eps, float) else jnp.maximum
         vsqrt = math.sqrt if isinstance(eps, float) else jnp.sqrt
@@ -320,7 +322,7 @@ def _forward(spec: Spec, axes: Axes, x: jax.Array, s: jax.Array, opts: Any = Non
     ss = _sum(x * x, axes.norm)
     # NaN slices are NaN on the fast path too; only zero / tiny / huge / Inf sums need
     # the exact path.
-    ok = ~(ss < c.low) & (ss != jnp.inf)
+    ok = ~(ss < c.low) & ~(ss > c.high)
     a, k = _fast_factors(ss, c)
     needs_exact = ~jnp.all(ok)
 
