@@ -201,7 +201,8 @@ def check(argv: Sequence[str]) -> int:
             print(_describe_case(registered[name], selected[0]))
     rows: list[Row] = []
     for name in names:
-        rows.extend(_run_backend(registered[name], selected))
+        # With --case only that case's dtype has a row.
+        rows.extend(r for r in _run_backend(registered[name], selected) if r.cases)
     for keras_backend in keras_names:
         child_rows, child_problems = _run_keras_child(keras_backend, args)
         rows.extend(child_rows)

@@ -82,11 +82,12 @@ def test_matches_reference_on_hypothesis_inputs(values, exponents):
     dx, ds = _grad(x, s, g)
     dx_ref, ds_ref = reference.vjp(x, s, g, spec)
     assert np.all(np.isfinite(dx)) and np.all(np.isfinite(ds))
-    scale_of_slice = np.max(np.abs(dx_ref), axis=1, keepdims=True)
-    error = np.max(np.abs(dx - dx_ref) / np.maximum(scale_of_slice, 1e-38)) / 2.0**-23
-    assert error <= 16, (x, dx, dx_ref)
-    conditioning = np.sum(np.abs(reference.forward(x, None, spec)), axis=(0, 2))
-    assert np.all(np.abs(ds - ds_ref) <= 16 * 2.0**-23 * conditioning), (ds, ds_ref)
+    # The suite's gradient measure; XLA:CPU flushes subnormal results, so flushes=True.
+    dx_mag, ds_mag = conformance.gradient_magnitudes(x, s, g, spec)
+    error = conformance.gradient_error(
+        dx, dx_ref, dx_mag, ds, ds_ref, ds_mag, np.dtype(np.float32), flushes=True
+    )
+    assert error <= 16, (x, dx, dx_ref, ds, ds_ref)
 
 
 # --------------------------------------------------------------------------- transformations
