@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.harness import Suite
 from l2norm.jax import l2_normalize
 
 SHAPE = (8, 38, 38, 512)
@@ -27,6 +28,34 @@ def _with_grad(f):
         return y, pullback(g)
 
     return jax.jit(run)
+
+
+def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suite]:
+    """Jitted forward and forward+backward for an NCHW ``shape``, run channels last."""
+    nhwc = (shape[0], *shape[2:], shape[1])
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(nhwc, dtype=np.float32), dtype=dtype)
+    g = jnp.asarray(rng.standard_normal(nhwc, dtype=np.float32), dtype=dtype)
+    s = jnp.full((nhwc[-1],), 20.0, dtype)
+
+    def blocking(f, *args):
+        return lambda: jax.block_until_ready(f(*args))
+
+    copy = blocking(jax.jit(lambda x: x * 1), x)
+    forward = {
+        "l2norm": blocking(jax.jit(l2_normalize), x, s),
+        "naive_jax": blocking(jax.jit(_naive), x, s),
+        "copy": copy,
+    }
+    backward = {
+        "l2norm": blocking(_with_grad(l2_normalize), x, s, g),
+        "naive_jax": blocking(_with_grad(_naive), x, s, g),
+        "copy": copy,
+    }
+    return [
+        Suite("jax", "forward", True, nhwc, dtype, forward),
+        Suite("jax", "forward+backward", True, nhwc, dtype, backward),
+    ]
 
 
 def run(quick: bool = False) -> list[dict]:

@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.harness import Suite  # noqa: E402
 from l2norm.keras import L2Norm  # noqa: E402
 
 SHAPE = (8, 38, 38, 512)
@@ -175,6 +176,37 @@ def _time_interleaved(fns: dict[str, Callable], args, repeats: int, warmup: int 
             _sync(fn(*args))
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suite]:
+    """Every (mode, eager/compiled) suite for an NCHW ``shape``, run channels last."""
+    backend = keras.backend.backend()
+    nhwc = (shape[0], *shape[2:], shape[1])
+    rng = np.random.default_rng(0)
+    np_dtype = np.dtype("float32")
+    x = np.maximum(rng.standard_normal(nhwc), 0).astype(np_dtype)  # after a ReLU
+    g = np.full((nhwc[-1],), 20.0, dtype=np_dtype)
+    dy = rng.standard_normal(nhwc).astype(np_dtype)
+    layer = L2Norm(scale_init=20.0, dtype=dtype)
+    layer.build(nhwc)
+    unit = keras.layers.UnitNormalization(dtype=dtype)
+    make = {"tensorflow": _impls_tensorflow, "jax": _impls_jax, "torch": _impls_torch}[backend]
+    impls, args = make(x, g, dy, layer, unit)
+    args = tuple(keras.ops.cast(a, dtype) for a in args)
+    if backend == "torch":
+        args = tuple(a.cpu() for a in args)
+    names = {name: ("l2norm" if name.startswith("l2norm") else name) for name in impls}
+    names["copy bound"] = "copy"
+    out = []
+    for mode in sorted({m for table in impls.values() for m in table}):
+        copy_mode = ("forward", mode[1]) if ("forward", mode[1]) in impls["copy bound"] else mode
+        fns = {}
+        for name, table in impls.items():
+            fn = table.get(copy_mode if name == "copy bound" else mode)
+            if fn is not None:
+                fns[names[name]] = lambda fn=fn: _sync(fn(*args))
+        out.append(Suite(f"keras-{backend}", mode[0], mode[1] == "compiled", nhwc, dtype, fns))
+    return out
 
 
 def run(quick: bool = False) -> list[dict]:

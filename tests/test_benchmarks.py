@@ -1,0 +1,64 @@
+"""Smoke tests of the benchmark suite (tiny sizes), so it never rots. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import run
+from benchmarks.harness import Suite, time_suite
+
+
+def test_harness_times_every_implementation_and_forms_ratios():
+    calls = {"l2norm": 0, "peer": 0, "copy": 0}
+
+    def counter(name):
+        def fn():
+            calls[name] += 1
+
+        return fn
+
+    suite = Suite("numpy", "forward", False, (1,), "float32", {k: counter(k) for k in calls})
+    timing = time_suite(suite, repeats=3, warmup=1)
+    assert all(count >= 4 for count in calls.values())
+    assert set(timing.ratios()) == {"vs_best_peer", "best_peer", "vs_peer", "vs_copy"}
+
+
+def test_run_writes_json_markdown_and_plots(tmp_path):
+    code = run.main(
+        [
+            "--quick",
+            "--frameworks",
+            "numpy,torch,jax",
+            "--sizes",
+            "1,8,4,4;2,8,4,4",
+            "--dtypes",
+            "float32",
+            "--output",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    payload = json.loads((tmp_path / "results.json").read_text())
+    frameworks = {row["framework"] for row in payload["rows"]}
+    assert frameworks == {"numpy", "torch", "jax"}
+    for row in payload["rows"]:
+        assert "l2norm" in row["median_s"] and row["median_s"]["l2norm"] > 0
+        if row["mode"] in ("forward", "forward+backward"):
+            assert "vs_copy" in row["ratios"] and "vs_best_peer" in row["ratios"]
+    assert "| numpy |" in (tmp_path / "results.md").read_text()
+    for framework in frameworks:
+        assert (tmp_path / f"time_vs_size_{framework}.png").stat().st_size > 0
+
+
+@pytest.mark.keras
+def test_keras_suites_run_on_this_backend():
+    from benchmarks import bench_keras
+
+    suites = bench_keras.suites((1, 8, 4, 4), "float32", quick=True)
+    assert {s.mode for s in suites} == {"forward", "forward+backward"}
+    for suite in suites:
+        assert {"l2norm", "copy"} <= set(suite.impls)
+        timing = time_suite(suite, repeats=1, warmup=1)
+        assert timing.ratios()["vs_best_peer"] > 0
