@@ -1,0 +1,503 @@
+"""Move an L2Norm's parameters and configuration between frameworks and peer conventions.
+
+Everything goes through :class:`L2NormParams`, a framework-free record of the scale
+(its values and dtype kept bit for bit) and the options that decide the maths. The
+layout (which axis is the channel axis) is not part of it: it belongs to the model the
+layer goes into, so each ``to_*`` function takes it (``dim=1`` for PyTorch's NCHW,
+``axis=-1`` for Keras and Flax's NHWC by default).
+
+Porting an SSD's ``conv4_3_norm`` from Caffe to PyTorch, Keras and Flax::
+
+    params = convert.from_caffe(scale_blob, across_spatial=False, channel_shared=False)
+    torch_layer = convert.to_torch(params)                      # NCHW, dim=1
+    keras_layer = convert.to_keras(params, input_shape=(None, 38, 38, 512))
+    nnx_layer = convert.to_nnx(params)                          # NHWC, axis=-1
+    assert convert.from_nnx(nnx_layer) == params                # bit for bit
+
+Each ``from_<peer>`` import picks the preset that reproduces that peer's eps placement
+exactly, and says which in its docstring. Every ``to_*`` reads the scale back from the
+layer it built and raises if it is not bit for bit the one given (a float64 scale on JAX
+without ``jax_enable_x64``, for instance, would otherwise be rounded silently).
+Framework imports happen inside the functions that need them, so this module stays
+importable with NumPy alone.
+
+Example (plain NumPy, e.g. to keep the layer in an ``.npz`` next to other weights):
+
+    >>> import numpy as np
+    >>> from l2norm import convert
+    >>> params = convert.from_caffe(
+    ...     np.full(512, 20.0, np.float32), across_spatial=False, channel_shared=False
+    ... )
+    >>> params.preset, params.eps_mode, params.eps
+    ('caffe', 'add_sumsq', 1e-10)
+    >>> convert.from_numpy(convert.to_numpy(params)) == params
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from l2norm._spec import Spec
+
+__all__ = [
+    "L2NormParams",
+    "from_caffe",
+    "from_keras",
+    "from_linen",
+    "from_mmdet",
+    "from_nnx",
+    "from_numpy",
+    "from_ssd_keras",
+    "from_ssd_pytorch",
+    "from_torch",
+    "from_torchvision",
+    "to_keras",
+    "to_linen",
+    "to_nnx",
+    "to_numpy",
+    "to_torch",
+]
+
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_SCALE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True, eq=False)
+class L2NormParams:
+    """An L2Norm layer's scale and options, independent of any framework.
+
+    Attributes:
+        scale: the scale values, shape ``(C,)`` or ``(1,)`` (channel-shared), in their
+            original dtype (float16, bfloat16, float32 or float64), kept bit for bit.
+        eps: the positive epsilon.
+        eps_mode: where eps goes (``"add_sumsq"``, ``"add_norm"``, ``"clamp_sumsq"``,
+            ``"clamp_norm"``; see :class:`l2norm.Spec`).
+        preset: the peer whose (eps_mode, eps) these are, or None.
+        across_spatial: one norm per sample over every axis but the batch axis.
+        learnable: whether the scale is trained.
+
+    Two params are equal when their options are equal and their scales have the same
+    dtype, shape and bytes.
+
+    Raises:
+        ValueError / TypeError: a scale that is not a finite 1-D float array, or options
+            :meth:`l2norm.Spec.create` refuses (e.g. a preset contradicting eps).
+    """
+
+    scale: np.ndarray
+    eps: float
+    eps_mode: str
+    preset: str | None = None
+    across_spatial: bool = False
+    learnable: bool = True
+
+    def __post_init__(self) -> None:
+        scale = np.asarray(self.scale)
+        if scale.dtype.name not in _SCALE_DTYPES:
+            raise TypeError(
+                f"scale must be a float array ({', '.join(_SCALE_DTYPES)}), got dtype {scale.dtype}"
+            )
+        if scale.ndim != 1 or scale.shape[0] < 1:
+            raise ValueError(f"scale must have shape (C,) or (1,), got shape {scale.shape}")
+        finite = np.isfinite(scale.astype(np.float64))
+        if not finite.all():
+            index = int(np.argmin(finite))
+            raise ValueError(f"scale must be finite, got {scale[index]} at index {index}")
+        for name in ("across_spatial", "learnable"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        # Validates eps, eps_mode and preset together, as every adapter would.
+        spec = Spec.create(eps=self.eps, eps_mode=self.eps_mode, preset=self.preset)
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "eps", spec.eps)
+        object.__setattr__(self, "across_spatial", bool(self.across_spatial))
+        object.__setattr__(self, "learnable", bool(self.learnable))
+
+    @property
+    def channel_shared(self) -> bool:
+        """One scale value for every channel (Caffe's ``channel_shared``)."""
+        return self.scale.shape == (1,)
+
+    def options(self) -> dict:
+        """Keyword options every adapter accepts (eps, eps_mode or preset, across_spatial)."""
+        if self.preset is not None:
+            return {"preset": self.preset, "across_spatial": self.across_spatial}
+        return {"eps": self.eps, "eps_mode": self.eps_mode, "across_spatial": self.across_spatial}
+
+    def spec(self, axis: int | tuple[int, ...] = -1) -> Spec:
+        """The :class:`l2norm.Spec` of a layer with these options on ``axis``."""
+        return Spec.create(axis=axis, **self.options())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, L2NormParams):
+            return NotImplemented
+        return (
+            (self.eps, self.eps_mode, self.preset, self.across_spatial, self.learnable)
+            == (other.eps, other.eps_mode, other.preset, other.across_spatial, other.learnable)
+            and self.scale.dtype == other.scale.dtype
+            and self.scale.shape == other.scale.shape
+            and self.scale.tobytes() == other.scale.tobytes()
+        )
+
+    __hash__ = None  # mutable-content array inside: not hashable
+
+
+def _from_spec(scale: np.ndarray, spec: Spec, learnable: bool) -> L2NormParams:
+    return L2NormParams(
+        scale=np.array(scale, copy=True).reshape(-1),
+        eps=spec.eps,
+        eps_mode=spec.eps_mode,
+        preset=spec.preset,
+        across_spatial=spec.across_spatial,
+        learnable=bool(learnable),
+    )
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    """A NumPy copy of a torch tensor, Keras / TF variable, JAX array or array-like."""
+    if type(value).__module__.startswith("torch"):
+        import torch
+
+        tensor = value.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            # NumPy has no bfloat16; the bits travel as int16.
+            return tensor.view(torch.int16).numpy().view(_BFLOAT16).copy()
+        return tensor.numpy().copy()
+    if hasattr(value, "get_value"):  # nnx.Variable (``.value`` is deprecated there)
+        value = value.get_value()
+    elif hasattr(value, "value") and not isinstance(value, np.ndarray):  # Keras variable
+        value = value.value
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # TF tensor
+        value = value.numpy()
+    if type(value).__module__.startswith("torch"):  # a Keras variable on the torch backend
+        return _as_numpy(value)
+    return np.array(value, copy=True)
+
+
+def _check_round_trip(params: L2NormParams, got: L2NormParams, where: str) -> None:
+    if got != params:
+        raise ValueError(
+            f"{where} does not hold the scale bit for bit: asked for {params.scale.dtype} "
+            f"{params.scale[:4]}..., it stores {got.scale.dtype} {got.scale[:4]}... "
+            "(a float64 scale needs jax_enable_x64 on JAX)"
+        )
+
+
+# ------------------------------------------------------------------ peers
+
+
+def _peer(weight: Any, preset: str, name: str) -> L2NormParams:
+    scale = _as_numpy(weight)
+    if scale.ndim != 1:
+        raise ValueError(f"{name} must hold one value per channel (1-D), got shape {scale.shape}")
+    return _from_spec(scale, Spec.create(preset=preset), learnable=True)
+
+
+def from_ssd_pytorch(weight: Any) -> L2NormParams:
+    """ssd.pytorch's ``L2Norm.weight`` (shape ``(512,)``, NCHW, ``dim=1``).
+
+    Preset ``"ssd.pytorch"``: eps 1e-10 added to the norm, ``x / (||x|| + 1e-10)``.
+    """
+    return _peer(weight, "ssd.pytorch", "ssd.pytorch L2Norm.weight")
+
+
+def from_mmdet(weight: Any) -> L2NormParams:
+    """mmdetection's ``L2Norm.weight`` (NCHW, ``dim=1``).
+
+    Preset ``"mmdet"``: eps 1e-10 added to the norm, ``x / (||x|| + 1e-10)``, computed in
+    float32 for half inputs (as l2norm always does).
+    """
+    return _peer(weight, "mmdet", "mmdetection L2Norm.weight")
+
+
+def from_torchvision(scale_weight: Any) -> L2NormParams:
+    """torchvision SSD's ``SSDFeatureExtractorVGG.scale_weight`` (NCHW, ``dim=1``).
+
+    Preset ``"torchvision"``: the norm clamped at 1e-12 (``F.normalize``),
+    ``x / max(||x||, 1e-12)``.
+    """
+    return _peer(scale_weight, "torchvision", "torchvision scale_weight")
+
+
+def from_ssd_keras(gamma: Any) -> L2NormParams:
+    """ssd_keras' ``L2Normalization`` gamma (channels last, ``axis=-1``).
+
+    Preset ``"ssd_keras"``: the sum of squares clamped at 1e-12 (Keras 2
+    ``K.l2_normalize``, i.e. ``tf.math.l2_normalize``), ``x / sqrt(max(sum(x**2), 1e-12))``.
+    """
+    return _peer(gamma, "ssd_keras", "ssd_keras L2Normalization gamma")
+
+
+_CAFFE_EPS = 1e-10
+
+
+def from_caffe(
+    scale: Any,
+    *,
+    across_spatial: bool = True,
+    channel_shared: bool = True,
+    eps: float = _CAFFE_EPS,
+) -> L2NormParams:
+    """A Caffe SSD ``Normalize`` layer: its scale blob and its ``norm_param`` settings.
+
+    The keyword defaults are **Caffe's proto defaults** (``across_spatial: true``,
+    ``channel_shared: true``, ``eps: 1e-10``), not SSD's prototxt, which sets both flags
+    to false: pass what the prototxt says (a missing line means the proto default).
+    Caffe adds eps to the sum of squares, ``x / sqrt(sum(x**2) + eps)``: preset
+    ``"caffe"`` when eps is 1e-10 (also as the float32 value ``1.00000001e-10`` that a
+    parsed prototxt returns, since the proto field is a float), ``eps_mode="add_sumsq"``
+    with the given eps otherwise. The channel axis is 1 (NCHW), as in Caffe.
+
+    Args:
+        scale: the blob (``net.params[name][0].data``): shape ``(C,)``, or one value
+            (shape ``()`` or ``(1,)``) with ``channel_shared``.
+        across_spatial: one norm per sample over C*H*W (True) or one per pixel over C.
+        channel_shared: one scale for every channel.
+        eps: ``norm_param.eps``.
+
+    Raises:
+        ValueError: a blob whose size disagrees with ``channel_shared``.
+    """
+    blob = _as_numpy(scale).reshape(-1)
+    if channel_shared and blob.shape != (1,):
+        raise ValueError(
+            f"channel_shared=True (Caffe's proto default) expects a scale blob of one value, "
+            f"got {blob.size} values; SSD's prototxt sets channel_shared: false"
+        )
+    if not channel_shared and blob.size == 1:
+        raise ValueError(
+            "channel_shared=False expects one scale per channel, got a blob of one value; "
+            "pass channel_shared=True if the prototxt does not set it"
+        )
+    if isinstance(eps, (int, float, np.floating)) and math.isfinite(float(eps)):
+        is_default = np.float32(eps) == np.float32(_CAFFE_EPS)
+    else:
+        is_default = False
+    spec = (
+        Spec.create(preset="caffe", across_spatial=across_spatial, axis=1)
+        if is_default
+        else Spec.create(eps=eps, eps_mode="add_sumsq", across_spatial=across_spatial, axis=1)
+    )
+    return _from_spec(blob, spec, learnable=True)
+
+
+# ------------------------------------------------------------------ plain NumPy
+
+
+def to_numpy(params: L2NormParams) -> dict[str, np.ndarray]:
+    """The params as NumPy arrays only, ready for ``np.savez`` (no pickling needed).
+
+    Keys: ``scale`` (its dtype kept), ``scale_dtype``, ``eps``, ``eps_mode``, ``preset``
+    (``""`` for none), ``across_spatial``, ``learnable``.
+    """
+    return {
+        "scale": params.scale.copy(),
+        "scale_dtype": np.array(params.scale.dtype.name),
+        "eps": np.array(params.eps, dtype=np.float64),
+        "eps_mode": np.array(params.eps_mode),
+        "preset": np.array(params.preset or ""),
+        "across_spatial": np.array(params.across_spatial),
+        "learnable": np.array(params.learnable),
+    }
+
+
+def from_numpy(arrays: Mapping[str, Any]) -> L2NormParams:
+    """The inverse of :func:`to_numpy`; also reads the result of ``np.load`` on an
+    ``.npz`` file (where a bfloat16 scale comes back as raw two-byte values)."""
+    scale = np.array(arrays["scale"], copy=True)
+    dtype_name = str(np.asarray(arrays["scale_dtype"]))
+    if scale.dtype.kind == "V" and dtype_name == "bfloat16":
+        scale = scale.view(_BFLOAT16)
+    if scale.dtype.name != dtype_name:
+        raise ValueError(f"scale has dtype {scale.dtype}, but scale_dtype says {dtype_name}")
+    preset = str(np.asarray(arrays["preset"])) or None
+    return L2NormParams(
+        scale=scale,
+        eps=float(np.asarray(arrays["eps"])),
+        eps_mode=str(np.asarray(arrays["eps_mode"])),
+        preset=preset,
+        across_spatial=bool(np.asarray(arrays["across_spatial"])),
+        learnable=bool(np.asarray(arrays["learnable"])),
+    )
+
+
+# ------------------------------------------------------------------ l2norm adapters
+
+
+def _channels(params: L2NormParams, num_channels: int | None, argument: str) -> int:
+    if num_channels is None:
+        if params.channel_shared:
+            raise ValueError(
+                f"a channel-shared scale does not say how many channels the layer has: "
+                f"pass {argument}="
+            )
+        return params.scale.shape[0]
+    if not params.channel_shared and num_channels != params.scale.shape[0]:
+        raise ValueError(
+            f"{argument}={num_channels} disagrees with the scale, which has "
+            f"{params.scale.shape[0]} values"
+        )
+    return num_channels
+
+
+def from_torch(module: Any) -> L2NormParams:
+    """From an :class:`l2norm.torch.L2Norm`."""
+    return _from_spec(_as_numpy(module.weight), module.spec, module.learnable)
+
+
+def to_torch(
+    params: L2NormParams,
+    *,
+    dim: int | tuple[int, ...] = 1,
+    num_channels: int | None = None,
+    device: Any = None,
+) -> Any:
+    """An :class:`l2norm.torch.L2Norm` (NCHW by default) with ``params``' scale and dtype.
+
+    Args:
+        params: what to load.
+        dim: the channel axis of the model (``1`` for NCHW).
+        num_channels: needed only for a channel-shared scale.
+        device: where the parameter lives.
+    """
+    import torch
+
+    from l2norm.torch import L2Norm
+
+    scale = params.scale
+    if scale.dtype == _BFLOAT16:
+        tensor = torch.from_numpy(scale.view(np.int16).copy()).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(scale.copy())
+    module = L2Norm(
+        _channels(params, num_channels, "num_channels"),
+        dim=dim,
+        channel_shared=params.channel_shared,
+        learnable=params.learnable,
+        device=device,
+        dtype=tensor.dtype,
+        **params.options(),
+    )
+    with torch.no_grad():
+        module.weight.copy_(tensor)
+    _check_round_trip(params, from_torch(module), "the torch module")
+    return module
+
+
+def from_keras(layer: Any) -> L2NormParams:
+    """From a built :class:`l2norm.keras.L2Norm`."""
+    if getattr(layer, "gamma", None) is None:
+        raise ValueError("the Keras layer is not built yet: call it once or build(input_shape)")
+    from keras import ops
+
+    return _from_spec(ops.convert_to_numpy(layer.gamma.value), layer.spec, layer.learnable)
+
+
+def to_keras(
+    params: L2NormParams,
+    *,
+    input_shape: tuple[int | None, ...],
+    axis: int | list[int] = -1,
+    **kwargs: Any,
+) -> Any:
+    """An :class:`l2norm.keras.L2Norm` built for ``input_shape`` (channels last by default).
+
+    ``kwargs`` go to the layer (``name``, ...). The layer's dtype policy is the scale's
+    dtype unless ``dtype`` is passed, so that ``gamma`` keeps its bits; a bfloat16 or
+    float16 scale therefore gives a layer that computes in that dtype, as any Keras layer
+    with that policy does.
+    """
+    from l2norm.keras import L2Norm
+
+    kwargs.setdefault("dtype", params.scale.dtype.name)
+    layer = L2Norm(
+        axis,
+        channel_shared=params.channel_shared,
+        learnable=params.learnable,
+        **params.options(),
+        **kwargs,
+    )
+    layer.build(tuple(input_shape))
+    layer.gamma.assign(params.scale)
+    _check_round_trip(params, from_keras(layer), "the Keras layer")
+    return layer
+
+
+def from_nnx(module: Any) -> L2NormParams:
+    """From an :class:`l2norm.nnx.L2Norm` (a learnable ``nnx.Param`` or a
+    non-learnable :class:`l2norm.nnx.Constant` scale)."""
+    return _from_spec(_as_numpy(module.scale), module.spec, module.learnable)
+
+
+def to_nnx(
+    params: L2NormParams,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    num_features: int | None = None,
+) -> Any:
+    """An :class:`l2norm.nnx.L2Norm` (channels last by default) with ``params``' scale.
+
+    Args:
+        params: what to load.
+        axis: the channel axis of the model (``-1`` for NHWC).
+        num_features: needed only for a channel-shared scale.
+    """
+    import jax.numpy as jnp
+
+    from l2norm.nnx import L2Norm
+
+    module = L2Norm(
+        _channels(params, num_features, "num_features"),
+        axis=axis,
+        scale_init=1.0,
+        channel_shared=params.channel_shared,
+        learnable=params.learnable,
+        param_dtype=params.scale.dtype,
+        **params.options(),
+    )
+    module.scale.set_value(jnp.asarray(params.scale))
+    _check_round_trip(params, from_nnx(module), "the nnx module")
+    return module
+
+
+def from_linen(module: Any, variables: Mapping[str, Any]) -> L2NormParams:
+    """From an :class:`l2norm.linen.L2Norm` and its variables: ``{"params": {"scale": ...}}``,
+    or ``{"constants": {"scale": ...}}`` for a non-learnable scale."""
+    collection = "params" if module.learnable else "constants"
+    try:
+        scale = variables[collection]["scale"]
+    except KeyError:
+        raise ValueError(
+            f"a learnable={module.learnable} linen L2Norm keeps its scale in "
+            f"variables[{collection!r}]['scale'], not found in {list(variables)}"
+        ) from None
+    return _from_spec(_as_numpy(scale), module.spec, module.learnable)
+
+
+def to_linen(
+    params: L2NormParams, *, axis: int | tuple[int, ...] = -1
+) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """``(module, variables)`` for :class:`l2norm.linen.L2Norm` (channels last by default):
+    ``module.apply(variables, x)`` runs it."""
+    import jax.numpy as jnp
+
+    from l2norm.linen import L2Norm
+
+    module = L2Norm(
+        axis=axis,
+        channel_shared=params.channel_shared,
+        learnable=params.learnable,
+        param_dtype=params.scale.dtype,
+        **params.options(),
+    )
+    collection = "params" if params.learnable else "constants"
+    variables = {collection: {"scale": jnp.asarray(params.scale)}}
+    _check_round_trip(params, from_linen(module, variables), "the linen variables")
+    return module, variables
