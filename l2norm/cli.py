@@ -7,10 +7,16 @@ Usage::
     l2norm check --backends torch,jax # a subset
     l2norm check --backends torch --case "1:mode=add_norm:per_channel:float16:hostile"
     l2norm check --json               # machine-readable
+    l2norm check --cross-only         # only the cross-framework section
+
+After the conformance table, a cross-framework section runs one random float32 input
+(with an all-zero pixel and pixels whose squares underflow or overflow) and one scale
+through every checked backend and prints their pairwise maximum differences.
 
 Keras chooses its backend once per process, so each ``keras-<backend>`` row runs in a
 child process with ``KERAS_BACKEND`` set; the other backends run in this process.
-Exit status 1 when any case fails or a requested backend cannot be loaded.
+Exit status 1 when any case fails, two backends differ by more than the sum of their
+bounds, or a requested backend cannot be loaded.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from l2norm import conformance
-from l2norm._spec import FLOAT_DTYPES
+from l2norm._spec import FLOAT_DTYPES, Spec
 
 KERAS_BACKENDS: tuple[str, ...] = ("tensorflow", "jax", "torch")
 _IN_PROCESS_MODULES = tuple(m for m in conformance.ADAPTER_MODULES if m != "l2norm.keras")
@@ -108,7 +114,7 @@ def _run_backend(backend: conformance.Backend, selected: list[conformance.Case])
 
 def _run_keras_child(
     keras_backend: str, args: argparse.Namespace
-) -> tuple[list[Row], list[tuple[str, bool]]]:
+) -> tuple[list[Row], list[tuple[str, bool]], dict]:
     cmd = [
         sys.executable,
         "-m",
@@ -122,6 +128,8 @@ def _run_keras_child(
         cmd.append("--quick")
     if args.case:
         cmd += ["--case", args.case]
+    if args.cross_only:
+        cmd.append("--cross-only")
     env = dict(os.environ, KERAS_BACKEND=keras_backend, **{_CHILD_ENV: "1"})
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -129,9 +137,129 @@ def _run_keras_child(
         payload = json.loads(proc.stdout)
     except json.JSONDecodeError:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        return [], [(f"keras-{keras_backend}: child process failed: " + " | ".join(tail), True)]
+        return (
+            [],
+            [(f"keras-{keras_backend}: child process failed: " + " | ".join(tail), True)],
+            {},
+        )
     rows = [Row(**row) for row in payload["rows"]]
-    return rows, [tuple(p) for p in payload["problems"]]
+    outputs = {
+        name: tuple(np.asarray(out[k], np.float32).reshape(CROSS_SHAPE) for k in ("y", "dx"))
+        for name, out in payload.get("cross_outputs", {}).items()
+    }
+    return rows, [tuple(p) for p in payload["problems"]], outputs
+
+
+# --------------------------------------------------------------------------- cross-framework
+
+CROSS_SHAPE: tuple[int, ...] = (2, 6, 6, 64)
+_CROSS_OPTIONS = {"axis": -1}
+
+
+def cross_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The input, scale and cotangent every backend gets (float32, NHWC, seeded)."""
+    rng = np.random.default_rng(20240607)
+    x = rng.standard_normal(CROSS_SHAPE)
+    x[0, 0, 0] = 0.0  # an all-zero pixel (after a ReLU)
+    x[0, 0, 1] *= 1e-30  # squares underflow float32
+    x[0, 0, 2] *= 1e25  # squares overflow float32
+    x[1, 1, 1] *= 1e-13  # below sqrt(eps) of the *_sumsq modes
+    scale = rng.uniform(10.0, 30.0, CROSS_SHAPE[-1])
+    g = rng.standard_normal(CROSS_SHAPE)
+    return x.astype(np.float32), scale.astype(np.float32), g.astype(np.float32)
+
+
+def _cross_outputs(
+    names: Sequence[str], registered: dict[str, conformance.Backend]
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[tuple[str, bool]]]:
+    x, scale, g = cross_inputs()
+    outputs, problems = {}, []
+    for name in names:
+        backend = registered[name]
+        try:
+            y = np.asarray(backend.forward(x, scale, dict(_CROSS_OPTIONS)), np.float32)
+            dx, _ = backend.vjp(x, scale, g, dict(_CROSS_OPTIONS))
+            outputs[name] = (y, np.asarray(dx, np.float32))
+        except Exception as err:  # reported, as a conformance crash is
+            problems.append((f"{name}: cross-framework run failed: {err!r}", True))
+    return outputs, problems
+
+
+@dataclass
+class Cross:
+    """Pairwise maximum differences: forward in float32 ULPs, input gradient in float32
+    machine epsilons relative to each slice's term size (the conformance measures)."""
+
+    backends: list[str]
+    forward_ulps: list[list[float]]
+    grad_eps: list[list[float]]
+    exceeded: list[str]
+
+    @property
+    def passed(self) -> bool:
+        return not self.exceeded
+
+
+def cross_compare(
+    outputs: dict[str, tuple[np.ndarray, np.ndarray]],
+    registered: dict[str, conformance.Backend] | None = None,
+) -> Cross:
+    """Compare every pair; a pair fails when it differs by more than the sum of the two
+    backends' float32 bounds (each is within its bound of the reference)."""
+    x, scale, g = cross_inputs()
+    f32 = np.dtype(np.float32)
+    magnitude, _ = conformance.gradient_magnitudes(x, scale, g, Spec.create(**_CROSS_OPTIONS))
+    names = list(outputs)
+    registered = registered or {}
+    fwd = [[0.0] * len(names) for _ in names]
+    grad = [[0.0] * len(names) for _ in names]
+    exceeded = []
+    for i, a in enumerate(names):
+        for j in range(i + 1, len(names)):
+            b = names[j]
+            (ya, dxa), (yb, dxb) = outputs[a], outputs[b]
+            f = max(
+                conformance.forward_error(ya, yb, f32, True),
+                conformance.forward_error(yb, ya, f32, True),
+            )
+            d = conformance.gradient_error(dxa, dxb, magnitude, None, None, None, f32, True)
+            fwd[i][j] = fwd[j][i] = f
+            grad[i][j] = grad[j][i] = d
+            bounds = [registered.get(n) for n in (a, b)]
+            f_bound = sum(
+                bk.forward_ulps["float32"] if bk else conformance.DEFAULT_FORWARD_ULPS["float32"]
+                for bk in bounds
+            )
+            g_bound = sum(
+                bk.grad_eps["float32"] if bk else conformance.DEFAULT_GRAD_EPS["float32"]
+                for bk in bounds
+            )
+            if not (f <= f_bound and d <= g_bound):
+                exceeded.append(
+                    f"{a} vs {b}: {f:.3g} ULP (bound {f_bound:g}), {d:.3g} eps (bound {g_bound:g})"
+                )
+    return Cross(names, fwd, grad, exceeded)
+
+
+def _format_cross(cross: Cross) -> str:
+    names = cross.backends
+    label = max(len(n) for n in names) + 6
+    lines = [
+        f"cross-framework: one float32 input {CROSS_SHAPE} (axis=-1, per-channel scale, "
+        "zero / underflowing / overflowing pixels) through every backend",
+        "pairwise max difference: forward ULP / input-gradient eps",
+        " " * label + "".join(f"{f'[{j + 1}]':>11}" for j in range(len(names))),
+    ]
+    for i, a in enumerate(names):
+        cells = [
+            "-" if i == j else f"{cross.forward_ulps[i][j]:.2g} / {cross.grad_eps[i][j]:.2g}"
+            for j in range(len(names))
+        ]
+        lines.append(f"{f'[{i + 1}] {a}':<{label}}" + "".join(f"{c:>11}" for c in cells))
+    for message in cross.exceeded:
+        lines.append(f"EXCEEDED {message}")
+    lines.append("cross-framework: " + ("PASS" if cross.passed else "FAIL"))
+    return "\n".join(lines)
 
 
 def _format_table(rows: list[Row]) -> str:
@@ -175,6 +303,9 @@ def check(argv: Sequence[str]) -> int:
     parser.add_argument("--quick", action="store_true", help="run one case in five")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--case", help="run one case, by the id a failure printed")
+    parser.add_argument(
+        "--cross-only", action="store_true", help="run only the cross-framework section"
+    )
     args = parser.parse_args(argv)
 
     wanted = set(args.backends.split(",")) if args.backends else None
@@ -200,18 +331,26 @@ def check(argv: Sequence[str]) -> int:
         for name in names:
             print(_describe_case(registered[name], selected[0]))
     rows: list[Row] = []
-    for name in names:
+    for name in names if not args.cross_only else ():
         # With --case only that case's dtype has a row.
         rows.extend(r for r in _run_backend(registered[name], selected) if r.cases)
+    outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if not args.case:
+        outputs, cross_problems = _cross_outputs(names, registered)
+        problems.extend(cross_problems)
     for keras_backend in keras_names:
-        child_rows, child_problems = _run_keras_child(keras_backend, args)
+        child_rows, child_problems, child_outputs = _run_keras_child(keras_backend, args)
         rows.extend(child_rows)
+        outputs.update(child_outputs)
         problems.extend((m, fatal or wanted is not None) for m, fatal in child_problems)
+    cross = cross_compare(outputs, registered) if len(outputs) > 1 and not in_child else None
 
     failed = (
-        not rows
+        (not rows and not args.cross_only)
+        or (args.cross_only and not outputs)
         or any(row.failed or not row.cases for row in rows)
         or any(fatal for _, fatal in problems)
+        or (cross is not None and not cross.passed)
     )
     if args.json:
         payload = {
@@ -219,10 +358,19 @@ def check(argv: Sequence[str]) -> int:
             "problems": problems,
             "passed": not failed,
         }
+        if in_child:
+            payload["cross_outputs"] = {
+                name: {"y": y.ravel().tolist(), "dx": dx.ravel().tolist()}
+                for name, (y, dx) in outputs.items()
+            }
+        if cross is not None:
+            payload["cross"] = {**cross.__dict__, "passed": cross.passed}
         print(json.dumps(payload, indent=1, default=float))
         return 1 if failed else 0
-    if not args.case:
+    if not args.case and not args.cross_only:
         print(_format_table(rows))
+    if cross is not None:
+        print(_format_cross(cross))
     for message, fatal in problems:
         print(f"{'ERROR' if fatal else 'not checked'}: {message}")
     for row in rows:
@@ -240,7 +388,9 @@ def check(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: l2norm check [--backends NAMES] [--quick] [--json] [--case ID]")
+        print(
+            "usage: l2norm check [--backends NAMES] [--quick] [--json] [--case ID] [--cross-only]"
+        )
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "check":

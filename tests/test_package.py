@@ -88,3 +88,37 @@ def test_cli_fails_for_an_unknown_backend_and_reruns_one_case():
     assert run_cli("--backends", "nonesuch").returncode == 1
     one = run_cli("--backends", "numpy", "--case", "1:mode=add_norm:per_channel:float16:hostile")
     assert one.returncode == 0 and "result: PASS" in one.stdout
+
+
+def test_cli_cross_framework_section_compares_every_adapter_pairwise():
+    names = ["numpy", "torch", "jax", "nnx", "linen", "keras-tensorflow"]
+    result = run_cli("--cross-only", "--backends", ",".join(names), "--json")
+    payload = json.loads(result.stdout)
+    assert result.returncode == 0 and payload["passed"], result.stdout[-2000:] + result.stderr
+    cross = payload["cross"]
+    assert sorted(cross["backends"]) == sorted(names) and cross["passed"]
+    for i, a in enumerate(cross["backends"]):
+        for j, b in enumerate(cross["backends"]):
+            fwd, grad = cross["forward_ulps"][i][j], cross["grad_eps"][i][j]
+            assert fwd == cross["forward_ulps"][j][i] and grad == cross["grad_eps"][j][i]
+            # Each backend is within 4 ULP / 16 eps of the reference in float32.
+            assert fwd <= 8 and grad <= 32, f"{a} vs {b}: {fwd} ULP, {grad} eps"
+            assert i != j or fwd == grad == 0
+    table = run_cli("--cross-only", "--backends", "numpy,torch")
+    assert table.returncode == 0, table.stdout + table.stderr
+    assert "[1] numpy" in table.stdout and "[2] torch" in table.stdout
+    assert "cross-framework: PASS" in table.stdout
+
+
+def test_cross_framework_section_fails_a_backend_that_disagrees():
+    from l2norm import cli
+
+    x, scale, g = cli.cross_inputs()
+    reference = conformance.get_backend("numpy")
+    y = reference.forward(x, scale, {"axis": -1})
+    dx, _ = reference.vjp(x, scale, g, {"axis": -1})
+    off = (y * (1 + 1e-5)).astype(y.dtype)  # ~80 ULP off
+    good = cli.cross_compare({"numpy": (y, dx), "copy": (y.copy(), dx.copy())})
+    assert good.passed and good.forward_ulps[0][1] == 0
+    bad = cli.cross_compare({"numpy": (y, dx), "off": (off, dx)})
+    assert not bad.passed and "numpy vs off" in bad.exceeded[0]
