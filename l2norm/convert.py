@@ -181,8 +181,12 @@ def _as_numpy(value: Any) -> np.ndarray:
     return np.array(value, copy=True)
 
 
-def _check_stored(params: L2NormParams, stored: Any, where: str) -> None:
+def _check_stored(params: L2NormParams, stored: Any, where: str, widen: bool = False) -> None:
     stored = _as_numpy(stored).reshape(-1)
+    if widen and stored.dtype != params.scale.dtype:
+        # A storage dtype the caller asked for: it must hold every value exactly.
+        with np.errstate(over="ignore"):
+            stored = stored.astype(params.scale.dtype)
     if stored.dtype != params.scale.dtype or stored.tobytes() != params.scale.tobytes():
         raise ValueError(
             f"{where} does not hold the scale bit for bit: asked for {params.scale.dtype} "
@@ -417,10 +421,13 @@ def to_keras(
     ``kwargs`` go to the layer (``name``, ...). The layer's dtype policy is the scale's
     dtype unless ``dtype`` is passed, so that ``gamma`` keeps its bits; a bfloat16 or
     float16 scale therefore gives a layer that computes in that dtype, as any Keras layer
-    with that policy does.
+    with that policy does. With ``dtype="mixed_bfloat16"`` (say) ``gamma`` is float32
+    and holds a bfloat16 scale exactly; a ``dtype`` that cannot hold the scale's values
+    exactly is refused.
     """
     from l2norm.keras import L2Norm
 
+    widen = "dtype" in kwargs
     kwargs.setdefault("dtype", params.scale.dtype.name)
     layer = L2Norm(
         axis,
@@ -431,7 +438,7 @@ def to_keras(
     )
     layer.build(tuple(input_shape))
     layer.gamma.assign(params.scale)
-    _check_stored(params, _keras_numpy(layer.gamma), "the Keras layer")
+    _check_stored(params, _keras_numpy(layer.gamma), "the Keras layer", widen)
     return layer
 
 

@@ -392,3 +392,15 @@ def test_peer_import_reproduces_the_formula_in_keras(peer):
     got = ops.convert_to_numpy(layer(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
     want = formula(x.astype(np.float64), params.scale.astype(np.float64))
     assert_reproduces(f"{peer} via keras", got, want)
+
+
+@pytest.mark.keras
+def test_keras_dtype_override_must_hold_the_scale_exactly():
+    params = make_params("bfloat16", False, True, OPTIONS[0])
+    layer = convert.to_keras(params, input_shape=(None, 12), dtype="mixed_bfloat16")
+    widened = convert.from_keras(layer)
+    assert widened.scale.dtype == np.float32
+    assert widened.scale.astype(ml_dtypes.bfloat16).tobytes() == params.scale.tobytes()
+    lossy = make_params("float32", False, True, OPTIONS[0])
+    with pytest.raises(ValueError, match="bit for bit"):
+        convert.to_keras(lossy, input_shape=(None, 12), dtype="bfloat16")
