@@ -172,12 +172,13 @@ def _as_numpy(value: Any) -> np.ndarray:
         return tensor.numpy().copy()
     if hasattr(value, "get_value"):  # nnx.Variable (``.value`` is deprecated there)
         value = value.get_value()
-    elif hasattr(value, "value") and not isinstance(value, np.ndarray):  # Keras variable
-        value = value.value
-    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # TF tensor
-        value = value.numpy()
+    elif hasattr(value, "value") and not isinstance(value, np.ndarray):
+        # A Keras variable (a property) or a tf.Variable (a method).
+        value = value.value() if callable(value.value) else value.value
     if type(value).__module__.startswith("torch"):  # a Keras variable on the torch backend
         return _as_numpy(value)
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # TF tensor
+        value = value.numpy()
     return np.array(value, copy=True)
 
 

@@ -389,6 +389,8 @@ def test_peer_import_reproduces_the_formula_in_keras(peer):
     x, scale = peer_data()
     params = importer(scale)
     layer = convert.to_keras(params, input_shape=(None, 3, 4, 16))
+    # A Keras variable is accepted where an array is.
+    assert convert.from_ssd_keras(layer.gamma).scale.tobytes() == params.scale.tobytes()
     got = ops.convert_to_numpy(layer(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
     want = formula(x.astype(np.float64), params.scale.astype(np.float64))
     assert_reproduces(f"{peer} via keras", got, want)
