@@ -7,7 +7,7 @@ Example:
     >>> layer = L2Norm(512, rngs=nnx.Rngs(0))  # SSD's conv4_3 norm, gamma = 20
     >>> layer(jnp.ones((2, 38, 38, 512))).shape
     (2, 38, 38, 512)
-    >>> float(layer.scale.value[0])
+    >>> float(layer.scale[0])
     20.0
 """
 
@@ -90,7 +90,7 @@ class L2Norm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x``; the result has ``x``'s shape and ``dtype`` (or ``x``'s)."""
-        return _l2jax._layer_apply(x, self.scale.value, self.spec, self.num_features, self.dtype)
+        return _l2jax._layer_apply(x, self.scale[...], self.spec, self.num_features, self.dtype)
 
 
 # --------------------------------------------------------------------------- conformance
@@ -125,7 +125,7 @@ def _vjp(x, scale, g, options):
 
         _, pullback = jax.vjp(run, jnp.asarray(x), params)
         dx, dparams = pullback(jnp.asarray(g))
-        ds = None if scale is None else np.asarray(dparams["scale"].value).reshape(scale.shape)
+        ds = None if scale is None else np.asarray(dparams["scale"][...]).reshape(scale.shape)
         return np.asarray(dx), ds
 
 
