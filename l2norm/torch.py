@@ -231,6 +231,131 @@ def _safe_vjp_plan(
     return _safe_vjp(x, weight, g, list(plan.norm), plan.channel, plan.mode, tm, te, wide)
 
 
+# --------------------------------------------------------------------------- compiled path
+
+
+def _realized(t: Tensor) -> Tensor:
+    """``t`` unchanged, as a buffer Inductor computes once instead of inlining it.
+
+    Inductor inlines pointwise producers into their consumers, so slice-level arithmetic
+    (log2, exp2, sqrt, division) would be redone for every element of the full-size
+    pass. A max over a broadcast axis longer than Inductor's unrolling threshold (8) is a
+    reduction, whose result is always a buffer; it costs nine reads of a slice-sized
+    tensor.
+    """
+    return t.unsqueeze(0).expand((9, *t.shape)).amax(0)
+
+
+def _fused_forward(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
+    """The forward under ``torch.compile`` (same results as the safe path).
+
+    The plain float32 (float64) sum of squares tells whether every slice is ordinary:
+    NaN and Inf show up in it as NaN and Inf, overflow as Inf, underflow as a sum below
+    ``4 k tiny``. If so (the usual case) the output is one fused pass ``x / d * w``, as
+    in the torchvision idiom; otherwise :func:`torch.cond` takes the exact branch,
+    :func:`_fused_exact`, which reads ``x`` once more. Both branches are compiled; only
+    one runs.
+    """
+    cd = _working_dtype(x.dtype)
+    finfo = torch.finfo(cd)
+    xw = x.to(cd)
+    a = (xw * xw).sum(list(plan.norm), keepdim=True)
+    ordinary = ((a >= 4.0 * plan.k * float(finfo.tiny)) & (a <= float(finfo.max))) | (a == 0)
+    has_weight = weight is not None
+
+    def exact(x: Tensor, *w: Tensor) -> Tensor:
+        return _fused_exact(x, w[0] if has_weight else None, plan)
+
+    def usual(x: Tensor, a: Tensor, *w: Tensor) -> Tensor:
+        xw = x.to(cd)
+        if plan.mode == "add_sumsq":
+            inv_d = torch.rsqrt(a + plan.eps)
+        elif plan.mode == "add_norm":
+            inv_d = 1.0 / (torch.sqrt(a) + plan.eps)
+        else:
+            inv_d = 1.0 / torch.sqrt(a).clamp_min(plan.thr)
+        u = xw * inv_d
+        wv = _weight_view(w[0] if has_weight else None, plan.ndim, plan.channel, u)
+        return (u if wv is None else u * wv).to(x.dtype)
+
+    ws = (weight,) if weight is not None else ()
+    return torch.cond(
+        (~ordinary).any(),
+        lambda x, a, *w: exact(x, *w),
+        usual,
+        (x, a, *ws),
+    )
+
+
+def _fused_exact(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
+    """The exact forward under ``torch.compile``: one fused read of ``x`` for the
+    statistics and one fused pass for the output (same results as the safe path).
+
+    One reduction kernel accumulates, per slice, the plain sum of squares ``a``, two
+    sums of squares pre-scaled by fixed powers of two (``big`` over the entries large
+    enough to matter when ``a`` overflows, ``small`` over the entries small enough to
+    matter when ``a`` underflows; both masked so that no square lands in the subnormal
+    range, which costs a microcode assist per element on x86), the largest magnitude and
+    the count of infinite entries. Ordinary slices use ``a``; the others use the sum that
+    is exact for them and the power of two ``p`` below their largest entry, as the
+    reference does. Only slice-sized tensors tell the cases apart.
+    """
+    cd = _working_dtype(x.dtype)
+    finfo = torch.finfo(cd)
+    m = int(math.log2(finfo.tiny))  # -126 / -1022
+    big_exp = int(math.log2(finfo.max)) + 1  # 128 / 1024
+    sub = m + int(math.log2(finfo.eps))  # smallest subnormal exponent: -149 / -1074
+    half_logk = math.ceil(math.log2(max(plan.k, 1)) / 2)
+    e_b = big_exp // 2 + half_logk + 1  # (max * 2**-e_b)**2 * k cannot overflow
+    t_b = 2.0 ** (e_b + (m + 6) // 2)  # (t_b * 2**-e_b)**2 = 2**(m + 6): normal
+    e_s = (m // 2) - sub  # (smallest subnormal * 2**e_s)**2 = 2**m: normal
+    t_s = 2.0 ** (half_logk + 1 + m // 2)  # bounds every entry of an underflowing slice
+    norm = list(plan.norm)
+
+    xw = x.to(cd)
+    ax = xw.abs()
+    zero = torch.zeros((), dtype=cd, device=x.device)
+    a = (xw * xw).sum(norm, keepdim=True)
+    big = torch.where(ax > t_b, xw * 2.0**-e_b, zero)
+    big = (big * big).sum(norm, keepdim=True)
+    small = torch.where(ax < t_s, xw * 2.0**e_s, zero)
+    small = (small * small).sum(norm, keepdim=True)
+    amax = ax.amax(norm, keepdim=True)
+    n_inf = torch.where(ax == math.inf, 1.0, zero).sum(norm, keepdim=True)
+
+    # Slice-sized from here on.
+    tm, te = _split(plan.thr)
+    mid = (a >= 4.0 * plan.k * float(finfo.tiny)) & (a <= float(finfo.max))
+    over = a > 1.0  # overflowed (or Inf / NaN, handled below)
+    e_lo = float(max(m + 3, te - big_exp + 3))
+    e_p = torch.floor(torch.log2(amax)).clamp(min=e_lo, max=float(big_exp - 1))
+    e_p = torch.where(mid | torch.isnan(e_p), zero, e_p)
+    acc = torch.where(mid, a, torch.where(over, big, small))
+    e_acc = torch.where(mid, zero, torch.where(over, float(e_b), float(-e_s)))
+    ns = torch.sqrt(acc) * torch.pow(2.0, e_acc - e_p)
+    ts = torch.pow(2.0, te - e_p) * tm
+    if plan.mode == "add_sumsq":
+        hi = torch.maximum(ns, ts)
+        q = torch.minimum(ns, ts) / hi
+        ds = hi * torch.sqrt(q * q + 1.0)
+    elif plan.mode == "add_norm":
+        ds = ns + ts
+    else:
+        ds = torch.maximum(ns, ts)
+    nan_slice = torch.isnan(a)
+    inf_slice = (n_inf > 0) & ~nan_slice
+    f1 = torch.where(inf_slice, zero, torch.pow(2.0, -e_p))  # finite entries of Inf slices -> 0
+    f2 = torch.where(nan_slice, a, 1.0 / ds)
+    rs = torch.where(nan_slice, a, torch.rsqrt(n_inf))  # Inf entries -> ±1/sqrt(count)
+    f = _realized(torch.stack([f1, f2, rs, -rs]))
+
+    # Full-size: one fused pass.
+    u = torch.where(xw == math.inf, f[2], torch.where(xw == -math.inf, f[3], xw * f[0] * f[1]))
+    w = _weight_view(weight, plan.ndim, plan.channel, u)
+    y = u if w is None else u * w
+    return y.to(x.dtype)
+
+
 # --------------------------------------------------------------------------- eager path
 
 
@@ -399,13 +524,17 @@ class _L2NormFunction(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
         ctx.plan = plan
         compiling = torch.compiler.is_compiling()
-        fast = not compiling and _fast_ok(plan, _working_dtype(x.dtype))
+        fits = _fast_ok(plan, _working_dtype(x.dtype))
+        fast = not compiling and fits
         ctx.fast, ctx.wide = fast, compiling
         if fast:
             y, inv_d, c = _fast_forward(x, weight, plan)
             ctx.save_for_backward(x, weight, inv_d, c)
         else:
-            y = _safe_forward_plan(x, weight, plan, compiling)
+            if compiling and fits:
+                y = _fused_forward(x, weight, plan)
+            else:
+                y = _safe_forward_plan(x, weight, plan, compiling)
             ctx.save_for_backward(x, weight)
         return y
 
