@@ -343,6 +343,17 @@ def test_torch_compile_fullgraph(model):
     np.testing.assert_allclose(x.grad.numpy(), dx_ref, rtol=1e-4, atol=1e-5 * np.abs(dx_ref).max())
 
 
+@pytest.mark.parametrize("preset", ["torchvision", "ssd.pytorch", "caffe"])
+@pytest.mark.parametrize("hostile", [False, True], ids=["ordinary", "hostile"])
+def test_torch_compile_both_branches_match_the_reference(preset, hostile):
+    # Ordinary batches take the one-pass branch, hostile ones the exact branch.
+    x = make_inputs() if hostile else torch.randn(2, 16, 5, 5)
+    w = torch.rand(16) + 1
+    f = torch.compile(lambda x, w: l2_normalize(x, w, preset=preset), fullgraph=True)
+    want = reference.forward(x.numpy(), w.numpy(), Spec.create(axis=1, preset=preset))
+    assert_close_ulps(f(x, w), want, 4)
+
+
 def test_torch_jit_script(model):
     scripted = torch.jit.script(model)
     x = make_inputs()
