@@ -10,8 +10,10 @@ Usage::
 Each framework module ``benchmarks/bench_<name>.py`` exposes
 ``suites(shape, dtype, quick) -> list[Suite]`` for an NCHW ``shape`` (it converts to
 its own layout); every suite is timed interleaved (A B A B ...), warm-up excluded,
-median of repeats (``benchmarks/harness.py``). Keras runs once per Keras backend, each
-in a child process, since Keras picks its backend once per process.
+median of repeats (``benchmarks/harness.py``). Every framework (and every Keras backend)
+runs in a child process of its own: Keras picks its backend once per process, and one
+framework's thread pools, still spinning after its last op, would take cores from the
+next one's timings.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _repeats(shape: tuple[int, ...], quick: bool) -> int:
     return max(3, min(base, int(base * 6e6 / numel)))
 
 
-def run_framework(framework: str, sizes, dtypes, quick: bool, progress=None) -> list[dict]:
+def run_framework(framework: str, sizes, dtypes, quick: bool) -> list[dict]:
     """Time every suite of one framework in this process; rows of plain data."""
     module = _module_for(framework)
     rows = []
@@ -62,10 +64,6 @@ def run_framework(framework: str, sizes, dtypes, quick: bool, progress=None) -> 
             for suite in module.suites(shape, dtype, quick):
                 timing = time_suite(suite, repeats=_repeats(shape, quick), warmup=2, min_time=0.002)
                 rows.append(_row(framework, timing, shape))
-                if progress is not None:
-                    progress.set_postfix_str(f"{framework} {shape} {dtype} {suite.mode}")
-            if progress is not None:
-                progress.update(1)
     return rows
 
 
@@ -108,8 +106,11 @@ def machine() -> dict:
     return info
 
 
-def _run_keras_child(framework: str, args, sizes, dtypes) -> list[dict]:
-    backend = framework.split("-", 1)[1]
+def _run_child(framework: str, args, sizes, dtypes) -> list[dict] | None:
+    """Time one framework in a fresh Python process; its rows, or None if it failed."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if framework.startswith("keras-"):
+        env["KERAS_BACKEND"] = framework.split("-", 1)[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
@@ -117,11 +118,10 @@ def _run_keras_child(framework: str, args, sizes, dtypes) -> list[dict]:
         cmd += ["--sizes", ";".join(",".join(map(str, s)) for s in sizes)]
         if args.quick:
             cmd.append("--quick")
-        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if proc.returncode != 0:  # report it and keep the other frameworks' results
             print(f"{framework} benchmark failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            return []
+            return None
         return json.loads(out.read_text())
 
 
@@ -253,16 +253,17 @@ def main(argv=None) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    failed: list[str] = []
     with tqdm(
         total=len(frameworks) * len(sizes) * len(dtypes), unit="size", file=sys.stderr
     ) as bar:
         for framework in frameworks:
-            if framework.startswith("keras-"):
-                bar.set_postfix_str(f"{framework} (child process)")
-                rows += _run_keras_child(framework, args, sizes, dtypes)
-                bar.update(len(sizes) * len(dtypes))
-            else:
-                rows += run_framework(framework, sizes, dtypes, args.quick, progress=bar)
+            bar.set_postfix_str(framework)
+            child_rows = _run_child(framework, args, sizes, dtypes)
+            if child_rows is None:
+                failed.append(framework)
+            rows += child_rows or []
+            bar.update(len(sizes) * len(dtypes))
     info = machine()
     (out_dir / "results.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
     table = markdown(rows, info)
@@ -273,6 +274,9 @@ def main(argv=None) -> int:
         "wrote",
         ", ".join(str(p) for p in [out_dir / "results.json", out_dir / "results.md", *written]),
     )
+    if failed:  # the others' results are written; the exit status still says so
+        print(f"benchmarks failed for: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

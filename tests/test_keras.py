@@ -171,6 +171,50 @@ def test_matches_the_reference(inputs):
     assert np.all(np.isfinite(dx)), "finite input must give a finite gradient"
 
 
+@pytest.mark.parametrize(
+    "layout, scale_kind, dtype",
+    [
+        ("channels_last", "per_channel", "float32"),
+        ("channels_first", "per_channel", "float32"),
+        ("channels_last", "shared", "float32"),
+        ("channels_last", "none", "float32"),
+        ("channels_first", "per_channel", "bfloat16"),
+        ("spatial", "per_channel", "float32"),
+    ],
+)
+def test_large_inputs_match_the_reference(layout, scale_kind, dtype, monkeypatch):
+    """Inputs above ``TF_XLA_MIN_SIZE``: on eager TensorFlow they run the XLA-compiled
+    passes and the matrix-product contractions, which the small conformance inputs skip."""
+    from l2norm import keras as l2k
+
+    compiled = []
+    if KERAS_BACKEND == "tensorflow":
+        real = l2k._tf_xla
+        monkeypatch.setattr(l2k, "_tf_xla", lambda fn: compiled.append(fn) or real(fn))
+    shape, options = {
+        "channels_last": ((2, 12, 12, 256), {"axis": -1}),
+        "channels_first": ((2, 256, 12, 12), {"axis": 1}),
+        "spatial": ((2, 256, 12, 12), {"axis": (1, 2, 3)}),
+    }[layout]
+    assert np.prod(shape) >= l2k.TF_XLA_MIN_SIZE
+    rng = np.random.default_rng(3)
+    np_dtype = conformance.numpy_dtype(dtype)
+    x = (rng.standard_normal(shape) * 3.0).astype(np_dtype)
+    x[0, 0, 0] = 1e-3  # small entries; a zero slice would take the exact rescaling path
+    g = rng.standard_normal(shape).astype(np_dtype)
+    channels = shape[Spec.create(**options).resolve(len(shape)).channel]
+    scale = {
+        "per_channel": rng.uniform(0.5, 20.0, channels),
+        "shared": np.array([20.0]),
+        "none": None,
+    }[scale_kind]
+    scale = None if scale is None else scale.astype(np_dtype)
+    result = conformance.run_case(BACKEND, _DrawnCase(x, scale, g, options))
+    assert result.passed, result
+    if KERAS_BACKEND == "tensorflow":
+        assert {fn.__name__ for fn in compiled} == {"_tf_scale", "_tf_g_u", "_tf_input_grad"}
+
+
 # --------------------------------------------------------------------------- real use
 
 
