@@ -1,12 +1,17 @@
 """Benchmark l2norm.jax against the naive JAX idiom and a jitted copy (SSD conv4_3 shape).
 
-Run: ``XLA_FLAGS=--xla_force_host_platform_device_count=1 python benchmarks/bench_jax.py``.
-Timings are interleaved (A B A B ...), warm-up excluded, median of the repeats.
+Run ``python benchmarks/bench_jax.py [--quick]`` for the headline shape alone, or
+``python benchmarks/run.py`` for every framework and size (``benchmarks/harness.py``
+says how timings are taken).
 """
 
 from __future__ import annotations
 
-import time
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: make `benchmarks` and `l2norm` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +19,6 @@ import numpy as np
 
 from benchmarks.harness import Suite
 from l2norm.jax import l2_normalize
-
-SHAPE = (8, 38, 38, 512)
 
 
 def _naive(x, s):
@@ -58,55 +61,7 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
     ]
 
 
-def run(quick: bool = False) -> list[dict]:
-    repeats = 5 if quick else 30
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(SHAPE, dtype=np.float32))
-    g = jnp.asarray(rng.standard_normal(SHAPE, dtype=np.float32))
-    s = jnp.full((SHAPE[-1],), 20.0, jnp.float32)
-    impls = {
-        ("forward", "l2norm"): (jax.jit(l2_normalize), (x, s)),
-        ("forward", "naive"): (jax.jit(_naive), (x, s)),
-        ("forward", "copy"): (jax.jit(lambda x, s: x * 1.0), (x, s)),
-        ("forward+backward", "l2norm"): (_with_grad(l2_normalize), (x, s, g)),
-        ("forward+backward", "naive"): (_with_grad(_naive), (x, s, g)),
-        ("forward+backward", "copy"): (jax.jit(lambda x, s, g: (x * 1.0, g * 1.0)), (x, s, g)),
-    }
-    for f, args in impls.values():
-        jax.block_until_ready(f(*args))
-    times = {key: [] for key in impls}
-    for _ in range(repeats):
-        for key, (f, args) in impls.items():
-            start = time.perf_counter()
-            jax.block_until_ready(f(*args))
-            times[key].append(time.perf_counter() - start)
-    return [
-        {
-            "framework": "jax",
-            "impl": impl,
-            "shape": SHAPE,
-            "dtype": "float32",
-            "mode": f"{mode}, compiled",
-            "median_s": float(np.median(times[(mode, impl)])),
-            "device": str(jax.devices()[0]),
-        }
-        for (mode, impl) in impls
-    ]
+if __name__ == "__main__":  # the headline shape alone; run.py for everything
+    from benchmarks.run import headline_main
 
-
-def main() -> None:
-    rows = run()
-    by = {(r["mode"], r["impl"]): r["median_s"] for r in rows}
-    print(f"{'mode':28} {'impl':8} {'median ms':>10}")
-    for r in rows:
-        print(f"{r['mode']:28} {r['impl']:8} {r['median_s'] * 1e3:10.2f}")
-    for mode in ("forward, compiled", "forward+backward, compiled"):
-        ours = by[(mode, "l2norm")]
-        print(
-            f"{mode}: l2norm/naive = {ours / by[(mode, 'naive')]:.2f}, "
-            f"l2norm/copy = {ours / by[(mode, 'copy')]:.2f}"
-        )
-
-
-if __name__ == "__main__":
-    main()
+    sys.exit(headline_main("jax", sys.argv[1:]))

@@ -11,27 +11,21 @@ Peers (../shared/peers.md): ``tf.math.l2_normalize(x, -1) * g`` and
 ``keras.layers.UnitNormalization()(x) * g`` on TensorFlow; on JAX
 ``x / max(||x||, eps) * g`` (what ``optax.safe_norm`` / ``keras.ops.normalize`` compute)
 and UnitNormalization; on torch ``F.normalize(x, dim=-1) * g`` and UnitNormalization.
-The copy bound is one elementwise pass ``x * 1``. Timings are interleaved (A B A B ...),
-warm-up excluded, median of the repeats.
+The copy bound is one elementwise pass ``x * 1``. Timings: ``benchmarks/harness.py``.
 """
 
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import keras
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if __name__ == "__main__":  # run as a script: make `benchmarks` and `l2norm` importable
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.harness import Suite  # noqa: E402
 from l2norm.keras import L2Norm  # noqa: E402
-
-SHAPE = (8, 38, 38, 512)
-QUICK_SHAPE = (2, 38, 38, 512)
 
 
 def _sync(value):
@@ -165,19 +159,6 @@ def _no_grad(fn, x_, g_):
         return fn(x_, g_)
 
 
-def _time_interleaved(fns: dict[str, Callable], args, repeats: int, warmup: int = 2) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            _sync(fn(*args))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            _sync(fn(*args))
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suite]:
     """Every (mode, eager/compiled) suite for an NCHW ``shape``, run channels last."""
     backend = keras.backend.backend()
@@ -212,53 +193,7 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
     return out
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Time every implementation in every mode; one dict per (impl, mode)."""
-    backend = keras.backend.backend()
-    shape = QUICK_SHAPE if quick else SHAPE
-    rng = np.random.default_rng(0)
-    x = np.maximum(rng.standard_normal(shape), 0).astype("float32")  # after a ReLU
-    g = np.full((shape[-1],), 20.0, dtype="float32")
-    dy = rng.standard_normal(shape).astype("float32")
-    layer = L2Norm(scale_init=20.0)
-    layer.build(shape)
-    unit = keras.layers.UnitNormalization()
-    make = {"tensorflow": _impls_tensorflow, "jax": _impls_jax, "torch": _impls_torch}[backend]
-    impls, args = make(x, g, dy, layer, unit)
-    modes = sorted({mode for table in impls.values() for mode in table})
-    rows = []
-    for mode in modes:
-        fns = {name: table[mode] for name, table in impls.items() if mode in table}
-        medians = _time_interleaved(fns, args, repeats=5 if quick else 20)
-        for name, seconds in medians.items():
-            rows.append(
-                {
-                    "framework": f"keras-{backend}",
-                    "impl": name,
-                    "shape": shape,
-                    "dtype": "float32",
-                    "mode": f"{mode[0]}, {mode[1]}",
-                    "median_s": seconds,
-                    "bytes_in": int(np.prod(shape)) * 4,
-                }
-            )
-    return rows
+if __name__ == "__main__":  # the headline shape alone; run.py for everything
+    from benchmarks.run import headline_main
 
-
-def _table(rows: list[dict]) -> str:
-    lines = []
-    for mode in sorted({r["mode"] for r in rows}):
-        by = {r["impl"]: r["median_s"] for r in rows if r["mode"] == mode}
-        ours = next(v for k, v in by.items() if k.startswith("l2norm"))
-        lines.append(f"\n{rows[0]['framework']}  {mode}  shape={rows[0]['shape']}")
-        for name, seconds in by.items():
-            lines.append(
-                f"  {name:28s} {seconds * 1e3:9.2f} ms   l2norm/this = {ours / seconds:5.2f}"
-            )
-        peers = [v for k, v in by.items() if not k.startswith("l2norm") and k != "copy bound"]
-        lines.append(f"  l2norm / faster peer = {ours / min(peers):.2f}")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    print(_table(run(quick="--quick" in sys.argv)))
+    sys.exit(headline_main(f"keras-{keras.backend.backend()}", sys.argv[1:]))

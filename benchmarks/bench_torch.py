@@ -15,7 +15,7 @@ without the float32 upcast).
 
 Usage::
 
-    python benchmarks/bench_torch.py [--quick] [--threads N]
+    python benchmarks/bench_torch.py [--quick]    # the headline shape alone
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if __name__ == "__main__":  # run as a script: make `benchmarks` and `l2norm` im
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import Suite, time_suite
+from benchmarks.harness import Suite
 from l2norm._spec import Spec
 from l2norm.torch import _plan, _weight_view, l2_normalize
 
@@ -153,46 +153,7 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
     return out
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Time the headline shape (float32; bfloat16 too unless quick); one dict per suite."""
-    rows = []
-    for dtype in ("float32",) if quick else ("float32", "bfloat16"):
-        for suite in suites(HEADLINE, dtype, quick):
-            timing = time_suite(suite, repeats=7 if quick else 15, warmup=2)
-            rows.append(
-                {
-                    "framework": "torch",
-                    "impl": "l2norm",
-                    "shape": list(suite.shape),
-                    "dtype": dtype,
-                    "mode": f"{suite.mode}, {'compiled' if suite.compiled else 'eager'}",
-                    "median_s": timing.seconds,
-                    "ratios": timing.ratios(),
-                    "memory_bytes": suite.memory,
-                    "threads": torch.get_num_threads(),
-                }
-            )
-    return rows
+if __name__ == "__main__":  # the headline shape alone; run.py for everything
+    from benchmarks.run import headline_main
 
-
-def main(argv: list[str]) -> None:
-    if "--threads" in argv:
-        torch.set_num_threads(int(argv[argv.index("--threads") + 1]))
-    rows = run(quick="--quick" in argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, shape {HEADLINE}")
-    for row in rows:
-        print(f"\n{row['dtype']} {row['mode']}")
-        ours = row["median_s"]["l2norm"]
-        for name, seconds in row["median_s"].items():
-            ratio = "" if name == "l2norm" else f"  l2norm / {name} = {ours / seconds:.2f}"
-            print(f"  {name:20s} {seconds * 1e3:8.2f} ms{ratio}")
-        if row["memory_bytes"]:
-            base = row["memory_bytes"]["input"]
-            saved = ", ".join(
-                f"{k} {v / base:.2f}x" for k, v in row["memory_bytes"].items() if k != "input"
-            )
-            print(f"  saved for backward / input bytes: {saved}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(headline_main("torch", sys.argv[1:]))

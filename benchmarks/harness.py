@@ -64,7 +64,7 @@ class Timing:
 
 
 def time_suite(suite: Suite, repeats: int = 15, warmup: int = 3, min_time: float = 0.0) -> Timing:
-    """Time every implementation A B C A B C ..., warm-up rounds excluded; medians.
+    """Time every implementation A B C, B C A, C A B, ..., warm-up rounds excluded; medians.
 
     Each sample is one call, or several back to back when one call is shorter than
     ``min_time`` seconds (tiny inputs), divided by the count.
@@ -80,8 +80,12 @@ def time_suite(suite: Suite, repeats: int = 15, warmup: int = 3, min_time: float
         once = time.perf_counter() - start
         inner[name] = max(1, int(min_time / once)) if once > 0 else 1
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name in names:
+    for round_ in range(repeats):
+        # Rotate the order each round: whatever an implementation leaves behind (freed
+        # memory the allocator hands back to the OS, caches it evicted) is then paid by
+        # each of the others in turn rather than always by the same one.
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
             fn, count = suite.impls[name], inner[name]
             start = time.perf_counter()
             for _ in range(count):

@@ -280,5 +280,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def headline_main(framework: str, argv: list[str]) -> int:
+    """What ``python benchmarks/bench_<name>.py [options]`` runs: this suite for one
+    framework on the headline shape in float32 (options as for this script)."""
+    shape = ",".join(str(side) for side in HEADLINE)
+    return main(["--frameworks", framework, "--sizes", shape, "--dtypes", "float32", *argv])
+
+
 if __name__ == "__main__":
     sys.exit(main())

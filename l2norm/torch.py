@@ -426,12 +426,53 @@ def _fast_stats(n2: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
     return torch.where(ok, inv_d, zero), torch.where(ok, c, zero), ok
 
 
-def _fast_forward(x: Tensor, weight: Tensor | None, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
+def _ordinary_stats(n2: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
+    """``(inv_d, n)`` per slice when every slice is ordinary (see :func:`_fast_stats`):
+    the same few slice-sized ops as the guarantee-free formula; ``c`` waits for the
+    backward (:func:`_ordinary_c`)."""
+    if plan.mode == "add_sumsq":
+        return (n2 + plan.eps).rsqrt_(), None
+    n = n2.sqrt()
+    if plan.mode == "add_norm":
+        return (n + plan.eps).reciprocal_(), n
+    return n.clamp_min(plan.thr).reciprocal_(), n
+
+
+def _ordinary_c(inv_d: Tensor, n: Tensor | None, plan: _Plan) -> Tensor:
+    """:func:`_fast_stats`' ``c`` from :func:`_ordinary_stats`' results."""
+    if plan.mode == "add_sumsq":
+        return inv_d
+    if plan.mode == "add_norm":
+        return n.reciprocal()
+    return torch.where(n >= plan.thr, inv_d, torch.zeros_like(inv_d))
+
+
+def _all_ordinary(n2: Tensor, plan: _Plan) -> bool:
+    """Whether every slice's sum of squares is trustworthy: one reduction, one sync.
+
+    A NaN anywhere makes the extremes NaN, which fails both comparisons."""
+    finfo = torch.finfo(n2.dtype)
+    smallest, largest = torch.stack(torch.aminmax(n2)).tolist()
+    return 4.0 * plan.k * float(finfo.tiny) <= smallest and largest <= float(finfo.max)
+
+
+def _fast_forward(
+    x: Tensor, weight: Tensor | None, plan: _Plan
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(y, inv_d, c, n)``: ``c`` is None for a batch of ordinary slices (then ``n``,
+    or None in add_sumsq mode, gives it later); otherwise ``n`` is None and the slices
+    handed to the safe path have ``inv_d = c = 0``."""
     cd = _working_dtype(x.dtype)
     xc = x.to(cd)
     buf = torch.mul(xc, xc)
     n2 = buf.sum(plan.norm, keepdim=True)
-    inv_d, c, ok = _fast_stats(n2, plan)
+    ordinary = _all_ordinary(n2, plan)
+    if ordinary:
+        inv_d, n = _ordinary_stats(n2, plan)
+        c = None
+    else:
+        inv_d, c, ok = _fast_stats(n2, plan)
+        n = None
     w = _weight_view(weight, plan.ndim, plan.channel, xc)
     # One pass writes x / d into the squares' buffer and one in-place pass applies the
     # per-channel scale: cheaper than materialising the (slice x channel) outer product.
@@ -442,11 +483,11 @@ def _fast_forward(x: Tensor, weight: Tensor | None, plan: _Plan) -> tuple[Tensor
         if w is not None:
             buf.mul_(w)
     y = buf.to(x.dtype)
-    if not bool(ok.all()):
+    if not ordinary:
         bad = ~ok
         rows = _safe_forward_plan(_bad_rows(x, bad, plan), weight, _row_plan(plan))
         _put_rows(y, bad, rows, plan)
-    return y, inv_d, c
+    return y, inv_d, c, n
 
 
 def _nc_rest(t: Tensor, plan: _Plan) -> Tensor | None:
@@ -460,16 +501,27 @@ def _nc_rest(t: Tensor, plan: _Plan) -> Tensor | None:
 
 
 def _fast_vjp(
-    x: Tensor, weight: Tensor | None, g: Tensor, inv_d: Tensor, c: Tensor, plan: _Plan
+    x: Tensor,
+    weight: Tensor | None,
+    g: Tensor,
+    inv_d: Tensor,
+    c: Tensor | None,
+    n: Tensor | None,
+    plan: _Plan,
 ) -> tuple[Tensor, Tensor | None]:
-    """``dx = (sigma - c <sigma, x / d> x) / d`` and ``ds = sum g x / d`` on the fast path."""
+    """``dx = (sigma - c <sigma, x / d> x) / d`` and ``ds = sum g x / d`` on the fast path
+    (``c``, ``n`` as :func:`_fast_forward` returns them)."""
     cd = inv_d.dtype
     xc = x.to(cd)
     gc = g.to(cd)
     w = _weight_view(weight, plan.ndim, plan.channel, xc)
     per_channel = w is not None and w.numel() > 1
-    bad = inv_d == 0  # the slices the forward handed to the safe path
-    any_bad = bool(bad.any())
+    if c is None:  # every slice was ordinary
+        c = _ordinary_c(inv_d, n, plan)
+        bad, any_bad = None, False
+    else:
+        bad = inv_d == 0  # the slices the forward handed to the safe path
+        any_bad = bool(bad.any())
     t = gc * xc
     if any_bad:  # their g * x may be Inf or NaN and must not reach the channel sums
         _put_rows(t, bad, torch.zeros((), dtype=cd, device=t.device), plan)
@@ -495,7 +547,8 @@ def _fast_vjp(
         # A huge cotangent overflowed <sigma, x> somewhere (the only way a finite g gives
         # a non-finite coefficient outside the bad slices): rare enough to redo it all.
         return _safe_vjp_plan(x, weight, g, plan)
-    coef = torch.where(bad, torch.zeros_like(coef), coef)
+    if any_bad:
+        coef = torch.where(bad, torch.zeros_like(coef), coef)
     dx = t  # reuse the buffer
     if per_channel:
         torch.mul(gc, w, out=dx)
@@ -528,8 +581,8 @@ class _L2NormFunction(torch.autograd.Function):
         fast = not compiling and fits
         ctx.fast, ctx.wide = fast, compiling
         if fast:
-            y, inv_d, c = _fast_forward(x, weight, plan)
-            ctx.save_for_backward(x, weight, inv_d, c)
+            y, inv_d, c, n = _fast_forward(x, weight, plan)
+            ctx.save_for_backward(x, weight, inv_d, c, n)
         else:
             if compiling and fits:
                 y = _fused_forward(x, weight, plan)
@@ -542,8 +595,8 @@ class _L2NormFunction(torch.autograd.Function):
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         plan = ctx.plan
         if ctx.fast and not torch.is_grad_enabled():
-            x, weight, inv_d, c = ctx.saved_tensors
-            dx, dw = _fast_vjp(x, weight, g, inv_d, c, plan)
+            x, weight, inv_d, c, n = ctx.saved_tensors
+            dx, dw = _fast_vjp(x, weight, g, inv_d, c, n, plan)
         else:
             # create_graph=True (double backward) or a compiled graph: the safe VJP is
             # made of differentiable, traceable ops and recomputes from x alone.
