@@ -304,7 +304,9 @@ def _tf_input_grad(g: Any, x: Any, s: Any, q: Any, k: Any) -> Any:
 def _tf_xla(fn: Any) -> Any:
     import tensorflow as tf
 
-    return tf.function(fn, jit_compile=True, autograph=False)
+    # reduce_retracing: one trace for every shape (XLA still compiles per shape) and no
+    # retracing warnings for a model fed several image sizes.
+    return tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True)
 
 
 def _tf_contract(
