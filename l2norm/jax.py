@@ -357,7 +357,10 @@ def _vjp_bwd(spec: Spec, axes: Axes, residuals, g: jax.Array):
     def fast(x, s, g, a, k):
         sigma = s * g
         dx = a * (sigma - k * x * _sum(sigma * x, axes.norm))
-        return dx, _reduce_like(g * x * a, s, axes)
+        # The barrier keeps XLA:CPU from writing the broadcast of ``a`` out in full to
+        # share it between this sum and ``dx``: broadcast inside each fusion instead, the
+        # whole forward + backward takes 0.55-0.66x the naive idiom's time, not 0.82x.
+        return dx, _reduce_like(g * x * lax.optimization_barrier(a), s, axes)
 
     def exact(x, s, g, a, k):
         sigma = s * g
