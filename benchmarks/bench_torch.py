@@ -8,8 +8,9 @@ Peers (written out as their projects write them, see ../shared/peers.md):
 * copy: ``buf.copy_(x)`` into a preallocated buffer (the memory-bandwidth bound)
 
 Suites: eager forward, eager forward+backward (with the bytes each saves for backward,
-counted with ``torch.autograd.graph.saved_tensors_hooks``), compiled forward
-(``torch.compile`` of ours against the compiled torchvision idiom), and the cost of the
+counted with ``torch.autograd.graph.saved_tensors_hooks``), compiled forward and
+forward+backward (``torch.compile`` of ours against the compiled torchvision idiom), and
+the cost of the
 guarantees (ours against the same fast path without the overflow check / fallback and
 without the float32 upcast).
 
@@ -148,6 +149,20 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
                 shape,
                 dtype,
                 {"l2norm": lambda: c_ours(x, w), "torchvision": lambda: c_tv(x, w_same), **copy},
+            )
+        )
+        out.append(
+            Suite(
+                "torch",
+                "forward+backward",
+                True,
+                shape,
+                dtype,
+                {
+                    "l2norm": fwd_bwd(c_ours, wg),
+                    "torchvision": fwd_bwd(c_tv, wg_same),
+                    **copy,
+                },
             )
         )
     return out

@@ -3,7 +3,7 @@ r"""PyTorch adapter: :class:`L2Norm` and :func:`l2_normalize`.
 The maths, the options and the rules for NaN, Inf, zeros and extreme magnitudes are those
 of :mod:`l2norm.reference`; this module only decides how to compute them fast in torch.
 
-Two implementations of the same formulas live here:
+Three implementations of the same formulas live here:
 
 * the *eager* path (``_fast_forward`` / ``_fast_vjp``) computes the sum of squares in the
   working precision (float32 for float16/bfloat16/float32 input, float64 for float64)
@@ -11,6 +11,9 @@ Two implementations of the same formulas live here:
   it overflowed, underflowed or met a NaN/Inf are recomputed with the safe path, gathered
   and scattered back. Ordinary activations therefore pay one reduction and two
   elementwise passes, and the guarantees cost a handful of ops on slice-sized tensors.
+* the *compiled* path (``_fused_forward`` / ``_fused_vjp``), under ``torch.compile``:
+  the same formulas as the eager path as a few fused kernels, and a ``torch.cond`` to the
+  safe path for a batch that holds a special slice;
 * the *safe* path (``_safe_forward`` / ``_safe_vjp``) is branch-free: every slice is
   divided by the power of two just below its largest magnitude (as the reference does),
   so it traces cleanly under ``torch.compile(fullgraph=True)``, ``torch.export``,
@@ -246,21 +249,51 @@ def _realized(t: Tensor) -> Tensor:
     return t.unsqueeze(0).expand((9, *t.shape)).amax(0)
 
 
+def _zero_sum_is_exact(plan: _Plan, dtype: torch.dtype) -> bool:
+    """Whether a slice whose sum of squares is 0 in ``dtype`` may be taken for all-zero.
+
+    Every square of such a slice underflowed, so its norm is below
+    ``sqrt(k * smallest subnormal)``: harmless when that vanishes next to ``d(0)``
+    (always for the default eps), wrong for an eps below it (``eps=1e-30`` and entries
+    near ``1e-24`` in float32).
+    """
+    finfo = torch.finfo(dtype)
+    hidden_sq = plan.k * float(finfo.tiny) * float(finfo.eps)  # k * smallest subnormal
+    negligible = float(finfo.eps) / 8
+    if plan.mode == "add_sumsq":
+        return hidden_sq <= plan.eps * negligible
+    if plan.mode == "add_norm":
+        return math.sqrt(hidden_sq) <= plan.eps * negligible
+    return math.sqrt(hidden_sq) < plan.thr  # then d = thr exactly
+
+
+def _ordinary_slices(a: Tensor, plan: _Plan) -> Tensor:
+    """Per slice, whether the plain sum of squares ``a`` can be used as it is.
+
+    NaN and Inf show up in ``a`` as NaN and Inf, overflow as Inf, underflow as a sum
+    below ``4 k tiny``; a sum of 0 is fine where :func:`_zero_sum_is_exact` says so.
+    """
+    finfo = torch.finfo(a.dtype)
+    ordinary = (a >= 4.0 * plan.k * float(finfo.tiny)) & (a <= float(finfo.max))
+    if _zero_sum_is_exact(plan, a.dtype):
+        ordinary = ordinary | (a == 0)
+    return ordinary
+
+
 def _fused_forward(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
     """The forward under ``torch.compile`` (same results as the safe path).
 
-    The plain float32 (float64) sum of squares tells whether every slice is ordinary:
-    NaN and Inf show up in it as NaN and Inf, overflow as Inf, underflow as a sum below
-    ``4 k tiny``. If so (the usual case) the output is one fused pass ``x / d * w``, as
+    The plain float32 (float64) sum of squares tells whether every slice is ordinary
+    (:func:`_ordinary_slices`). If so (the usual case) the output is one fused pass
+    ``x / d * w``, as
     in the torchvision idiom; otherwise :func:`torch.cond` takes the exact branch,
     :func:`_fused_exact`, which reads ``x`` once more. Both branches are compiled; only
     one runs.
     """
     cd = _working_dtype(x.dtype)
-    finfo = torch.finfo(cd)
     xw = x.to(cd)
     a = (xw * xw).sum(list(plan.norm), keepdim=True)
-    ordinary = ((a >= 4.0 * plan.k * float(finfo.tiny)) & (a <= float(finfo.max))) | (a == 0)
+    ordinary = _ordinary_slices(a, plan)
     has_weight = weight is not None
 
     def exact(x: Tensor, *w: Tensor) -> Tensor:
@@ -285,6 +318,59 @@ def _fused_forward(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
         usual,
         (x, a, *ws),
     )
+
+
+def _fused_vjp(
+    x: Tensor, weight: Tensor | None, g: Tensor, plan: _Plan
+) -> tuple[Tensor, Tensor | None]:
+    """The VJP under ``torch.compile`` (same results as the safe VJP).
+
+    One fused reduction gives, per slice, the sum of squares ``a`` and ``<sigma, x>``;
+    when every slice is ordinary and no cotangent overflowed the latter, ``dx = (sigma -
+    c <sigma, x / d> x) / d`` is one pointwise pass and ``dscale`` one reduction, as in
+    :func:`_fast_vjp`; otherwise :func:`torch.cond` runs the safe VJP.
+    """
+    cd = _working_dtype(x.dtype)
+    xw, gw = x.to(cd), g.to(cd)
+    norm = list(plan.norm)
+    has_weight = weight is not None
+    wv = _weight_view(weight, plan.ndim, plan.channel, xw)
+    sigma = gw if wv is None else gw * wv
+    a = (xw * xw).sum(norm, keepdim=True)
+    sx = (sigma * xw).sum(norm, keepdim=True)
+    usable = _ordinary_slices(a, plan) & torch.isfinite(sx)
+
+    def usual(x: Tensor, g: Tensor, a: Tensor, sx: Tensor, *w: Tensor) -> tuple[Tensor, ...]:
+        xw, gw = x.to(cd), g.to(cd)
+        if plan.mode == "add_sumsq":
+            inv_d = torch.rsqrt(a + plan.eps)
+            c = inv_d
+        else:
+            n = torch.sqrt(a)
+            if plan.mode == "add_norm":
+                inv_d = 1.0 / (n + plan.eps)
+                c = torch.where(a > 0, 1.0 / n, torch.zeros_like(n))
+            else:
+                inv_d = 1.0 / n.clamp_min(plan.thr)
+                c = torch.where(n >= plan.thr, 1.0 / n, torch.zeros_like(n))
+        wv = _weight_view(w[0] if has_weight else None, plan.ndim, plan.channel, xw)
+        sigma = gw if wv is None else gw * wv
+        dx = ((sigma - (c * sx * inv_d) * xw) * inv_d).to(x.dtype)
+        if not has_weight:
+            return (dx,)
+        gu = gw * xw * inv_d
+        total = gu.sum() if w[0].numel() == 1 else gu.sum(list(plan.reduced))
+        return dx, total.reshape(w[0].shape).to(w[0].dtype)
+
+    def exact(x: Tensor, g: Tensor, a: Tensor, sx: Tensor, *w: Tensor) -> tuple[Tensor, ...]:
+        dx, dw = _safe_vjp_plan(x, w[0] if has_weight else None, g, plan, True)
+        return (dx,) if dw is None else (dx, dw)
+
+    # Detached: x and the weight require grad, and torch.cond would mark the exact
+    # branch's outputs as requiring grad too (a gradient that requires grad).
+    operands = tuple(t.detach() for t in (x, g, a, sx, *((weight,) if has_weight else ())))
+    out = torch.cond((~usable).any(), exact, usual, operands)
+    return out[0], (out[1] if has_weight else None)
 
 
 def _fused_exact(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
@@ -579,12 +665,12 @@ class _L2NormFunction(torch.autograd.Function):
         compiling = torch.compiler.is_compiling()
         fits = _fast_ok(plan, _working_dtype(x.dtype))
         fast = not compiling and fits
-        ctx.fast, ctx.wide = fast, compiling
+        ctx.fast, ctx.wide, ctx.fused = fast, compiling, compiling and fits
         if fast:
             y, inv_d, c, n = _fast_forward(x, weight, plan)
             ctx.save_for_backward(x, weight, inv_d, c, n)
         else:
-            if compiling and fits:
+            if ctx.fused:
                 y = _fused_forward(x, weight, plan)
             else:
                 y = _safe_forward_plan(x, weight, plan, compiling)
@@ -597,9 +683,12 @@ class _L2NormFunction(torch.autograd.Function):
         if ctx.fast and not torch.is_grad_enabled():
             x, weight, inv_d, c, n = ctx.saved_tensors
             dx, dw = _fast_vjp(x, weight, g, inv_d, c, n, plan)
+        elif ctx.fused and not torch.is_grad_enabled():
+            x, weight = ctx.saved_tensors
+            dx, dw = _fused_vjp(x, weight, g, plan)
         else:
-            # create_graph=True (double backward) or a compiled graph: the safe VJP is
-            # made of differentiable, traceable ops and recomputes from x alone.
+            # create_graph=True (double backward): the safe VJP is made of
+            # differentiable, traceable ops and recomputes from x alone.
             x, weight = ctx.saved_tensors[:2]
             dx, dw = _safe_vjp_plan(x, weight, g, plan, ctx.wide)
         if not ctx.needs_input_grad[1]:

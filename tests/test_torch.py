@@ -354,6 +354,71 @@ def test_torch_compile_both_branches_match_the_reference(preset, hostile):
     assert_close_ulps(f(x, w), want, 4)
 
 
+def _compiled_case_result(case: conformance.Case) -> conformance.CaseResult:
+    """One conformance case through ``torch.compile(fullgraph=True)``, forward and VJP
+    from the same compiled graph (compiled afresh: dynamo recompiles per option set)."""
+    from l2norm.torch import _backend_forward, _options_to_kwargs, _to_numpy, _to_torch
+
+    torch._dynamo.reset()
+    compiled = torch.compile(l2_normalize, fullgraph=True, dynamic=False)
+
+    def vjp(x, scale, g, options):
+        xt = _to_torch(x).requires_grad_(True)
+        wt = None if scale is None else _to_torch(scale).requires_grad_(True)
+        y = compiled(xt, wt, **_options_to_kwargs(options))
+        inputs = (xt,) if wt is None else (xt, wt)
+        grads = torch.autograd.grad(y, inputs, _to_torch(g))
+        vjp.y = _to_numpy(y)
+        return _to_numpy(grads[0]), None if wt is None else _to_numpy(grads[1])
+
+    def forward(x, scale, options):
+        vjp(x, scale, np.zeros_like(x), options)
+        return vjp.y
+
+    assert _backend_forward  # the eager backend's conversions, reused
+    backend = conformance.Backend(name="torch-compiled", forward=forward, vjp=vjp)
+    return conformance.run_case(backend, case)
+
+
+COMPILED_CASES = [
+    conformance.Case(1, option_set, "per_channel", dtype, data)
+    for option_set in ("default", *(f"mode={m}" for m in MODES), "tiny-eps", "large-eps")
+    for dtype in ("float32",)
+    for data in ("random", "hostile")
+] + [conformance.Case(1, "default", "per_channel", "float64", d) for d in ("random", "hostile")]
+
+
+@pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: c.id)
+def test_torch_compile_conformance(case):
+    """Random cases take the compiled one-pass branches, hostile ones the exact ones."""
+    result = _compiled_case_result(case)
+    assert result.passed, result
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_slices_whose_squares_all_underflow(mode):
+    # Only such slices in the batch, and an eps below their norm: the compiled one-pass
+    # branch must not take them for all-zero slices (their float32 sum of squares is 0).
+    torch._dynamo.reset()
+    x = torch.randn(2, 16, 3, 3, dtype=torch.float64)
+    x[0, :, 0, 0] *= 1e-24
+    x = x.float()
+    w = torch.rand(16) + 1
+    f = torch.compile(
+        lambda x, w: l2_normalize(x, w, eps=1e-30, eps_mode=mode), fullgraph=True, dynamic=False
+    )
+    xg = x.clone().requires_grad_(True)
+    y = f(xg, w)
+    spec = Spec.create(axis=1, eps=1e-30, eps_mode=mode)
+    assert_close_ulps(y, reference.forward(x.numpy(), w.numpy(), spec), 4)
+    g = torch.randn_like(x)
+    (dx,) = torch.autograd.grad(y, xg, g)
+    assert not dx.requires_grad  # a gradient that required grad would break optimizers
+    dx_ref, _ = reference.vjp(x.numpy(), w.numpy(), g.numpy(), spec)
+    dx_mag, _ = conformance.gradient_magnitudes(x.numpy(), w.numpy(), g.numpy(), spec)
+    assert np.max(np.abs(dx.numpy() - dx_ref) / dx_mag) <= 16 * np.finfo(np.float32).eps
+
+
 def test_torch_jit_script(model):
     scripted = torch.jit.script(model)
     x = make_inputs()
