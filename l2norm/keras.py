@@ -210,9 +210,10 @@ def _reduce_in_two(reduce: Any, v: Any, norm_axes: tuple[int, ...]) -> Any:
 
     TensorFlow's kernels add along a strided axis one term after another, so the
     rounding error grows with its length (7 ULP on the norm of 2048 channels in NCHW,
-    against 3 for the two stages). Splitting the axis ``C`` into ``(C / k, k)`` (a free reshape)
-    and reducing each part in turn bounds it by about ``C / k + k`` additions. ``reduce``
-    is a sum or a Euclidean norm: both compose.
+    against 3 for the two stages). Splitting the axis ``C`` into ``(C / k, k)`` (a free
+    reshape) and reducing each part in turn bounds it by about ``C / k + k`` additions;
+    a length without a divisor between 8 and its square root keeps one stage.
+    ``reduce`` is a sum or a Euclidean norm: both compose.
     """
     shape = tuple(v.shape)
     if len(norm_axes) == 1 and norm_axes[0] != len(shape) - 1 and None not in shape:
