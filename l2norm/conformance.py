@@ -173,6 +173,14 @@ def numpy_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def scale_values(kind: str, channels: int, rng: np.random.Generator) -> np.ndarray | None:
+    """A float64 scale of one of :data:`SCALES`: per channel in [0.5, 20), shared 20, or
+    None."""
+    if kind == "per_channel":
+        return rng.uniform(0.5, 20.0, size=(channels,))
+    return {"shared": np.array([20.0]), "none": None}[kind]
+
+
 @dataclass(frozen=True)
 class Case:
     """One conformance case; :meth:`inputs` makes its arrays deterministically."""
@@ -221,12 +229,7 @@ class Case:
         if self.data == "hostile":
             x = _plant_hostile_slices(x, self.axes(), HOSTILE[self.dtype], rng)
         cotangent = rng.standard_normal(self.shape)
-        channels = self.shape[self.axes().channel]
-        scale = {
-            "per_channel": rng.uniform(0.5, 20.0, size=(channels,)),
-            "shared": np.array([20.0]),
-            "none": None,
-        }[self.scale_kind]
+        scale = scale_values(self.scale_kind, self.shape[self.axes().channel], rng)
         with np.errstate(over="ignore"):
             return (
                 x.astype(dtype),

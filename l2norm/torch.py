@@ -234,6 +234,43 @@ def _safe_vjp_plan(
     return _safe_vjp(x, weight, g, list(plan.norm), plan.channel, plan.mode, tm, te, wide)
 
 
+# --------------------------------------------------------------------------- slice factors
+# The per-slice quantities of the unscaled formula, shared by the eager and compiled paths.
+
+
+def _trusted_sums(plan: _Plan, dtype: torch.dtype) -> tuple[float, float]:
+    """``(lo, hi)``: a plain sum of squares in ``[lo, hi]`` can be used as it is.
+
+    Above ``hi`` it overflowed (NaN and Inf fail both comparisons); below ``lo``
+    subnormal squares (absolute error <= 2**-150 each in float32) could matter.
+    """
+    finfo = torch.finfo(dtype)
+    return 4.0 * plan.k * float(finfo.tiny), float(finfo.max)
+
+
+def _ordinary_stats(n2: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
+    """``(inv_d, n)`` per slice from a trusted sum of squares (:func:`_trusted_sums`):
+    the same few slice-sized ops as the guarantee-free formula. ``n`` is None in
+    add_sumsq mode; :func:`_ordinary_c` takes both when the backward needs ``c``."""
+    if plan.mode == "add_sumsq":
+        return (n2 + plan.eps).rsqrt_(), None
+    n = n2.sqrt()
+    if plan.mode == "add_norm":
+        return (n + plan.eps).reciprocal_(), n
+    return n.clamp_min(plan.thr).reciprocal_(), n
+
+
+def _ordinary_c(inv_d: Tensor, n: Tensor | None, plan: _Plan) -> Tensor:
+    """``c = r d / n**2`` from :func:`_ordinary_stats`' results, chosen so that
+    ``dx = (sigma - c <sigma, x / d> x) / d``: ``1 / d`` (add_sumsq), ``1 / n`` (add_norm
+    and the clamp modes above the threshold), 0 below a clamp threshold or at ``n = 0``."""
+    if plan.mode == "add_sumsq":
+        return inv_d
+    if plan.mode == "add_norm":
+        return torch.where(n > 0, n.reciprocal(), torch.zeros_like(n))
+    return torch.where(n >= plan.thr, inv_d, torch.zeros_like(inv_d))
+
+
 # --------------------------------------------------------------------------- compiled path
 
 
@@ -273,8 +310,8 @@ def _ordinary_slices(a: Tensor, plan: _Plan) -> Tensor:
     NaN and Inf show up in ``a`` as NaN and Inf, overflow as Inf, underflow as a sum
     below ``4 k tiny``; a sum of 0 is fine where :func:`_zero_sum_is_exact` says so.
     """
-    finfo = torch.finfo(a.dtype)
-    ordinary = (a >= 4.0 * plan.k * float(finfo.tiny)) & (a <= float(finfo.max))
+    lo, hi = _trusted_sums(plan, a.dtype)
+    ordinary = (a >= lo) & (a <= hi)
     if _zero_sum_is_exact(plan, a.dtype):
         ordinary = ordinary | (a == 0)
     return ordinary
@@ -300,14 +337,8 @@ def _fused_forward(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
         return _fused_exact(x, w[0] if has_weight else None, plan)
 
     def usual(x: Tensor, a: Tensor, *w: Tensor) -> Tensor:
-        xw = x.to(cd)
-        if plan.mode == "add_sumsq":
-            inv_d = torch.rsqrt(a + plan.eps)
-        elif plan.mode == "add_norm":
-            inv_d = 1.0 / (torch.sqrt(a) + plan.eps)
-        else:
-            inv_d = 1.0 / torch.sqrt(a).clamp_min(plan.thr)
-        u = xw * inv_d
+        inv_d, _ = _ordinary_stats(a, plan)
+        u = x.to(cd) * inv_d
         wv = _weight_view(w[0] if has_weight else None, plan.ndim, plan.channel, u)
         return (u if wv is None else u * wv).to(x.dtype)
 
@@ -342,17 +373,8 @@ def _fused_vjp(
 
     def usual(x: Tensor, g: Tensor, a: Tensor, sx: Tensor, *w: Tensor) -> tuple[Tensor, ...]:
         xw, gw = x.to(cd), g.to(cd)
-        if plan.mode == "add_sumsq":
-            inv_d = torch.rsqrt(a + plan.eps)
-            c = inv_d
-        else:
-            n = torch.sqrt(a)
-            if plan.mode == "add_norm":
-                inv_d = 1.0 / (n + plan.eps)
-                c = torch.where(a > 0, 1.0 / n, torch.zeros_like(n))
-            else:
-                inv_d = 1.0 / n.clamp_min(plan.thr)
-                c = torch.where(n >= plan.thr, 1.0 / n, torch.zeros_like(n))
+        inv_d, n = _ordinary_stats(a, plan)
+        c = _ordinary_c(inv_d, n, plan)
         wv = _weight_view(w[0] if has_weight else None, plan.ndim, plan.channel, xw)
         sigma = gw if wv is None else gw * wv
         dx = ((sigma - (c * sx * inv_d) * xw) * inv_d).to(x.dtype)
@@ -411,7 +433,8 @@ def _fused_exact(x: Tensor, weight: Tensor | None, plan: _Plan) -> Tensor:
 
     # Slice-sized from here on.
     tm, te = _split(plan.thr)
-    mid = (a >= 4.0 * plan.k * float(finfo.tiny)) & (a <= float(finfo.max))
+    lo, hi = _trusted_sums(plan, cd)
+    mid = (a >= lo) & (a <= hi)
     over = a > 1.0  # overflowed (or Inf / NaN, handled below)
     e_lo = float(max(m + 3, te - big_exp + 3))
     e_p = torch.floor(torch.log2(amax)).clamp(min=e_lo, max=float(big_exp - 1))
@@ -484,62 +507,25 @@ def _row_plan(plan: _Plan) -> _Plan:
 
 
 def _fast_stats(n2: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
-    """``(inv_d, c, ok)`` per slice from the unscaled sum of squares.
-
-    ``c = r / (n * xhat-free)``: chosen so that ``dx = (sigma - c <sigma, x / d> x) / d``,
-    i.e. ``c = r d / n**2``: ``1 / n`` (clamp modes above the threshold, add_norm),
-    ``1 / d`` (add_sumsq), 0 below a clamp threshold. ``ok`` is False where the sum of
-    squares cannot be trusted: it overflowed, met a NaN or Inf, or is so small that
-    subnormal squares (absolute error <= 2**-150 each in float32) could matter; those
-    slices get ``inv_d = c = 0`` here and are recomputed by the safe path.
-    """
-    finfo = torch.finfo(n2.dtype)
-    lo = 4.0 * plan.k * float(finfo.tiny)
-    ok = (n2 >= lo) & (n2 <= float(finfo.max))
-    n2 = torch.where(ok, n2, torch.ones_like(n2))  # keeps the discarded slices finite
-    if plan.mode == "add_sumsq":
-        inv_d = (n2 + plan.eps).rsqrt()
-        c = inv_d
-    elif plan.mode == "add_norm":
-        n = n2.sqrt()
-        inv_d = (n + plan.eps).reciprocal()
-        c = n.reciprocal()
-    else:
-        n = n2.sqrt()
-        inv_d = n.clamp_min(plan.thr).reciprocal()
-        c = torch.where(n >= plan.thr, n.reciprocal(), torch.zeros_like(n))
+    """``(inv_d, c, ok)`` per slice from the unscaled sum of squares, for a batch that
+    holds untrusted slices (``ok`` False, see :func:`_trusted_sums`): those get
+    ``inv_d = c = 0`` here and are recomputed by the safe path."""
+    lo, hi = _trusted_sums(plan, n2.dtype)
+    ok = (n2 >= lo) & (n2 <= hi)
+    # The ones keep the discarded slices finite.
+    inv_d, n = _ordinary_stats(torch.where(ok, n2, torch.ones_like(n2)), plan)
+    c = _ordinary_c(inv_d, n, plan)
     zero = torch.zeros_like(inv_d)
     return torch.where(ok, inv_d, zero), torch.where(ok, c, zero), ok
-
-
-def _ordinary_stats(n2: Tensor, plan: _Plan) -> tuple[Tensor, Tensor | None]:
-    """``(inv_d, n)`` per slice when every slice is ordinary (see :func:`_fast_stats`):
-    the same few slice-sized ops as the guarantee-free formula; ``c`` waits for the
-    backward (:func:`_ordinary_c`)."""
-    if plan.mode == "add_sumsq":
-        return (n2 + plan.eps).rsqrt_(), None
-    n = n2.sqrt()
-    if plan.mode == "add_norm":
-        return (n + plan.eps).reciprocal_(), n
-    return n.clamp_min(plan.thr).reciprocal_(), n
-
-
-def _ordinary_c(inv_d: Tensor, n: Tensor | None, plan: _Plan) -> Tensor:
-    """:func:`_fast_stats`' ``c`` from :func:`_ordinary_stats`' results."""
-    if plan.mode == "add_sumsq":
-        return inv_d
-    if plan.mode == "add_norm":
-        return n.reciprocal()
-    return torch.where(n >= plan.thr, inv_d, torch.zeros_like(inv_d))
 
 
 def _all_ordinary(n2: Tensor, plan: _Plan) -> bool:
     """Whether every slice's sum of squares is trustworthy: one reduction, one sync.
 
     A NaN anywhere makes the extremes NaN, which fails both comparisons."""
-    finfo = torch.finfo(n2.dtype)
+    lo, hi = _trusted_sums(plan, n2.dtype)
     smallest, largest = torch.stack(torch.aminmax(n2)).tolist()
-    return 4.0 * plan.k * float(finfo.tiny) <= smallest and largest <= float(finfo.max)
+    return lo <= smallest and largest <= hi
 
 
 def _fast_forward(

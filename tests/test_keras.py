@@ -131,12 +131,7 @@ def _inputs(draw):
     x = np.where(rng.random(shape) < 0.1, 0.0, x).astype(dtype)
     g = rng.standard_normal(shape).astype(dtype)
     scale_kind = draw(st.sampled_from(["per_channel", "shared", "none"]))
-    channels = shape[axes.channel]
-    scale = {
-        "per_channel": rng.uniform(0.5, 20.0, channels),
-        "shared": np.array([20.0]),
-        "none": None,
-    }[scale_kind]
+    scale = conformance.scale_values(scale_kind, shape[axes.channel], rng)
     scale = None if scale is None else scale.astype(dtype)
     return x, scale, g, options, axes
 
@@ -203,11 +198,7 @@ def test_large_inputs_match_the_reference(layout, scale_kind, dtype, monkeypatch
     x[0, 0, 0] = 1e-3  # small entries; a zero slice would take the exact rescaling path
     g = rng.standard_normal(shape).astype(np_dtype)
     channels = shape[Spec.create(**options).resolve(len(shape)).channel]
-    scale = {
-        "per_channel": rng.uniform(0.5, 20.0, channels),
-        "shared": np.array([20.0]),
-        "none": None,
-    }[scale_kind]
+    scale = conformance.scale_values(scale_kind, channels, rng)
     scale = None if scale is None else scale.astype(np_dtype)
     result = conformance.run_case(BACKEND, _DrawnCase(x, scale, g, options))
     assert result.passed, result

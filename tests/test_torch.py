@@ -357,26 +357,25 @@ def test_torch_compile_both_branches_match_the_reference(preset, hostile):
 def _compiled_case_result(case: conformance.Case) -> conformance.CaseResult:
     """One conformance case through ``torch.compile(fullgraph=True)``, forward and VJP
     from the same compiled graph (compiled afresh: dynamo recompiles per option set)."""
-    from l2norm.torch import _backend_forward, _options_to_kwargs, _to_numpy, _to_torch
+    from l2norm.torch import _options_to_kwargs, _to_numpy, _to_torch
 
     torch._dynamo.reset()
     compiled = torch.compile(l2_normalize, fullgraph=True, dynamic=False)
 
-    def vjp(x, scale, g, options):
+    def run(x, scale, g, options):
+        """``(y, dx, dscale)`` from one compiled call and its backward."""
         xt = _to_torch(x).requires_grad_(True)
         wt = None if scale is None else _to_torch(scale).requires_grad_(True)
         y = compiled(xt, wt, **_options_to_kwargs(options))
         inputs = (xt,) if wt is None else (xt, wt)
         grads = torch.autograd.grad(y, inputs, _to_torch(g))
-        vjp.y = _to_numpy(y)
-        return _to_numpy(grads[0]), None if wt is None else _to_numpy(grads[1])
+        return _to_numpy(y), _to_numpy(grads[0]), None if wt is None else _to_numpy(grads[1])
 
-    def forward(x, scale, options):
-        vjp(x, scale, np.zeros_like(x), options)
-        return vjp.y
-
-    assert _backend_forward  # the eager backend's conversions, reused
-    backend = conformance.Backend(name="torch-compiled", forward=forward, vjp=vjp)
+    backend = conformance.Backend(
+        name="torch-compiled",
+        forward=lambda x, scale, options: run(x, scale, np.zeros_like(x), options)[0],
+        vjp=lambda x, scale, g, options: run(x, scale, g, options)[1:],
+    )
     return conformance.run_case(backend, case)
 
 
