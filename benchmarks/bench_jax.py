@@ -33,13 +33,17 @@ def _with_grad(f):
     return jax.jit(run)
 
 
-def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suite]:
-    """Jitted forward and forward+backward for an NCHW ``shape``, run channels last."""
+def suites(
+    shape: tuple[int, ...], dtype: str, quick: bool = False, device: str = "cpu"
+) -> list[Suite]:
+    """Jitted forward and forward+backward for an NCHW ``shape``, run channels last, on
+    ``device`` (``"cpu"`` or ``"cuda"``: jit runs where its inputs are)."""
     nhwc = (shape[0], *shape[2:], shape[1])
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal(nhwc, dtype=np.float32), dtype=dtype)
-    g = jnp.asarray(rng.standard_normal(nhwc, dtype=np.float32), dtype=dtype)
-    s = jnp.full((nhwc[-1],), 20.0, dtype)
+    where = jax.devices("gpu" if device == "cuda" else device)[0]
+    x = jax.device_put(jnp.asarray(rng.standard_normal(nhwc, dtype=np.float32), dtype), where)
+    g = jax.device_put(jnp.asarray(rng.standard_normal(nhwc, dtype=np.float32), dtype), where)
+    s = jax.device_put(jnp.full((nhwc[-1],), 20.0, dtype), where)
 
     def blocking(f, *args):
         return lambda: jax.block_until_ready(f(*args))
@@ -56,8 +60,8 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
         "copy": copy,
     }
     return [
-        Suite("jax", "forward", True, nhwc, dtype, forward),
-        Suite("jax", "forward+backward", True, nhwc, dtype, backward),
+        Suite("jax", "forward", True, nhwc, dtype, forward, device=device),
+        Suite("jax", "forward+backward", True, nhwc, dtype, backward, device=device),
     ]
 
 

@@ -159,8 +159,13 @@ def _no_grad(fn, x_, g_):
         return fn(x_, g_)
 
 
-def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suite]:
-    """Every (mode, eager/compiled) suite for an NCHW ``shape``, run channels last."""
+def suites(
+    shape: tuple[int, ...], dtype: str, quick: bool = False, device: str = "cpu"
+) -> list[Suite]:
+    """Every (mode, eager/compiled) suite for an NCHW ``shape``, run channels last, on
+    the CPU."""
+    if device != "cpu":
+        raise ValueError(f"the Keras benchmarks run on the CPU only, not {device!r}")
     backend = keras.backend.backend()
     if dtype != "float32":
         # The peer idioms' gradient tapes here are written for float32 only.

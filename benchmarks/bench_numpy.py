@@ -14,8 +14,12 @@ from benchmarks.harness import Suite
 from l2norm import l2_normalize, l2_normalize_vjp
 
 
-def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suite]:
-    """Forward and forward+backward on an NCHW ``shape`` (channel axis 1)."""
+def suites(
+    shape: tuple[int, ...], dtype: str, quick: bool = False, device: str = "cpu"
+) -> list[Suite]:
+    """Forward and forward+backward on an NCHW ``shape`` (channel axis 1), on the CPU."""
+    if device != "cpu":
+        raise ValueError(f"NumPy runs on the CPU only, not {device!r}")
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np_dtype)

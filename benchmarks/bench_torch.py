@@ -75,12 +75,29 @@ def saved_bytes(fn, x, w) -> int:
     return sum(seen.values())
 
 
-def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suite]:
+def _blocking(impls: dict, device: str) -> dict:
+    """The callables, each waiting for its kernels to finish (CUDA runs asynchronously)."""
+    if device == "cpu":
+        return impls
+
+    def wait(fn):
+        def run():
+            fn()
+            torch.cuda.synchronize()
+
+        return run
+
+    return {name: wait(fn) for name, fn in impls.items()}
+
+
+def suites(
+    shape: tuple[int, ...], dtype: str, quick: bool = False, device: str = "cpu"
+) -> list[Suite]:
     tdt = TORCH_DTYPES[dtype]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(tdt)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=tdt)
     # the weight follows the usual mixed-precision layout: float32 master weights
-    w = torch.full((shape[1],), 20.0)
+    w = torch.full((shape[1],), 20.0, device=device)
     w_same = w.to(tdt)  # the peers (except mmdet) need the input's dtype
     buf = torch.empty_like(x)
     copy = {"copy": lambda: buf.copy_(x)}
@@ -92,14 +109,20 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
     }
     out = [
         Suite(
-            "torch", "forward", False, shape, dtype, {"l2norm": lambda: ours(x, w), **peers, **copy}
+            "torch",
+            "forward",
+            False,
+            shape,
+            dtype,
+            _blocking({"l2norm": lambda: ours(x, w), **peers, **copy}, device),
+            device=device,
         )
     ]
 
     xg = x.clone().requires_grad_(True)
     wg = w.clone().requires_grad_(True)
     wg_same = w_same.clone().requires_grad_(True)
-    g = torch.randn(shape, generator=gen).to(tdt)
+    g = torch.randn(shape, generator=gen).to(device=device, dtype=tdt)
 
     def fwd_bwd(fn, weight):
         def run():
@@ -122,7 +145,18 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
         "mmdet": saved_bytes(mmdet_idiom, xg, wg),
         "input": x.nbytes,
     }
-    out.append(Suite("torch", "forward+backward", False, shape, dtype, {**fb, **copy}, memory))
+    out.append(
+        Suite(
+            "torch",
+            "forward+backward",
+            False,
+            shape,
+            dtype,
+            _blocking({**fb, **copy}, device),
+            memory,
+            device,
+        )
+    )
 
     out.append(
         Suite(
@@ -131,10 +165,14 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
             False,
             shape,
             dtype,
-            {
-                "l2norm": lambda: ours(x, w),
-                "without_guarantees": lambda: without_guarantees(x, w_same),
-            },
+            _blocking(
+                {
+                    "l2norm": lambda: ours(x, w),
+                    "without_guarantees": lambda: without_guarantees(x, w_same),
+                },
+                device,
+            ),
+            device=device,
         )
     )
 
@@ -148,7 +186,15 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
                 True,
                 shape,
                 dtype,
-                {"l2norm": lambda: c_ours(x, w), "torchvision": lambda: c_tv(x, w_same), **copy},
+                _blocking(
+                    {
+                        "l2norm": lambda: c_ours(x, w),
+                        "torchvision": lambda: c_tv(x, w_same),
+                        **copy,
+                    },
+                    device,
+                ),
+                device=device,
             )
         )
         out.append(
@@ -158,11 +204,15 @@ def suites(shape: tuple[int, ...], dtype: str, quick: bool = False) -> list[Suit
                 True,
                 shape,
                 dtype,
-                {
-                    "l2norm": fwd_bwd(c_ours, wg),
-                    "torchvision": fwd_bwd(c_tv, wg_same),
-                    **copy,
-                },
+                _blocking(
+                    {
+                        "l2norm": fwd_bwd(c_ours, wg),
+                        "torchvision": fwd_bwd(c_tv, wg_same),
+                        **copy,
+                    },
+                    device,
+                ),
+                device=device,
             )
         )
     return out

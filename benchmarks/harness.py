@@ -27,6 +27,7 @@ class Suite:
             ``"l2norm"`` is ours; ``"copy"`` is the memory-bandwidth bound; the rest
             are peers.
         memory: optional name -> bytes saved for backward (or peak bytes).
+        device: where the inputs live (``"cpu"``, ``"cuda"``).
     """
 
     framework: str
@@ -36,6 +37,7 @@ class Suite:
     dtype: str
     impls: dict[str, Callable[[], object]]
     memory: dict[str, int] = field(default_factory=dict)
+    device: str = "cpu"
 
 
 @dataclass

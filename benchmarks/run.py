@@ -6,10 +6,11 @@ Usage::
     python benchmarks/run.py --quick          # about a minute
     python benchmarks/run.py --output DIR     # where results.json, results.md, *.png go
     python benchmarks/run.py --frameworks torch,jax
+    python benchmarks/run.py --device cuda    # torch and jax on the GPU
 
 Each framework module ``benchmarks/bench_<name>.py`` exposes
-``suites(shape, dtype, quick) -> list[Suite]`` for an NCHW ``shape`` (it converts to
-its own layout); every suite is timed interleaved (A B A B ...), warm-up excluded,
+``suites(shape, dtype, quick, device) -> list[Suite]`` for an NCHW ``shape`` (it
+converts to its own layout); every suite is timed interleaved (A B A B ...), warm-up excluded,
 median of repeats (``benchmarks/harness.py``). Every framework (and every Keras backend)
 runs in a child process of its own: Keras picks its backend once per process, and one
 framework's thread pools, still spinning after its last op, would take cores from the
@@ -40,6 +41,8 @@ SIZES = ((1, 64, 8, 8), (2, 256, 19, 19), (8, 512, 38, 38), (32, 512, 75, 75))
 QUICK_SIZES = ((1, 64, 8, 8), (8, 512, 38, 38))
 HEADLINE = (8, 512, 38, 38)
 DTYPES = ("float32", "bfloat16")
+#: The frameworks each device can run (NumPy has no GPU; the Keras rows run on CPU).
+DEVICE_FRAMEWORKS = {"cpu": FRAMEWORKS, "cuda": ("torch", "jax")}
 
 
 def _module_for(framework: str):
@@ -55,13 +58,13 @@ def _repeats(shape: tuple[int, ...], quick: bool) -> int:
     return max(3, min(base, int(base * 6e6 / numel)))
 
 
-def run_framework(framework: str, sizes, dtypes, quick: bool) -> list[dict]:
+def run_framework(framework: str, sizes, dtypes, quick: bool, device: str = "cpu") -> list[dict]:
     """Time every suite of one framework in this process; rows of plain data."""
     module = _module_for(framework)
     rows = []
     for shape in sizes:
         for dtype in dtypes:
-            for suite in module.suites(shape, dtype, quick):
+            for suite in module.suites(shape, dtype, quick, device):
                 timing = time_suite(suite, repeats=_repeats(shape, quick), warmup=2, min_time=0.002)
                 rows.append(_row(framework, timing, shape))
     return rows
@@ -71,7 +74,7 @@ def _row(framework: str, timing: Timing, nchw: tuple[int, ...]) -> dict:
     suite = timing.suite
     return {
         "framework": framework,
-        "device": getattr(suite, "device", "cpu"),
+        "device": suite.device,
         "mode": suite.mode,
         "compiled": suite.compiled,
         "shape_nchw": list(nchw),
@@ -114,7 +117,7 @@ def _run_child(framework: str, args, sizes, dtypes) -> list[dict] | None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
-        cmd += ["--child-out", str(out), "--dtypes", ",".join(dtypes)]
+        cmd += ["--child-out", str(out), "--dtypes", ",".join(dtypes), "--device", args.device]
         cmd += ["--sizes", ";".join(",".join(map(str, s)) for s in sizes)]
         if args.quick:
             cmd.append("--quick")
@@ -230,7 +233,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a one-minute run")
     parser.add_argument("--output", default="bench-out", help="directory for the results")
-    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--device", default="cpu", choices=sorted(DEVICE_FRAMEWORKS))
+    parser.add_argument("--frameworks", help="default: every framework the device runs")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--sizes", help="NCHW sizes, e.g. '1,64,8,8;8,512,38,38'")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -240,16 +244,19 @@ def main(argv=None) -> int:
     dtypes = tuple(args.dtypes.split(","))
 
     if args.child:
-        rows = run_framework(args.child, sizes, dtypes, args.quick)
+        rows = run_framework(args.child, sizes, dtypes, args.quick, args.device)
         Path(args.child_out).write_text(json.dumps(rows))
         return 0
 
     from tqdm import tqdm
 
-    frameworks = [f for f in args.frameworks.split(",") if f]
-    unknown = sorted(set(frameworks) - set(FRAMEWORKS))
+    available = DEVICE_FRAMEWORKS[args.device]
+    frameworks = [f for f in (args.frameworks or ",".join(available)).split(",") if f]
+    unknown = sorted(set(frameworks) - set(available))
     if unknown:
-        parser.error(f"unknown frameworks {unknown}; expected some of {list(FRAMEWORKS)}")
+        parser.error(
+            f"frameworks {unknown} do not run on {args.device}; expected some of {list(available)}"
+        )
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []

@@ -997,21 +997,28 @@ def _options_to_kwargs(options: dict) -> dict:
     return kwargs
 
 
-def _backend_forward(x: np.ndarray, scale: np.ndarray | None, options: dict) -> np.ndarray:
-    w = None if scale is None else _to_torch(scale)
-    return _to_numpy(l2_normalize(_to_torch(x), w, **_options_to_kwargs(options)))
+def _backend(device: str) -> conformance.Backend:
+    """The conformance backend computing on ``device`` (NumPy in and out)."""
+
+    def forward(x: np.ndarray, scale: np.ndarray | None, options: dict) -> np.ndarray:
+        w = None if scale is None else _to_torch(scale).to(device)
+        return _to_numpy(l2_normalize(_to_torch(x).to(device), w, **_options_to_kwargs(options)))
+
+    def vjp(
+        x: np.ndarray, scale: np.ndarray | None, g: np.ndarray, options: dict
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        xt = _to_torch(x).to(device).requires_grad_(True)
+        wt = None if scale is None else _to_torch(scale).to(device).requires_grad_(True)
+        y = l2_normalize(xt, wt, **_options_to_kwargs(options))
+        inputs = (xt,) if wt is None else (xt, wt)
+        grads = torch.autograd.grad(y, inputs, _to_torch(g).to(device))
+        dx = _to_numpy(grads[0])
+        return dx, (None if wt is None else _to_numpy(grads[1]))
+
+    name = "torch" if device == "cpu" else f"torch-{device}"
+    return conformance.Backend(name=name, forward=forward, vjp=vjp)
 
 
-def _backend_vjp(
-    x: np.ndarray, scale: np.ndarray | None, g: np.ndarray, options: dict
-) -> tuple[np.ndarray, np.ndarray | None]:
-    xt = _to_torch(x).requires_grad_(True)
-    wt = None if scale is None else _to_torch(scale).requires_grad_(True)
-    y = l2_normalize(xt, wt, **_options_to_kwargs(options))
-    inputs = (xt,) if wt is None else (xt, wt)
-    grads = torch.autograd.grad(y, inputs, _to_torch(g))
-    dx = _to_numpy(grads[0])
-    return dx, (None if wt is None else _to_numpy(grads[1]))
-
-
-conformance.register(conformance.Backend(name="torch", forward=_backend_forward, vjp=_backend_vjp))
+conformance.register(_backend("cpu"))
+if torch.cuda.is_available():  # `l2norm check` on a GPU machine covers CUDA too
+    conformance.register(_backend("cuda"))

@@ -27,8 +27,9 @@ from l2norm._spec import Spec
 from l2norm.testing.strategies import hostile_arrays, options
 from l2norm.torch import L2Norm, l2_normalize
 
-BACKEND = conformance.get_backend("torch")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: The conformance backend per device (``torch``, ``torch-cuda``).
+BACKENDS = {d: conformance.get_backend("torch" if d == "cpu" else f"torch-{d}") for d in DEVICES}
 MODES = ["clamp_norm", "clamp_sumsq", "add_norm", "add_sumsq"]
 
 
@@ -57,22 +58,25 @@ def assert_close_ulps(got: torch.Tensor, want: np.ndarray, bound: float, flushes
 # --------------------------------------------------------------------------- conformance
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", list(conformance.cases()), ids=lambda c: c.id)
-def test_conformance_case(case):
-    result = conformance.run_case(BACKEND, case)
+def test_conformance_case(case, device):
+    result = conformance.run_case(BACKENDS[device], case)
     assert result.passed, (
         f"{case.id}: forward {result.forward_ulps:.3g} ULP, gradient {result.grad_eps:.3g} eps, "
         f"{result.nonfinite} non-finite mismatches, error={result.error}"
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @given(
     data=st.data(),
     dtype=st.sampled_from(["float16", "bfloat16", "float32", "float64"]),
     opts=options(),
     scale_kind=st.sampled_from(["per_channel", "shared", "none"]),
 )
-def test_matches_reference_on_hostile_inputs(data, dtype, opts, scale_kind):
+def test_matches_reference_on_hostile_inputs(device, data, dtype, opts, scale_kind):
+    backend = BACKENDS[device]
     shape = data.draw(st.lists(st.integers(1, 5), min_size=2, max_size=4).map(tuple))
     dim = data.draw(st.integers(-len(shape), len(shape) - 1))
     x_np = data.draw(
@@ -89,14 +93,14 @@ def test_matches_reference_on_hostile_inputs(data, dtype, opts, scale_kind):
     g_np = rng.standard_normal(shape).astype(npdt)
     full = {"axis": dim, **opts}
     spec = Spec.create(**full)
-    y = BACKEND.forward(x_np, scale, full)
+    y = backend.forward(x_np, scale, full)
     want = reference.forward(x_np, scale, spec)
     # Subnormal outputs are measured against the smallest normal (flushes=True): when the
     # input mixes ordinary values with subnormal ones, x / d * s rounds twice down there,
     # an absolute error below 2**-140 that says nothing about the slice. The conformance
     # cases above hold the strict measure.
     fwd = conformance.forward_error(y, want, npdt, True)
-    assert fwd <= BACKEND.forward_ulps[dtype], f"forward {fwd} ULP"
+    assert fwd <= backend.forward_ulps[dtype], f"forward {fwd} ULP"
     assert conformance._nonfinite_mismatches(y.astype(np.float64), want.astype(np.float64)) == 0
     # In a clamp mode the gradient jumps where the norm crosses the threshold; a norm within
     # float32 rounding of it may take either side (the reference decides in float64).
@@ -106,7 +110,7 @@ def test_matches_reference_on_hostile_inputs(data, dtype, opts, scale_kind):
         norm = parts.ratio * parts.d_scaled * parts.p
     near = np.abs(norm / spec.threshold - 1) < 1e-5
     assume(not (spec.eps_mode.startswith("clamp") and near.any()))
-    dx, ds = BACKEND.vjp(x_np, scale, g_np, full)
+    dx, ds = backend.vjp(x_np, scale, g_np, full)
     dx_ref, ds_ref = reference.vjp(x_np, scale, g_np, spec)
     dx_mag, ds_mag = conformance.gradient_magnitudes(x_np, scale, g_np, spec)
     round_to = conformance._round_to
@@ -120,7 +124,7 @@ def test_matches_reference_on_hostile_inputs(data, dtype, opts, scale_kind):
         npdt,
         False,
     )
-    assert grad <= BACKEND.grad_eps[dtype], f"gradient {grad} eps"
+    assert grad <= backend.grad_eps[dtype], f"gradient {grad} eps"
     assert np.isfinite(dx.astype(np.float64))[np.isfinite(dx_ref)].all()
 
 
@@ -255,12 +259,16 @@ def test_autocast_cpu_bfloat16():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast float16 needs CUDA")
 def test_autocast_cuda_float16():
+    conv = torch.nn.Conv2d(3, 16, 3, device="cuda")
     m = L2Norm(16, device="cuda")
-    x = torch.randn(2, 16, 8, 8, device="cuda") * 300
+    x = torch.randn(2, 3, 8, 8, device="cuda") * 300  # float16 squares overflow
     with torch.autocast("cuda", dtype=torch.float16):
-        y = m(x.half())
-    assert y.dtype == torch.float16
-    assert_close_ulps(y, ref_forward(x.half(), m.weight, axis=1), 1)
+        h = conv(x)
+        y = m(h)
+    assert h.dtype == torch.float16 and y.dtype == torch.float16
+    assert_close_ulps(y, ref_forward(h, m.weight, axis=1), 1)
+    y.float().sum().backward()
+    assert m.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -354,7 +362,7 @@ def test_torch_compile_both_branches_match_the_reference(preset, hostile):
     assert_close_ulps(f(x, w), want, 4)
 
 
-def _compiled_case_result(case: conformance.Case) -> conformance.CaseResult:
+def _compiled_case_result(case: conformance.Case, device: str) -> conformance.CaseResult:
     """One conformance case through ``torch.compile(fullgraph=True)``, forward and VJP
     from the same compiled graph (compiled afresh: dynamo recompiles per option set)."""
     from l2norm.torch import _options_to_kwargs, _to_numpy, _to_torch
@@ -364,11 +372,11 @@ def _compiled_case_result(case: conformance.Case) -> conformance.CaseResult:
 
     def run(x, scale, g, options):
         """``(y, dx, dscale)`` from one compiled call and its backward."""
-        xt = _to_torch(x).requires_grad_(True)
-        wt = None if scale is None else _to_torch(scale).requires_grad_(True)
+        xt = _to_torch(x).to(device).requires_grad_(True)
+        wt = None if scale is None else _to_torch(scale).to(device).requires_grad_(True)
         y = compiled(xt, wt, **_options_to_kwargs(options))
         inputs = (xt,) if wt is None else (xt, wt)
-        grads = torch.autograd.grad(y, inputs, _to_torch(g))
+        grads = torch.autograd.grad(y, inputs, _to_torch(g).to(device))
         return _to_numpy(y), _to_numpy(grads[0]), None if wt is None else _to_numpy(grads[1])
 
     backend = conformance.Backend(
@@ -387,10 +395,11 @@ COMPILED_CASES = [
 ] + [conformance.Case(1, "default", "per_channel", "float64", d) for d in ("random", "hostile")]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", COMPILED_CASES, ids=lambda c: c.id)
-def test_torch_compile_conformance(case):
+def test_torch_compile_conformance(case, device):
     """Random cases take the compiled one-pass branches, hostile ones the exact ones."""
-    result = _compiled_case_result(case)
+    result = _compiled_case_result(case, device)
     assert result.passed, result
 
 
