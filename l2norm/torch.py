@@ -139,7 +139,10 @@ def _safe_parts(
     if wide:
         e = torch.zeros_like(xw.sum(norm, keepdim=True))
     else:
-        amax = xw.abs().amax(norm, keepdim=True)
+        # Detached: e is piecewise constant, and autodiff through floor(log2(0)) of an
+        # all-zero slice would give 0 * Inf = NaN (traced, scripted and exported modules
+        # differentiate this function).
+        amax = xw.detach().abs().amax(norm, keepdim=True)
         e = torch.floor(torch.log2(amax)).clamp(min=e_lo, max=e_hi)
         e = torch.where(torch.isnan(e), torch.zeros_like(e), e)
     p = torch.pow(2.0, e)
