@@ -8,11 +8,11 @@ Peers (written out as their projects write them, see ../shared/peers.md):
 * copy: ``buf.copy_(x)`` into a preallocated buffer (the memory-bandwidth bound)
 
 Suites: eager forward, eager forward+backward (with the bytes each saves for backward,
-counted with ``torch.autograd.graph.saved_tensors_hooks``), compiled forward and
-forward+backward (``torch.compile`` of ours against the compiled torchvision idiom), and
-the cost of the
-guarantees (ours against the same fast path without the overflow check / fallback and
-without the float32 upcast).
+counted with ``torch.autograd.graph.saved_tensors_hooks``), the same two with the native
+CPU kernel (``l2norm.torch.use_cpu_kernel``; built on the first run, about a minute),
+compiled forward and forward+backward (``torch.compile`` of ours against the compiled
+torchvision idiom), and the cost of the guarantees (ours against the same fast path
+without the overflow check / fallback and without the float32 upcast).
 
 Usage::
 
@@ -30,6 +30,7 @@ if __name__ == "__main__":  # run as a script: make `benchmarks` and `l2norm` im
 import torch
 import torch.nn.functional as F
 
+import l2norm.torch as l2t
 from benchmarks.harness import Suite
 from l2norm._spec import Spec
 from l2norm.torch import _plan, _weight_view, l2_normalize
@@ -157,6 +158,26 @@ def suites(
             device,
         )
     )
+
+    if device == "cpu":
+        l2t.use_cpu_kernel()  # builds it the first time; a failure fails the benchmark
+        l2t.use_cpu_kernel(False)
+
+        def with_kernel(fn):
+            def run():
+                with l2t._kernel_enabled(True):
+                    fn()
+
+            return run
+
+        for mode, impls in (
+            ("forward", {"l2norm": lambda: ours(x, w), **peers}),
+            ("forward+backward", {**fb, "l2norm": fwd_bwd(ours, wg)}),
+        ):
+            impls["l2norm"] = with_kernel(impls["l2norm"])
+            out.append(
+                Suite("torch", f"{mode} (cpu kernel)", False, shape, dtype, {**impls, **copy})
+            )
 
     out.append(
         Suite(

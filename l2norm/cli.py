@@ -8,6 +8,7 @@ Usage::
     l2norm check --backends torch --case "1:mode=add_norm:per_channel:float16:hostile"
     l2norm check --json               # machine-readable
     l2norm check --cross-only         # only the cross-framework section
+    l2norm check --cpu-kernel         # also the native CPU kernel of l2norm.torch
 
 After the conformance table, a cross-framework section runs one random float32 input
 (with an all-zero pixel and pixels whose squares underflow or overflow) and one scale
@@ -306,10 +307,20 @@ def check(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--cross-only", action="store_true", help="run only the cross-framework section"
     )
+    parser.add_argument(
+        "--cpu-kernel",
+        action="store_true",
+        help="build l2norm.torch's native CPU kernel and check it (backend torch-cpu-kernel)",
+    )
     args = parser.parse_args(argv)
 
     wanted = set(args.backends.split(",")) if args.backends else None
     problems = _load_adapters(wanted)
+    if args.cpu_kernel and not os.environ.get(_CHILD_ENV):
+        try:
+            importlib.import_module("l2norm.torch").use_cpu_kernel()
+        except Exception as err:  # no torch, no compiler, no ninja: say so and fail
+            problems.append((f"torch-cpu-kernel: {type(err).__name__}: {err}", True))
     if args.case:
         try:
             selected = [conformance.Case.from_id(args.case)]

@@ -28,9 +28,10 @@ formula; it is not re-derived here): with ``xhat = x / n``, ``sigma = s g`` and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from l2norm import conformance
 from l2norm._spec import Axes, Spec, check_scale_shape, scale_init_values
 
-__all__ = ["L2Norm", "l2_normalize"]
+__all__ = ["L2Norm", "l2_normalize", "use_cpu_kernel"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -634,12 +635,177 @@ def _fast_vjp(
         dx.addcmul_(xc, coef * inv_d, value=-1.0)
     dx = dx.to(x.dtype)
     if any_bad:
-        rdx, rdw = _safe_vjp_plan(
-            _bad_rows(x, bad, plan), weight, _bad_rows(g, bad, plan), _row_plan(plan)
-        )
-        _put_rows(dx, bad, rdx, plan)
-        if dw is not None and rdw is not None:
-            dw = dw + rdw.to(dw.dtype).reshape(dw.shape)
+        dw = _redo_bad_rows_vjp(dx, dw, x, weight, g, bad, plan)
+    if dw is not None:
+        dw = dw.reshape(weight.shape).to(weight.dtype)
+    return dx, dw
+
+
+def _redo_bad_rows_vjp(
+    dx: Tensor,
+    dw: Tensor | None,
+    x: Tensor,
+    weight: Tensor | None,
+    g: Tensor,
+    bad: Tensor,
+    plan: _Plan,
+) -> Tensor | None:
+    """Write the safe VJP of the ``bad`` slices into ``dx``; ``dw`` plus their share."""
+    rdx, rdw = _safe_vjp_plan(
+        _bad_rows(x, bad, plan), weight, _bad_rows(g, bad, plan), _row_plan(plan)
+    )
+    _put_rows(dx, bad, rdx, plan)
+    if dw is not None and rdw is not None:
+        dw = dw + rdw.to(dw.dtype).reshape(dw.shape)
+    return dw
+
+
+# --------------------------------------------------------------------------- native CPU kernel
+# Opt-in (use_cpu_kernel): a C++ kernel built on first use with torch.utils.cpp_extension.
+# It reads each block of slices twice while the block sits in cache and sums in float64;
+# see l2norm/_cpu_kernel.cpp.
+
+_KERNEL_SOURCES = ("_cpu_kernel.cpp", "_cpu_kernel_loops.h")
+_KERNEL_MODES = {"clamp_norm": 0, "clamp_sumsq": 1, "add_norm": 2, "add_sumsq": 3}
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Slices per (outer) row below which the kernel's blocks are too short to pay off.
+KERNEL_MIN_INNER = 8
+
+
+@dataclass
+class _KernelState:
+    module: Any = None  # the built extension, once loaded
+    enabled: bool = False
+
+
+_KERNEL = _KernelState()
+
+
+def use_cpu_kernel(enabled: bool = True, *, verbose: bool = False) -> bool:
+    """Turn the native CPU kernel on (building it the first time) or off.
+
+    The kernel computes the eager forward and backward on CPU for float32, float16 and
+    bfloat16 inputs normalized over one axis, contiguous, with at least
+    :data:`KERNEL_MIN_INNER` slices after the channel axis (NCHW and the like): one read
+    of ``x`` and one write of ``y`` forward, one read of ``x`` and ``g`` and one write of
+    ``dx`` backward, sums in float64 (outputs rounded once). Other inputs, CUDA, and
+    ``torch.compile`` keep the default paths. Building needs a C++ compiler and ``ninja``
+    (``pip install ninja``); it takes about a minute once, and the result is cached by
+    PyTorch (``TORCH_EXTENSIONS_DIR``) under a name that changes with the source.
+
+    Args:
+        enabled: ``True`` to build / load and use the kernel, ``False`` to go back to the
+            default eager path.
+        verbose: show the compiler's output while building.
+
+    Returns:
+        Whether the kernel is now in use.
+
+    Raises:
+        RuntimeError: the kernel could not be built (no compiler, no ninja, ...).
+
+    Example::
+
+        >>> import l2norm.torch
+        >>> l2norm.torch.use_cpu_kernel()  # doctest: +SKIP
+        True
+    """
+    if enabled and _KERNEL.module is None:
+        _KERNEL.module = _build_kernel(verbose)
+        # `l2norm check --cpu-kernel` (and the tests) check it against the reference.
+        conformance.register(_backend("cpu", kernel=True))
+    _KERNEL.enabled = bool(enabled)
+    return _KERNEL.enabled
+
+
+def _build_kernel(verbose: bool) -> Any:
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256(b"".join((here / n).read_bytes() for n in _KERNEL_SOURCES))
+    # OpenMP runs at::parallel_for's blocks on torch's intra-op threads (GCC / Linux).
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    return cpp_extension.load(
+        name=f"l2norm_cpu_{digest.hexdigest()[:12]}",
+        sources=[str(here / _KERNEL_SOURCES[0])],
+        extra_cflags=["-O3", *openmp],
+        extra_ldflags=openmp,
+        verbose=verbose,
+    )
+
+
+def _kernel_view(t: Tensor, plan: _Plan) -> Tensor | None:
+    """``t`` as the kernel's (outer, C, inner) view, or None where the kernel does not
+    apply (see :func:`use_cpu_kernel`)."""
+    if not _KERNEL.enabled or t.device.type != "cpu" or t.dtype not in _KERNEL_DTYPES:
+        return None
+    t3 = _nc_rest(t, plan)
+    if t3 is None or t3.shape[2] < KERNEL_MIN_INNER:
+        return None
+    return t3
+
+
+def _kernel_scale(weight: Tensor | None) -> Tensor:
+    """The scale as the kernel takes it: float64, 0 (none), 1 or C entries."""
+    if weight is None:
+        return torch.empty(0, dtype=torch.float64)
+    return weight.detach().to(torch.float64).reshape(-1).contiguous()
+
+
+def _slice_shape(x: Tensor, plan: _Plan) -> list[int]:
+    shape = list(x.shape)
+    shape[plan.channel] = 1
+    return shape
+
+
+def _kernel_forward(
+    x3: Tensor, x: Tensor, weight: Tensor | None, plan: _Plan
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, inv_d, c)`` from the kernel; slices with NaN or Inf (``inv_d = c = 0``) are
+    recomputed by the safe path, as on the default eager path."""
+    y3, inv_d, c, n_bad = _KERNEL.module.forward(
+        x3, _kernel_scale(weight), _KERNEL_MODES[plan.mode], plan.eps, plan.thr
+    )
+    y = y3.view(x.shape)
+    shape = _slice_shape(x, plan)
+    inv_d, c = inv_d.view(shape), c.view(shape)
+    if n_bad:
+        bad = inv_d == 0
+        rows = _safe_forward_plan(_bad_rows(x, bad, plan), weight, _row_plan(plan))
+        _put_rows(y, bad, rows, plan)
+    return y, inv_d, c
+
+
+def _kernel_vjp(
+    x: Tensor, weight: Tensor | None, g: Tensor, inv_d: Tensor, c: Tensor, plan: _Plan
+) -> tuple[Tensor, Tensor | None]:
+    """``(dx, dweight)`` from the kernel (``inv_d``, ``c`` as :func:`_kernel_forward`
+    returns them)."""
+    g = g.contiguous()  # a broadcast cotangent (from .sum().backward()) has zero strides
+    bad = inv_d == 0
+    any_bad = bool(bad.any())
+    xk, gk = x, g
+    if any_bad:  # the kernel needs zeros there: their g x may be NaN
+        zero = torch.zeros((), dtype=x.dtype)
+        xk, gk = x.clone(), g.clone()
+        _put_rows(xk, bad, zero, plan)
+        _put_rows(gk, bad, zero, plan)
+    xk3, gk3 = _nc_rest(xk, plan), _nc_rest(gk, plan)
+    rows = (xk3.shape[0], xk3.shape[2])
+    dx3, dw = _KERNEL.module.backward(
+        xk3, gk3, _kernel_scale(weight), inv_d.reshape(rows), c.reshape(rows)
+    )
+    dx = dx3.view(x.shape)
+    if weight is None:
+        dw = None
+    elif weight.numel() == 1:
+        dw = dw.sum()
+    if any_bad:
+        dw = _redo_bad_rows_vjp(dx, dw, x, weight, g, bad, plan)
     if dw is not None:
         dw = dw.reshape(weight.shape).to(weight.dtype)
     return dx, dw
@@ -655,7 +821,12 @@ class _L2NormFunction(torch.autograd.Function):
         fits = _fast_ok(plan, _working_dtype(x.dtype))
         fast = not compiling and fits
         ctx.fast, ctx.wide, ctx.fused = fast, compiling, compiling and fits
-        if fast:
+        x3 = _kernel_view(x, plan) if fast else None
+        ctx.kernel = x3 is not None
+        if ctx.kernel:
+            y, inv_d, c = _kernel_forward(x3, x, weight, plan)
+            ctx.save_for_backward(x, weight, inv_d, c)
+        elif fast:
             y, inv_d, c, n = _fast_forward(x, weight, plan)
             ctx.save_for_backward(x, weight, inv_d, c, n)
         else:
@@ -669,7 +840,10 @@ class _L2NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         plan = ctx.plan
-        if ctx.fast and not torch.is_grad_enabled():
+        if ctx.kernel and not torch.is_grad_enabled():
+            x, weight, inv_d, c = ctx.saved_tensors
+            dx, dw = _kernel_vjp(x, weight, g, inv_d, c, plan)
+        elif ctx.fast and not torch.is_grad_enabled():
             x, weight, inv_d, c, n = ctx.saved_tensors
             dx, dw = _fast_vjp(x, weight, g, inv_d, c, n, plan)
         elif ctx.fused and not torch.is_grad_enabled():
@@ -1000,26 +1174,43 @@ def _options_to_kwargs(options: dict) -> dict:
     return kwargs
 
 
-def _backend(device: str) -> conformance.Backend:
-    """The conformance backend computing on ``device`` (NumPy in and out)."""
+def _backend(device: str, kernel: bool = False) -> conformance.Backend:
+    """The conformance backend computing on ``device`` (NumPy in and out), with the native
+    CPU kernel on or off for its calls."""
 
     def forward(x: np.ndarray, scale: np.ndarray | None, options: dict) -> np.ndarray:
         w = None if scale is None else _to_torch(scale).to(device)
-        return _to_numpy(l2_normalize(_to_torch(x).to(device), w, **_options_to_kwargs(options)))
+        with _kernel_enabled(kernel):
+            y = l2_normalize(_to_torch(x).to(device), w, **_options_to_kwargs(options))
+        return _to_numpy(y)
 
     def vjp(
         x: np.ndarray, scale: np.ndarray | None, g: np.ndarray, options: dict
     ) -> tuple[np.ndarray, np.ndarray | None]:
         xt = _to_torch(x).to(device).requires_grad_(True)
         wt = None if scale is None else _to_torch(scale).to(device).requires_grad_(True)
-        y = l2_normalize(xt, wt, **_options_to_kwargs(options))
-        inputs = (xt,) if wt is None else (xt, wt)
-        grads = torch.autograd.grad(y, inputs, _to_torch(g).to(device))
+        with _kernel_enabled(kernel):
+            y = l2_normalize(xt, wt, **_options_to_kwargs(options))
+            inputs = (xt,) if wt is None else (xt, wt)
+            grads = torch.autograd.grad(y, inputs, _to_torch(g).to(device))
         dx = _to_numpy(grads[0])
         return dx, (None if wt is None else _to_numpy(grads[1]))
 
     name = "torch" if device == "cpu" else f"torch-{device}"
-    return conformance.Backend(name=name, forward=forward, vjp=vjp)
+    return conformance.Backend(
+        name=name + ("-cpu-kernel" if kernel else ""), forward=forward, vjp=vjp
+    )
+
+
+@contextlib.contextmanager
+def _kernel_enabled(enabled: bool) -> Iterator[None]:
+    """The native CPU kernel on or off inside the block (it must be built to be on)."""
+    before = _KERNEL.enabled
+    _KERNEL.enabled = enabled
+    try:
+        yield
+    finally:
+        _KERNEL.enabled = before
 
 
 conformance.register(_backend("cpu"))

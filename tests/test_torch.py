@@ -251,6 +251,116 @@ def test_memory_saved_for_backward_is_about_the_input(dtype, kwargs):
     assert peer > 2 * x.numel() * 4
 
 
+# --------------------------------------------------------------------------- native CPU kernel
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    """The native CPU kernel, built (or loaded from torch's extension cache) once; counts
+    its forward and backward calls so that a test can show it ran. A build failure fails
+    the tests that use it: CI has a compiler and ninja."""
+    import l2norm.torch as l2t
+
+    assert l2t.use_cpu_kernel()
+    l2t.use_cpu_kernel(False)  # on only where a test asks for it
+    calls = {"forward": 0, "backward": 0}
+    real = l2t._KERNEL.module
+
+    class Counting:
+        def forward(self, *args):
+            calls["forward"] += 1
+            return real.forward(*args)
+
+        def backward(self, *args):
+            calls["backward"] += 1
+            return real.backward(*args)
+
+    l2t._KERNEL.module = Counting()
+    yield calls
+    l2t._KERNEL.module = real
+
+
+@pytest.mark.parametrize("case", list(conformance.cases()), ids=lambda c: c.id)
+def test_conformance_case_with_the_cpu_kernel(case, cpu_kernel):
+    result = conformance.run_case(conformance.get_backend("torch-cpu-kernel"), case)
+    assert result.passed, result
+
+
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
+    mode=st.sampled_from(MODES),
+    scale_kind=st.sampled_from(["per_channel", "shared", "none"]),
+)
+def test_cpu_kernel_matches_the_reference(cpu_kernel, data, dtype, mode, scale_kind):
+    # Shapes the kernel takes (channel axis 1, at least KERNEL_MIN_INNER slices after it),
+    # with hostile slices: zeros, huge, tiny, subnormal, NaN, Inf.
+    import l2norm.torch as l2t
+
+    c = data.draw(st.integers(1, 40), "channels")
+    spatial = data.draw(st.sampled_from([(8,), (3, 5), (2, 3, 4), (37,)]), "spatial")
+    shape = (data.draw(st.integers(1, 3), "batch"), c, *spatial)
+    x = data.draw(hostile_arrays(dtype, shape, axis=1, allow_nan=True, allow_infinity=True))
+    rng = np.random.default_rng(c)
+    npdt = conformance.numpy_dtype(dtype)
+    scale = conformance.scale_values(scale_kind, c, rng)
+    scale = None if scale is None else scale.astype(npdt)
+    g = rng.standard_normal(shape).astype(npdt)
+    backend = conformance.get_backend("torch-cpu-kernel")
+    before = dict(cpu_kernel)
+    options = {"axis": 1, "eps_mode": mode}
+    spec = Spec.create(**options)
+    y = backend.forward(x, scale, options)
+    fwd = conformance.forward_error(y, reference.forward(x, scale, spec), npdt, False)
+    # Sums in float64, each output rounded once: at most one rounding from the reference.
+    assert fwd <= 1, f"forward {fwd} ULP"
+    dx, ds = backend.vjp(x, scale, g, options)
+    dx_ref, ds_ref = reference.vjp(x, scale, g, spec)
+    dx_mag, ds_mag = conformance.gradient_magnitudes(x, scale, g, spec)
+    rt = conformance._round_to
+    ds_want = None if ds_ref is None else rt(ds_ref, npdt)
+    grad = conformance.gradient_error(
+        dx, rt(dx_ref, npdt), dx_mag, ds, ds_want, ds_mag, npdt, False
+    )
+    assert grad <= backend.grad_eps[dtype], f"gradient {grad} eps"
+    assert np.isfinite(dx.astype(np.float64))[np.isfinite(dx_ref)].all()
+    assert cpu_kernel["forward"] == before["forward"] + 2  # it ran, in forward and vjp
+    assert cpu_kernel["backward"] == before["backward"] + 1
+    assert l2t.KERNEL_MIN_INNER <= int(np.prod(spatial))
+
+
+def test_cpu_kernel_is_off_by_default_and_off_again(cpu_kernel):
+    import l2norm.torch as l2t
+
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    before = dict(cpu_kernel)
+    l2_normalize(x).sum().backward()  # default eager path
+    assert cpu_kernel == before
+    assert l2t.use_cpu_kernel() and not l2t.use_cpu_kernel(False)
+    l2_normalize(x)
+    assert cpu_kernel == before
+
+
+def test_cpu_kernel_memory_and_broadcast_cotangent(cpu_kernel):
+    import l2norm.torch as l2t
+
+    m = L2Norm(64)
+    x = torch.randn(4, 64, 16, 16, requires_grad=True)
+    with l2t._kernel_enabled(True):
+        # saved for backward: the input and two float64 slice-sized tensors
+        assert saved_bytes(m, x) <= 1.1 * x.numel() * x.element_size()
+        m(x).sum().backward()  # the cotangent is a zero-stride broadcast of a scalar
+    dx_ref, dw_ref = reference.vjp(
+        x.detach().numpy(), np_of(m.weight), np.ones(x.shape, np.float32), Spec.create(axis=1)
+    )
+    dx_mag, dw_mag = conformance.gradient_magnitudes(
+        x.detach().numpy(), np_of(m.weight), np.ones(x.shape, np.float32), Spec.create(axis=1)
+    )
+    assert np.max(np.abs(x.grad.numpy() - dx_ref) / dx_mag) <= 2 * np.finfo(np.float32).eps
+    assert np.max(np.abs(m.weight.grad.numpy() - dw_ref) / dw_mag) <= 2 * np.finfo(np.float32).eps
+    assert cpu_kernel["backward"] >= 1
+
+
 # --------------------------------------------------------------------------- dtypes, formats
 
 

@@ -1,0 +1,129 @@
+// The loops of l2norm/_cpu_kernel.cpp, included there twice: once compiled for AVX2 and
+// FMA, once for the baseline x86-64 (or any other) target; the entry points pick one at
+// run time. No include guard on purpose.
+
+template <typename scalar_t>
+void forward_impl(const at::Tensor& x, const at::Tensor& w, int64_t mode, double eps, double thr,
+                  at::Tensor& y, at::Tensor& inv_d_out, at::Tensor& c_out, int64_t* bad) {
+  const int64_t outer = x.size(0), C = x.size(1), inner = x.size(2);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  scalar_t* yp = y.data_ptr<scalar_t>();
+  const double* wp = w.numel() > 0 ? w.data_ptr<double>() : nullptr;
+  double* inv_dp = inv_d_out.data_ptr<double>();
+  double* cp = c_out.data_ptr<double>();
+  std::vector<int64_t> bad_per_thread(at::get_num_threads(), 0);
+  at::parallel_for(0, block_count(outer, inner), 1, [&](int64_t b0, int64_t b1) {
+    double acc[kBlock];
+    double scale[kBlock];
+    int64_t local_bad = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      const Block blk = block_of(b, inner);
+      const int64_t base = blk.outer * C * inner + blk.start;
+      std::fill(acc, acc + blk.len, 0.0);
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const scalar_t* row = xp + base + ch * inner;
+        for (int64_t p = 0; p < blk.len; ++p) {
+          const double v = static_cast<double>(row[p]);
+          acc[p] += v * v;
+        }
+      }
+      double* inv_d = inv_dp + blk.outer * inner + blk.start;
+      double* c = cp + blk.outer * inner + blk.start;
+      for (int64_t p = 0; p < blk.len; ++p) {
+        if (std::isfinite(acc[p])) {
+          slice_factors(acc[p], mode, eps, thr, &inv_d[p], &c[p]);
+        } else {  // NaN or Inf in the slice: left to the safe path
+          inv_d[p] = 0.0;
+          c[p] = 0.0;
+          ++local_bad;
+        }
+        scale[p] = inv_d[p];
+      }
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const scalar_t* row = xp + base + ch * inner;
+        scalar_t* out = yp + base + ch * inner;
+        const double wc = wp ? wp[w.numel() == 1 ? 0 : ch] : 1.0;
+        for (int64_t p = 0; p < blk.len; ++p) {
+          out[p] = static_cast<scalar_t>(static_cast<double>(row[p]) * scale[p] * wc);
+        }
+      }
+    }
+    bad_per_thread[at::get_thread_num()] += local_bad;
+  });
+  *bad = 0;
+  for (int64_t n : bad_per_thread) *bad += n;
+}
+
+// The sum of t[0..len) in kLanes independent partial sums: a reduction the compiler
+// vectorizes without -ffast-math.
+inline double lane_sum(const double* t, int64_t len) {
+  constexpr int64_t kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t p = 0;
+  for (; p + kLanes <= len; p += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += t[p + j];
+  }
+  for (; p < len; ++p) lanes[0] += t[p];
+  double total = 0.0;
+  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+  return total;
+}
+
+template <typename scalar_t>
+void backward_impl(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w,
+                   const at::Tensor& inv_d_in, const at::Tensor& c_in, at::Tensor& dx,
+                   at::Tensor& dw) {
+  const int64_t outer = x.size(0), C = x.size(1), inner = x.size(2);
+  const scalar_t* xp = x.data_ptr<scalar_t>();
+  const scalar_t* gp = g.data_ptr<scalar_t>();
+  scalar_t* dxp = dx.data_ptr<scalar_t>();
+  const double* wp = w.numel() > 0 ? w.data_ptr<double>() : nullptr;
+  const bool shared = w.numel() == 1;
+  const double* inv_dp = inv_d_in.data_ptr<double>();
+  const double* cp = c_in.data_ptr<double>();
+  const int threads = at::get_num_threads();
+  // Per-thread partial sums of g x / d per channel (the scale's gradient).
+  std::vector<double> partial(static_cast<size_t>(threads) * C, 0.0);
+  at::parallel_for(0, block_count(outer, inner), 1, [&](int64_t b0, int64_t b1) {
+    double ip[kBlock];
+    double k[kBlock];
+    double t[kBlock];
+    double* dw_part = partial.data() + static_cast<size_t>(at::get_thread_num()) * C;
+    for (int64_t b = b0; b < b1; ++b) {
+      const Block blk = block_of(b, inner);
+      const int64_t base = blk.outer * C * inner + blk.start;
+      const double* inv_d = inv_dp + blk.outer * inner + blk.start;
+      const double* c = cp + blk.outer * inner + blk.start;
+      std::fill(ip, ip + blk.len, 0.0);
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const scalar_t* xr = xp + base + ch * inner;
+        const scalar_t* gr = gp + base + ch * inner;
+        const double wc = wp ? wp[shared ? 0 : ch] : 1.0;
+        for (int64_t p = 0; p < blk.len; ++p) {
+          const double gx = static_cast<double>(gr[p]) * static_cast<double>(xr[p]);
+          ip[p] += wc * gx;
+          t[p] = gx * inv_d[p];
+        }
+        dw_part[ch] += lane_sum(t, blk.len);
+      }
+      for (int64_t p = 0; p < blk.len; ++p) k[p] = c[p] * ip[p] * inv_d[p];
+      for (int64_t ch = 0; ch < C; ++ch) {
+        const scalar_t* xr = xp + base + ch * inner;
+        const scalar_t* gr = gp + base + ch * inner;
+        scalar_t* out = dxp + base + ch * inner;
+        const double wc = wp ? wp[shared ? 0 : ch] : 1.0;
+        for (int64_t p = 0; p < blk.len; ++p) {
+          const double v = (wc * static_cast<double>(gr[p]) - k[p] * static_cast<double>(xr[p])) *
+                           inv_d[p];
+          out[p] = static_cast<scalar_t>(v);
+        }
+      }
+    }
+  });
+  double* dwp = dw.data_ptr<double>();
+  for (int64_t ch = 0; ch < C; ++ch) {
+    double total = 0.0;
+    for (int t = 0; t < threads; ++t) total += partial[static_cast<size_t>(t) * C + ch];
+    dwp[ch] = total;
+  }
+}
