@@ -170,13 +170,17 @@ def suites(
 
             return run
 
-        for mode, impls in (
-            ("forward", {"l2norm": lambda: ours(x, w), **peers}),
-            ("forward+backward", {**fb, "l2norm": fwd_bwd(ours, wg)}),
+        with l2t._kernel_enabled(True):
+            kernel_memory = {"l2norm": saved_bytes(ours, xg, wg), "input": x.nbytes}
+        for mode, impls, memory in (
+            ("forward", {"l2norm": lambda: ours(x, w), **peers}, {}),
+            ("forward+backward", {**fb, "l2norm": fwd_bwd(ours, wg)}, kernel_memory),
         ):
             impls["l2norm"] = with_kernel(impls["l2norm"])
             out.append(
-                Suite("torch", f"{mode} (cpu kernel)", False, shape, dtype, {**impls, **copy})
+                Suite(
+                    "torch", f"{mode} (cpu kernel)", False, shape, dtype, {**impls, **copy}, memory
+                )
             )
 
     out.append(
