@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -693,6 +694,9 @@ def use_cpu_kernel(enabled: bool = True, *, verbose: bool = False) -> bool:
     (``pip install ninja``); it takes about a minute once, and the result is cached by
     PyTorch (``TORCH_EXTENSIONS_DIR``) under a name that changes with the source.
 
+    Setting the environment variable ``L2NORM_CPU_KERNEL=1`` calls this when
+    ``l2norm.torch`` is imported.
+
     Args:
         enabled: ``True`` to build / load and use the kernel, ``False`` to go back to the
             default eager path.
@@ -1216,3 +1220,5 @@ def _kernel_enabled(enabled: bool) -> Iterator[None]:
 conformance.register(_backend("cpu"))
 if torch.cuda.is_available():  # `l2norm check` on a GPU machine covers CUDA too
     conformance.register(_backend("cuda"))
+if os.environ.get("L2NORM_CPU_KERNEL", "") == "1":  # a deployment-wide switch
+    use_cpu_kernel()

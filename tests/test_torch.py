@@ -12,6 +12,8 @@ import datetime
 import io
 import os
 import socket
+import subprocess
+import sys
 import time
 import warnings
 
@@ -329,6 +331,17 @@ def test_cpu_kernel_matches_the_reference(cpu_kernel, data, dtype, mode, scale_k
     assert l2t.KERNEL_MIN_INNER <= int(np.prod(spatial))
 
 
+def test_cpu_kernel_environment_switch(cpu_kernel):
+    # A fresh process: the import turns the kernel on (loaded from torch's cache).
+    code = "import l2norm.torch as t; print(t._KERNEL.enabled, t._KERNEL.module is not None)"
+    for value, want in (("1", "True True"), ("", "False False")):
+        env = dict(os.environ, L2NORM_CPU_KERNEL=value)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.split() == want.split(), out.stderr
+
+
 def test_cpu_kernel_is_off_by_default_and_off_again(cpu_kernel):
     import l2norm.torch as l2t
 
@@ -378,28 +391,27 @@ def test_dtypes_are_kept_and_computed_wide(device, dtype):
     assert torch.isfinite(x.grad).all()
 
 
-def test_autocast_cpu_bfloat16():
-    conv = torch.nn.Conv2d(3, 16, 3)
-    m = L2Norm(16)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param(
+            "cuda",
+            torch.float16,
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="autocast float16 needs CUDA"
+            ),
+        ),
+    ],
+)
+def test_autocast(device, dtype):
+    conv = torch.nn.Conv2d(3, 16, 3, device=device)
+    m = L2Norm(16, device=device)
+    x = torch.randn(2, 3, 8, 8, device=device) * 300  # float16 squares overflow
+    with torch.autocast(device, dtype=dtype):
         h = conv(x)
         y = m(h)
-    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
-    assert_close_ulps(y, ref_forward(h, m.weight, axis=1), 1)
-    y.float().sum().backward()
-    assert m.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="autocast float16 needs CUDA")
-def test_autocast_cuda_float16():
-    conv = torch.nn.Conv2d(3, 16, 3, device="cuda")
-    m = L2Norm(16, device="cuda")
-    x = torch.randn(2, 3, 8, 8, device="cuda") * 300  # float16 squares overflow
-    with torch.autocast("cuda", dtype=torch.float16):
-        h = conv(x)
-        y = m(h)
-    assert h.dtype == torch.float16 and y.dtype == torch.float16
+    assert h.dtype == dtype and y.dtype == dtype
     assert_close_ulps(y, ref_forward(h, m.weight, axis=1), 1)
     y.float().sum().backward()
     assert m.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
