@@ -2,8 +2,9 @@
 // l2norm.torch.use_cpu_kernel(); see docs/pytorch.md).
 //
 // The input is viewed as (outer, C, inner), contiguous, normalized over C: NCHW with
-// outer = N and inner = H * W. Each block of `kBlock` neighbouring slices (pixels) is
-// read twice while it sits in the core's cache, so a forward reads x from memory once
+// outer = N and inner = H * W, or rows (inner = 1) for channels-last memory. Each block
+// of `kBlock` neighbouring slices (pixels), or each row, is read twice while it sits in
+// the core's cache, so a forward reads x from memory once
 // and writes y once, and a backward reads x and g once and writes dx once; the aten
 // fast path makes about three times as many passes.
 //
@@ -56,6 +57,21 @@ inline Block block_of(int64_t id, int64_t inner) {
   const int64_t outer = id / per_row;
   const int64_t start = (id % per_row) * kBlock;
   return {outer, start, std::min(kBlock, inner - start)};
+}
+
+// Independent partial sums in the row loops: reductions the compiler vectorizes without
+// reordering any one sum (so no -ffast-math).
+constexpr int64_t kLanes = 8;
+
+// Rows per task in the row loops: about 32k elements.
+inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
+
+// The scale as C doubles (none: ones; shared: repeated).
+inline std::vector<double> per_channel(const at::Tensor& w, int64_t C) {
+  if (w.numel() == 0) return std::vector<double>(C, 1.0);
+  const double* wp = w.data_ptr<double>();
+  if (w.numel() == 1) return std::vector<double>(C, wp[0]);
+  return std::vector<double>(wp, wp + C);
 }
 
 inline int64_t block_count(int64_t outer, int64_t inner) {

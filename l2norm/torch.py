@@ -669,7 +669,8 @@ def _redo_bad_rows_vjp(
 _KERNEL_SOURCES = ("_cpu_kernel.cpp", "_cpu_kernel_loops.h")
 _KERNEL_MODES = {"clamp_norm": 0, "clamp_sumsq": 1, "add_norm": 2, "add_sumsq": 3}
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-#: Slices per (outer) row below which the kernel's blocks are too short to pay off.
+#: Slices after the channel axis (in memory) below which the kernel's blocks are too short
+#: to pay off; 1 (channels innermost) runs the kernel's row loops instead.
 KERNEL_MIN_INNER = 8
 
 
@@ -686,10 +687,11 @@ def use_cpu_kernel(enabled: bool = True, *, verbose: bool = False) -> bool:
     """Turn the native CPU kernel on (building it the first time) or off.
 
     The kernel computes the eager forward and backward on CPU for float32, float16 and
-    bfloat16 inputs normalized over one axis, contiguous, with at least
-    :data:`KERNEL_MIN_INNER` slices after the channel axis (NCHW and the like): one read
-    of ``x`` and one write of ``y`` forward, one read of ``x`` and ``g`` and one write of
-    ``dx`` backward, sums in float64 (outputs rounded once). Other inputs, CUDA, and
+    bfloat16 inputs normalized over one axis, dense in memory, with the channel axis
+    innermost in memory (channels-last, ``(N, C)``) or at least :data:`KERNEL_MIN_INNER`
+    slices after it (NCHW and the like): one read of ``x`` and one write of ``y``
+    forward, one read of ``x`` and ``g`` and one write of ``dx`` backward, sums in float64
+    (outputs rounded once). Other inputs, CUDA, and
     ``torch.compile`` keep the default paths. Building needs a C++ compiler and ``ninja``
     (``pip install ninja``); it takes about a minute once, and the result is cached by
     PyTorch (``TORCH_EXTENSIONS_DIR``) under a name that changes with the source.
@@ -742,15 +744,46 @@ def _build_kernel(verbose: bool) -> Any:
     )
 
 
-def _kernel_view(t: Tensor, plan: _Plan) -> Tensor | None:
-    """``t`` as the kernel's (outer, C, inner) view, or None where the kernel does not
-    apply (see :func:`use_cpu_kernel`)."""
-    if not _KERNEL.enabled or t.device.type != "cpu" or t.dtype not in _KERNEL_DTYPES:
+@dataclass(frozen=True)
+class _KernelLayout:
+    """How the kernel sees a tensor: ``t.permute(order)`` is contiguous and viewed as
+    ``rows = (outer, C, inner)``; NCHW is the identity order, channels-last memory puts
+    the channel last (inner = 1)."""
+
+    order: tuple[int, ...]
+    rows: tuple[int, int, int]
+
+    def to_kernel(self, t: Tensor) -> Tensor:
+        """``t`` (like the input) in the kernel's layout; a copy only if ``t``'s memory
+        is laid out otherwise (a cotangent in another memory format, a broadcast)."""
+        return t.permute(self.order).contiguous().view(self.rows)
+
+    def from_kernel(self, t3: Tensor, shape: Sequence[int]) -> Tensor:
+        """The kernel's output or per-slice tensor (``shape`` with the channel 1) back
+        in the input's dimension order: a view with the input's memory format."""
+        permuted = t3.view([shape[d] for d in self.order])
+        return permuted.permute([self.order.index(d) for d in range(len(shape))])
+
+
+def _kernel_layout(x: Tensor, plan: _Plan) -> _KernelLayout | None:
+    """The kernel's view of ``x``, or None where the kernel does not apply (see
+    :func:`use_cpu_kernel`)."""
+    if (
+        not _KERNEL.enabled
+        or x.device.type != "cpu"
+        or x.dtype not in _KERNEL_DTYPES
+        or plan.norm != (plan.channel,)
+    ):
         return None
-    t3 = _nc_rest(t, plan)
-    if t3 is None or t3.shape[2] < KERNEL_MIN_INNER:
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))  # stable on ties
+    if not x.permute(order).is_contiguous():
+        return None  # not dense (a slice of a larger tensor, expanded, ...)
+    at = order.index(plan.channel)
+    outer = math.prod(x.shape[d] for d in order[:at])
+    inner = math.prod(x.shape[d] for d in order[at + 1 :])
+    if 1 < inner < KERNEL_MIN_INNER:
         return None
-    return t3
+    return _KernelLayout(order, (outer, int(x.shape[plan.channel]), inner))
 
 
 def _kernel_scale(weight: Tensor | None) -> Tensor:
@@ -760,37 +793,42 @@ def _kernel_scale(weight: Tensor | None) -> Tensor:
     return weight.detach().to(torch.float64).reshape(-1).contiguous()
 
 
-def _slice_shape(x: Tensor, plan: _Plan) -> list[int]:
+def _kernel_slices(t: Tensor, x: Tensor, layout: _KernelLayout, plan: _Plan) -> Tensor:
+    """A kernel's per-slice ``(outer, inner)`` tensor, slice-shaped like ``x`` (keepdim)."""
     shape = list(x.shape)
     shape[plan.channel] = 1
-    return shape
+    return layout.from_kernel(t, shape)
 
 
 def _kernel_forward(
-    x3: Tensor, x: Tensor, weight: Tensor | None, plan: _Plan
+    x: Tensor, weight: Tensor | None, layout: _KernelLayout, plan: _Plan
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(y, inv_d, c)`` from the kernel; slices with NaN or Inf (``inv_d = c = 0``) are
-    recomputed by the safe path, as on the default eager path."""
+    """``(y, inv_d, c)`` from the kernel, ``inv_d`` and ``c`` in its ``(outer, inner)``
+    layout; slices with NaN or Inf (``inv_d = c = 0``) are recomputed by the safe path,
+    as on the default eager path."""
     y3, inv_d, c, n_bad = _KERNEL.module.forward(
-        x3, _kernel_scale(weight), _KERNEL_MODES[plan.mode], plan.eps, plan.thr
+        layout.to_kernel(x), _kernel_scale(weight), _KERNEL_MODES[plan.mode], plan.eps, plan.thr
     )
-    y = y3.view(x.shape)
-    shape = _slice_shape(x, plan)
-    inv_d, c = inv_d.view(shape), c.view(shape)
+    y = layout.from_kernel(y3, x.shape)
     if n_bad:
-        bad = inv_d == 0
+        bad = _kernel_slices(inv_d, x, layout, plan) == 0
         rows = _safe_forward_plan(_bad_rows(x, bad, plan), weight, _row_plan(plan))
         _put_rows(y, bad, rows, plan)
     return y, inv_d, c
 
 
 def _kernel_vjp(
-    x: Tensor, weight: Tensor | None, g: Tensor, inv_d: Tensor, c: Tensor, plan: _Plan
+    x: Tensor,
+    weight: Tensor | None,
+    g: Tensor,
+    inv_d: Tensor,
+    c: Tensor,
+    layout: _KernelLayout,
+    plan: _Plan,
 ) -> tuple[Tensor, Tensor | None]:
     """``(dx, dweight)`` from the kernel (``inv_d``, ``c`` as :func:`_kernel_forward`
     returns them)."""
-    g = g.contiguous()  # a broadcast cotangent (from .sum().backward()) has zero strides
-    bad = inv_d == 0
+    bad = _kernel_slices(inv_d, x, layout, plan) == 0
     any_bad = bool(bad.any())
     xk, gk = x, g
     if any_bad:  # the kernel needs zeros there: their g x may be NaN
@@ -798,12 +836,10 @@ def _kernel_vjp(
         xk, gk = x.clone(), g.clone()
         _put_rows(xk, bad, zero, plan)
         _put_rows(gk, bad, zero, plan)
-    xk3, gk3 = _nc_rest(xk, plan), _nc_rest(gk, plan)
-    rows = (xk3.shape[0], xk3.shape[2])
     dx3, dw = _KERNEL.module.backward(
-        xk3, gk3, _kernel_scale(weight), inv_d.reshape(rows), c.reshape(rows)
+        layout.to_kernel(xk), layout.to_kernel(gk), _kernel_scale(weight), inv_d, c
     )
-    dx = dx3.view(x.shape)
+    dx = layout.from_kernel(dx3, x.shape)
     if weight is None:
         dw = None
     elif weight.numel() == 1:
@@ -825,10 +861,9 @@ class _L2NormFunction(torch.autograd.Function):
         fits = _fast_ok(plan, _working_dtype(x.dtype))
         fast = not compiling and fits
         ctx.fast, ctx.wide, ctx.fused = fast, compiling, compiling and fits
-        x3 = _kernel_view(x, plan) if fast else None
-        ctx.kernel = x3 is not None
-        if ctx.kernel:
-            y, inv_d, c = _kernel_forward(x3, x, weight, plan)
+        ctx.kernel = _kernel_layout(x, plan) if fast else None
+        if ctx.kernel is not None:
+            y, inv_d, c = _kernel_forward(x, weight, ctx.kernel, plan)
             ctx.save_for_backward(x, weight, inv_d, c)
         elif fast:
             y, inv_d, c, n = _fast_forward(x, weight, plan)
@@ -844,9 +879,9 @@ class _L2NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         plan = ctx.plan
-        if ctx.kernel and not torch.is_grad_enabled():
+        if ctx.kernel is not None and not torch.is_grad_enabled():
             x, weight, inv_d, c = ctx.saved_tensors
-            dx, dw = _kernel_vjp(x, weight, g, inv_d, c, plan)
+            dx, dw = _kernel_vjp(x, weight, g, inv_d, c, ctx.kernel, plan)
         elif ctx.fast and not torch.is_grad_enabled():
             x, weight, inv_d, c, n = ctx.saved_tensors
             dx, dw = _fast_vjp(x, weight, g, inv_d, c, n, plan)

@@ -295,14 +295,17 @@ def test_conformance_case_with_the_cpu_kernel(case, cpu_kernel):
     scale_kind=st.sampled_from(["per_channel", "shared", "none"]),
 )
 def test_cpu_kernel_matches_the_reference(cpu_kernel, data, dtype, mode, scale_kind):
-    # Shapes the kernel takes (channel axis 1, at least KERNEL_MIN_INNER slices after it),
-    # with hostile slices: zeros, huge, tiny, subnormal, NaN, Inf.
+    # Shapes the kernel takes: channel axis 1 with at least KERNEL_MIN_INNER slices after
+    # it (its block loops), or the channel axis last (its row loops); hostile slices:
+    # zeros, huge, tiny, subnormal, NaN, Inf.
     import l2norm.torch as l2t
 
     c = data.draw(st.integers(1, 40), "channels")
     spatial = data.draw(st.sampled_from([(8,), (3, 5), (2, 3, 4), (37,)]), "spatial")
-    shape = (data.draw(st.integers(1, 3), "batch"), c, *spatial)
-    x = data.draw(hostile_arrays(dtype, shape, axis=1, allow_nan=True, allow_infinity=True))
+    batch = data.draw(st.integers(1, 3), "batch")
+    axis = data.draw(st.sampled_from([1, -1]), "axis")
+    shape = (batch, c, *spatial) if axis == 1 else (batch, *spatial, c)
+    x = data.draw(hostile_arrays(dtype, shape, axis=axis, allow_nan=True, allow_infinity=True))
     rng = np.random.default_rng(c)
     npdt = conformance.numpy_dtype(dtype)
     scale = conformance.scale_values(scale_kind, c, rng)
@@ -310,7 +313,7 @@ def test_cpu_kernel_matches_the_reference(cpu_kernel, data, dtype, mode, scale_k
     g = rng.standard_normal(shape).astype(npdt)
     backend = conformance.get_backend("torch-cpu-kernel")
     before = dict(cpu_kernel)
-    options = {"axis": 1, "eps_mode": mode}
+    options = {"axis": axis, "eps_mode": mode}
     spec = Spec.create(**options)
     y = backend.forward(x, scale, options)
     fwd = conformance.forward_error(y, reference.forward(x, scale, spec), npdt, False)
@@ -328,7 +331,45 @@ def test_cpu_kernel_matches_the_reference(cpu_kernel, data, dtype, mode, scale_k
     assert np.isfinite(dx.astype(np.float64))[np.isfinite(dx_ref)].all()
     assert cpu_kernel["forward"] == before["forward"] + 2  # it ran, in forward and vjp
     assert cpu_kernel["backward"] == before["backward"] + 1
-    assert l2t.KERNEL_MIN_INNER <= int(np.prod(spatial))
+    assert axis == -1 or l2t.KERNEL_MIN_INNER <= int(np.prod(spatial))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_keeps_channels_last(cpu_kernel, dtype):
+    # channels_last memory: the kernel's row loops, output and gradient in the same format
+    import l2norm.torch as l2t
+
+    x = (torch.randn(2, 24, 5, 7) * 3).to(dtype)
+    x[0, :, 1, 1] = 0.0
+    x[1, :, 2, 3] = float("nan")
+    x[1, :3, 0, 0] = 3e38  # squares overflow in float32
+    x = x.to(memory_format=torch.channels_last).requires_grad_(True)
+    w = (torch.rand(24) + 0.5).requires_grad_(True)
+    g = torch.randn(2, 24, 5, 7).to(dtype)  # contiguous NCHW: the kernel copies it
+    before = dict(cpu_kernel)
+    with l2t._kernel_enabled(True):
+        y = l2_normalize(x, w)
+        dx, dw = torch.autograd.grad(y, (x, w), g)
+    assert cpu_kernel["forward"] == before["forward"] + 1
+    assert cpu_kernel["backward"] == before["backward"] + 1
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    npdt = conformance.numpy_dtype(str(dtype).removeprefix("torch."))
+    xn, gn, wn = np_of(x), np_of(g), np_of(w).astype(npdt)
+    spec = Spec.create(axis=1)
+    assert_close_ulps(y, reference.forward(xn, wn, spec), 1)
+    dx_ref, dw_ref = reference.vjp(xn, wn, gn, spec)
+    dx_mag, dw_mag = conformance.gradient_magnitudes(xn, wn, gn, spec)
+    grad = conformance.gradient_error(
+        np_of(dx),
+        conformance._round_to(dx_ref, npdt),
+        dx_mag,
+        np_of(dw).astype(npdt),
+        conformance._round_to(dw_ref, npdt),
+        dw_mag,
+        npdt,
+        False,
+    )
+    assert grad <= 2, f"gradient {grad} eps"
 
 
 def test_cpu_kernel_environment_switch(cpu_kernel):
