@@ -29,23 +29,41 @@ constexpr int64_t kBlock = 512;  // slices per block: x and g blocks stay in L2 
 enum Mode : int64_t { kClampNorm = 0, kClampSumsq = 1, kAddNorm = 2, kAddSumsq = 3 };
 
 // 1 / d(n) and c = r d / n^2 (so that dx = (sigma - c <sigma, x / d> x) / d), as
-// l2norm.torch._ordinary_stats and _ordinary_c define them.
-inline void slice_factors(double n2, int64_t mode, double eps, double thr, double* inv_d,
+// l2norm.torch._ordinary_stats and _ordinary_c define them, from the slice's sum of
+// squares. False, with both 0, for a slice holding NaN or Inf (left to the safe path).
+inline bool slice_factors(double n2, int64_t mode, double eps, double thr, double* inv_d,
                           double* c) {
+  if (!std::isfinite(n2)) {
+    *inv_d = 0.0;
+    *c = 0.0;
+    return false;
+  }
   if (mode == kAddSumsq) {
     *inv_d = 1.0 / std::sqrt(n2 + eps);
     *c = *inv_d;
-    return;
+    return true;
   }
   const double n = std::sqrt(n2);
   if (mode == kAddNorm) {
     *inv_d = 1.0 / (n + eps);
     *c = n > 0 ? 1.0 / n : 0.0;
-    return;
+    return true;
   }
   // Both clamp modes: d = max(n, thr), thr = eps or sqrt(eps).
   *inv_d = 1.0 / std::max(n, thr);
   *c = n >= thr ? *inv_d : 0.0;
+  return true;
+}
+
+// dw[ch] = the sum over threads of their partial sums (threads x C, row-major).
+inline void sum_partials(const std::vector<double>& partial, int threads, int64_t C,
+                         at::Tensor& dw) {
+  double* dwp = dw.data_ptr<double>();
+  for (int64_t ch = 0; ch < C; ++ch) {
+    double total = 0.0;
+    for (int t = 0; t < threads; ++t) total += partial[static_cast<size_t>(t) * C + ch];
+    dwp[ch] = total;
+  }
 }
 
 struct Block {

@@ -32,13 +32,7 @@ void forward_rows(const at::Tensor& x, const std::vector<double>& w, int64_t mod
       }
       double n2 = 0.0;
       for (int64_t j = 0; j < kLanes; ++j) n2 += lanes[j];
-      if (std::isfinite(n2)) {
-        slice_factors(n2, mode, eps, thr, &inv_dp[r], &cp[r]);
-      } else {  // NaN or Inf in the slice: left to the safe path
-        inv_dp[r] = 0.0;
-        cp[r] = 0.0;
-        ++local_bad;
-      }
+      local_bad += !slice_factors(n2, mode, eps, thr, &inv_dp[r], &cp[r]);
       const double inv_d = inv_dp[r];
       scalar_t* out = yp + r * C;
       for (ch = 0; ch < C; ++ch) {
@@ -90,12 +84,7 @@ void backward_rows(const at::Tensor& x, const at::Tensor& g, const std::vector<d
       }
     }
   });
-  double* dwp = dw.data_ptr<double>();
-  for (int64_t ch = 0; ch < C; ++ch) {
-    double total = 0.0;
-    for (int t = 0; t < threads; ++t) total += partial[static_cast<size_t>(t) * C + ch];
-    dwp[ch] = total;
-  }
+  sum_partials(partial, threads, C, dw);
 }
 
 template <typename scalar_t>
@@ -130,13 +119,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, int64_t mode, double
       double* inv_d = inv_dp + blk.outer * inner + blk.start;
       double* c = cp + blk.outer * inner + blk.start;
       for (int64_t p = 0; p < blk.len; ++p) {
-        if (std::isfinite(acc[p])) {
-          slice_factors(acc[p], mode, eps, thr, &inv_d[p], &c[p]);
-        } else {  // NaN or Inf in the slice: left to the safe path
-          inv_d[p] = 0.0;
-          c[p] = 0.0;
-          ++local_bad;
-        }
+        local_bad += !slice_factors(acc[p], mode, eps, thr, &inv_d[p], &c[p]);
         scale[p] = inv_d[p];
       }
       for (int64_t ch = 0; ch < C; ++ch) {
@@ -223,10 +206,5 @@ void backward_impl(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w
       }
     }
   });
-  double* dwp = dw.data_ptr<double>();
-  for (int64_t ch = 0; ch < C; ++ch) {
-    double total = 0.0;
-    for (int t = 0; t < threads; ++t) total += partial[static_cast<size_t>(t) * C + ch];
-    dwp[ch] = total;
-  }
+  sum_partials(partial, threads, C, dw);
 }
