@@ -1,5 +1,5 @@
 // The optional native CPU kernel of l2norm.torch (built on demand by
-// l2norm.torch.use_cpu_kernel(); see docs/pytorch.md).
+// l2norm.torch.use_cpu_kernel(); see docs/torch.md).
 //
 // The input is viewed as (outer, C, inner), contiguous, normalized over C: NCHW with
 // outer = N and inner = H * W, or rows (inner = 1) for channels-last memory. Each block
@@ -11,8 +11,8 @@
 // Sums are accumulated in double: a float's square is exact in double and cannot
 // overflow or underflow there, so every finite float32 / float16 / bfloat16 slice gets
 // its exact-to-1e-13 norm with no pre-scaling, and each output is rounded once. Slices
-// holding NaN or Inf get inv_d = c = 0 here; the Python side recomputes them with the
-// branch-free safe path (as it does for the aten fast path).
+// holding NaN or Inf get inv_d = c = 0 here; the Python side finds them by that mark and
+// recomputes them with the branch-free safe path (as it does for the aten fast path).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -30,29 +30,28 @@ enum Mode : int64_t { kClampNorm = 0, kClampSumsq = 1, kAddNorm = 2, kAddSumsq =
 
 // 1 / d(n) and c = r d / n^2 (so that dx = (sigma - c <sigma, x / d> x) / d), as
 // l2norm.torch._ordinary_stats and _ordinary_c define them, from the slice's sum of
-// squares. False, with both 0, for a slice holding NaN or Inf (left to the safe path).
-inline bool slice_factors(double n2, int64_t mode, double eps, double thr, double* inv_d,
+// squares; both 0 for a slice holding NaN or Inf (left to the safe path).
+inline void slice_factors(double n2, int64_t mode, double eps, double thr, double* inv_d,
                           double* c) {
   if (!std::isfinite(n2)) {
     *inv_d = 0.0;
     *c = 0.0;
-    return false;
+    return;
   }
   if (mode == kAddSumsq) {
     *inv_d = 1.0 / std::sqrt(n2 + eps);
     *c = *inv_d;
-    return true;
+    return;
   }
   const double n = std::sqrt(n2);
   if (mode == kAddNorm) {
     *inv_d = 1.0 / (n + eps);
     *c = n > 0 ? 1.0 / n : 0.0;
-    return true;
+    return;
   }
   // Both clamp modes: d = max(n, thr), thr = eps or sqrt(eps).
   *inv_d = 1.0 / std::max(n, thr);
   *c = n >= thr ? *inv_d : 0.0;
-  return true;
 }
 
 // dw[ch] = the sum over threads of their partial sums (threads x C, row-major).
@@ -84,7 +83,7 @@ constexpr int64_t kLanes = 8;
 // Rows per task in the row loops: about 32k elements.
 inline int64_t row_grain(int64_t C) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)); }
 
-// The scale as C doubles (none: ones; shared: repeated).
+// The scale as C doubles (none: ones; shared: repeated), so that the loops need no case.
 inline std::vector<double> per_channel(const at::Tensor& w, int64_t C) {
   if (w.numel() == 0) return std::vector<double>(C, 1.0);
   const double* wp = w.data_ptr<double>();
@@ -139,28 +138,26 @@ void check_scale(const at::Tensor& w, const at::Tensor& x) {
               "the scale must be a contiguous float64 tensor of 0, 1 or C entries");
 }
 
-// (y, inv_d, c, bad): y like x; inv_d, c (outer, inner) float64; bad: how many slices
-// hold NaN or Inf (their inv_d and c are 0 and their y is to be recomputed).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> forward(const at::Tensor& x,
-                                                                const at::Tensor& w,
-                                                                int64_t mode, double eps,
-                                                                double thr) {
+// (y, inv_d, c): y like x; inv_d, c (outer, inner) float64, both 0 on the slices that
+// hold NaN or Inf (their y is to be recomputed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& w,
+                                                       int64_t mode, double eps, double thr) {
   check_input(x, "x");
   check_scale(w, x);
   auto y = at::empty_like(x);
   auto opts = x.options().dtype(at::kDouble);
   auto inv_d = at::empty({x.size(0), x.size(2)}, opts);
   auto c = at::empty({x.size(0), x.size(2)}, opts);
-  int64_t bad = 0;
+  const std::vector<double> scale = per_channel(w, x.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2norm_forward",
                                   [&] {
     if (use_avx2()) {
-      L2NORM_AVX2(forward_impl<scalar_t>(x, w, mode, eps, thr, y, inv_d, c, &bad));
+      L2NORM_AVX2(forward_impl<scalar_t>(x, scale, mode, eps, thr, y, inv_d, c));
     } else {
-      generic::forward_impl<scalar_t>(x, w, mode, eps, thr, y, inv_d, c, &bad);
+      generic::forward_impl<scalar_t>(x, scale, mode, eps, thr, y, inv_d, c);
     }
   });
-  return {y, inv_d, c, bad};
+  return {y, inv_d, c};
 }
 
 // (dx, dw): dx like x; dw (C) float64, the sum of g x / d over the slices, per channel.
@@ -181,12 +178,13 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& x, const at::Tenso
   check_scale(w, x);
   auto dx = at::empty_like(x);
   auto dw = at::empty({x.size(1)}, x.options().dtype(at::kDouble));
+  const std::vector<double> scale = per_channel(w, x.size(1));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "l2norm_backward",
                                   [&] {
     if (use_avx2()) {
-      L2NORM_AVX2(backward_impl<scalar_t>(x, g, w, inv_d, c, dx, dw));
+      L2NORM_AVX2(backward_impl<scalar_t>(x, g, scale, inv_d, c, dx, dw));
     } else {
-      generic::backward_impl<scalar_t>(x, g, w, inv_d, c, dx, dw);
+      generic::backward_impl<scalar_t>(x, g, scale, inv_d, c, dx, dw);
     }
   });
   return {dx, dw};

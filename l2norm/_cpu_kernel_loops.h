@@ -6,16 +6,13 @@
 // its squares in kLanes partial sums and a second, from cache, writes it.
 template <typename scalar_t>
 void forward_rows(const at::Tensor& x, const std::vector<double>& w, int64_t mode, double eps,
-                  double thr, at::Tensor& y, at::Tensor& inv_d_out, at::Tensor& c_out,
-                  int64_t* bad) {
+                  double thr, at::Tensor& y, at::Tensor& inv_d_out, at::Tensor& c_out) {
   const int64_t rows = x.size(0), C = x.size(1);
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
   double* inv_dp = inv_d_out.data_ptr<double>();
   double* cp = c_out.data_ptr<double>();
-  std::vector<int64_t> bad_per_thread(at::get_num_threads(), 0);
   at::parallel_for(0, rows, row_grain(C), [&](int64_t r0, int64_t r1) {
-    int64_t local_bad = 0;
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* row = xp + r * C;
       double lanes[kLanes] = {};
@@ -32,17 +29,14 @@ void forward_rows(const at::Tensor& x, const std::vector<double>& w, int64_t mod
       }
       double n2 = 0.0;
       for (int64_t j = 0; j < kLanes; ++j) n2 += lanes[j];
-      local_bad += !slice_factors(n2, mode, eps, thr, &inv_dp[r], &cp[r]);
+      slice_factors(n2, mode, eps, thr, &inv_dp[r], &cp[r]);
       const double inv_d = inv_dp[r];
       scalar_t* out = yp + r * C;
       for (ch = 0; ch < C; ++ch) {
         out[ch] = static_cast<scalar_t>(static_cast<double>(row[ch]) * inv_d * w[ch]);
       }
     }
-    bad_per_thread[at::get_thread_num()] += local_bad;
   });
-  *bad = 0;
-  for (int64_t n : bad_per_thread) *bad += n;
 }
 
 template <typename scalar_t>
@@ -88,23 +82,19 @@ void backward_rows(const at::Tensor& x, const at::Tensor& g, const std::vector<d
 }
 
 template <typename scalar_t>
-void forward_impl(const at::Tensor& x, const at::Tensor& w, int64_t mode, double eps, double thr,
-                  at::Tensor& y, at::Tensor& inv_d_out, at::Tensor& c_out, int64_t* bad) {
+void forward_impl(const at::Tensor& x, const std::vector<double>& w, int64_t mode, double eps,
+                  double thr, at::Tensor& y, at::Tensor& inv_d_out, at::Tensor& c_out) {
   const int64_t outer = x.size(0), C = x.size(1), inner = x.size(2);
   if (inner == 1) {
-    forward_rows<scalar_t>(x, per_channel(w, C), mode, eps, thr, y, inv_d_out, c_out, bad);
+    forward_rows<scalar_t>(x, w, mode, eps, thr, y, inv_d_out, c_out);
     return;
   }
   const scalar_t* xp = x.data_ptr<scalar_t>();
   scalar_t* yp = y.data_ptr<scalar_t>();
-  const double* wp = w.numel() > 0 ? w.data_ptr<double>() : nullptr;
   double* inv_dp = inv_d_out.data_ptr<double>();
   double* cp = c_out.data_ptr<double>();
-  std::vector<int64_t> bad_per_thread(at::get_num_threads(), 0);
   at::parallel_for(0, block_count(outer, inner), 1, [&](int64_t b0, int64_t b1) {
     double acc[kBlock];
-    double scale[kBlock];
-    int64_t local_bad = 0;
     for (int64_t b = b0; b < b1; ++b) {
       const Block blk = block_of(b, inner);
       const int64_t base = blk.outer * C * inner + blk.start;
@@ -119,22 +109,18 @@ void forward_impl(const at::Tensor& x, const at::Tensor& w, int64_t mode, double
       double* inv_d = inv_dp + blk.outer * inner + blk.start;
       double* c = cp + blk.outer * inner + blk.start;
       for (int64_t p = 0; p < blk.len; ++p) {
-        local_bad += !slice_factors(acc[p], mode, eps, thr, &inv_d[p], &c[p]);
-        scale[p] = inv_d[p];
+        slice_factors(acc[p], mode, eps, thr, &inv_d[p], &c[p]);
       }
       for (int64_t ch = 0; ch < C; ++ch) {
         const scalar_t* row = xp + base + ch * inner;
         scalar_t* out = yp + base + ch * inner;
-        const double wc = wp ? wp[w.numel() == 1 ? 0 : ch] : 1.0;
+        const double wc = w[ch];
         for (int64_t p = 0; p < blk.len; ++p) {
-          out[p] = static_cast<scalar_t>(static_cast<double>(row[p]) * scale[p] * wc);
+          out[p] = static_cast<scalar_t>(static_cast<double>(row[p]) * inv_d[p] * wc);
         }
       }
     }
-    bad_per_thread[at::get_thread_num()] += local_bad;
   });
-  *bad = 0;
-  for (int64_t n : bad_per_thread) *bad += n;
 }
 
 // The sum of t[0..len) in kLanes independent partial sums: a reduction the compiler
@@ -152,19 +138,17 @@ inline double lane_sum(const double* t, int64_t len) {
 }
 
 template <typename scalar_t>
-void backward_impl(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w,
+void backward_impl(const at::Tensor& x, const at::Tensor& g, const std::vector<double>& w,
                    const at::Tensor& inv_d_in, const at::Tensor& c_in, at::Tensor& dx,
                    at::Tensor& dw) {
   const int64_t outer = x.size(0), C = x.size(1), inner = x.size(2);
   if (inner == 1) {
-    backward_rows<scalar_t>(x, g, per_channel(w, C), inv_d_in, c_in, dx, dw);
+    backward_rows<scalar_t>(x, g, w, inv_d_in, c_in, dx, dw);
     return;
   }
   const scalar_t* xp = x.data_ptr<scalar_t>();
   const scalar_t* gp = g.data_ptr<scalar_t>();
   scalar_t* dxp = dx.data_ptr<scalar_t>();
-  const double* wp = w.numel() > 0 ? w.data_ptr<double>() : nullptr;
-  const bool shared = w.numel() == 1;
   const double* inv_dp = inv_d_in.data_ptr<double>();
   const double* cp = c_in.data_ptr<double>();
   const int threads = at::get_num_threads();
@@ -184,7 +168,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w
       for (int64_t ch = 0; ch < C; ++ch) {
         const scalar_t* xr = xp + base + ch * inner;
         const scalar_t* gr = gp + base + ch * inner;
-        const double wc = wp ? wp[shared ? 0 : ch] : 1.0;
+        const double wc = w[ch];
         for (int64_t p = 0; p < blk.len; ++p) {
           const double gx = static_cast<double>(gr[p]) * static_cast<double>(xr[p]);
           ip[p] += wc * gx;
@@ -197,7 +181,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w
         const scalar_t* xr = xp + base + ch * inner;
         const scalar_t* gr = gp + base + ch * inner;
         scalar_t* out = dxp + base + ch * inner;
-        const double wc = wp ? wp[shared ? 0 : ch] : 1.0;
+        const double wc = w[ch];
         for (int64_t p = 0; p < blk.len; ++p) {
           const double v = (wc * static_cast<double>(gr[p]) - k[p] * static_cast<double>(xr[p])) *
                            inv_d[p];

@@ -29,11 +29,14 @@ formula; it is not re-derived here): with ``xhat = x / n``, ``sigma = s g`` and
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import numbers
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -725,11 +728,7 @@ def use_cpu_kernel(enabled: bool = True, *, verbose: bool = False) -> bool:
 
 
 def _build_kernel(verbose: bool) -> Any:
-    import hashlib
-    import sys
-    from pathlib import Path
-
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # imported only when a kernel is built
 
     here = Path(__file__).resolve().parent
     digest = hashlib.sha256(b"".join((here / n).read_bytes() for n in _KERNEL_SOURCES))
@@ -806,12 +805,12 @@ def _kernel_forward(
     """``(y, inv_d, c)`` from the kernel, ``inv_d`` and ``c`` in its ``(outer, inner)``
     layout; slices with NaN or Inf (``inv_d = c = 0``) are recomputed by the safe path,
     as on the default eager path."""
-    y3, inv_d, c, n_bad = _KERNEL.module.forward(
+    y3, inv_d, c = _KERNEL.module.forward(
         layout.to_kernel(x), _kernel_scale(weight), _KERNEL_MODES[plan.mode], plan.eps, plan.thr
     )
     y = layout.from_kernel(y3, x.shape)
-    if n_bad:
-        bad = _kernel_slices(inv_d, x, layout, plan) == 0
+    bad = _kernel_slices(inv_d, x, layout, plan) == 0
+    if bool(bad.any()):
         rows = _safe_forward_plan(_bad_rows(x, bad, plan), weight, _row_plan(plan))
         _put_rows(y, bad, rows, plan)
     return y, inv_d, c

@@ -57,6 +57,25 @@ def assert_close_ulps(got: torch.Tensor, want: np.ndarray, bound: float, flushes
     assert err <= bound and nonfinite == 0, f"{err} ULP, {nonfinite} non-finite mismatches"
 
 
+def gradient_error_vs_reference(dx, ds, x, scale, g, spec, npdt) -> tuple[float, np.ndarray]:
+    """The conformance suite's gradient measure (eps relative to the slice) of NumPy
+    gradients ``(dx, ds)`` against the reference VJP, and the reference's ``dx``."""
+    dx_ref, ds_ref = reference.vjp(x, scale, g, spec)
+    dx_mag, ds_mag = conformance.gradient_magnitudes(x, scale, g, spec)
+    round_to = conformance._round_to
+    error = conformance.gradient_error(
+        dx,
+        round_to(dx_ref, npdt),
+        dx_mag,
+        ds,
+        None if ds_ref is None else round_to(ds_ref, npdt),
+        ds_mag,
+        npdt,
+        False,
+    )
+    return error, dx_ref
+
+
 # --------------------------------------------------------------------------- conformance
 
 
@@ -113,19 +132,7 @@ def test_matches_reference_on_hostile_inputs(device, data, dtype, opts, scale_ki
     near = np.abs(norm / spec.threshold - 1) < 1e-5
     assume(not (spec.eps_mode.startswith("clamp") and near.any()))
     dx, ds = backend.vjp(x_np, scale, g_np, full)
-    dx_ref, ds_ref = reference.vjp(x_np, scale, g_np, spec)
-    dx_mag, ds_mag = conformance.gradient_magnitudes(x_np, scale, g_np, spec)
-    round_to = conformance._round_to
-    grad = conformance.gradient_error(
-        dx,
-        round_to(dx_ref, npdt),
-        dx_mag,
-        ds,
-        None if ds_ref is None else round_to(ds_ref, npdt),
-        ds_mag,
-        npdt,
-        False,
-    )
+    grad, dx_ref = gradient_error_vs_reference(dx, ds, x_np, scale, g_np, spec, npdt)
     assert grad <= backend.grad_eps[dtype], f"gradient {grad} eps"
     assert np.isfinite(dx.astype(np.float64))[np.isfinite(dx_ref)].all()
 
@@ -320,13 +327,7 @@ def test_cpu_kernel_matches_the_reference(cpu_kernel, data, dtype, mode, scale_k
     # Sums in float64, each output rounded once: at most one rounding from the reference.
     assert fwd <= 1, f"forward {fwd} ULP"
     dx, ds = backend.vjp(x, scale, g, options)
-    dx_ref, ds_ref = reference.vjp(x, scale, g, spec)
-    dx_mag, ds_mag = conformance.gradient_magnitudes(x, scale, g, spec)
-    rt = conformance._round_to
-    ds_want = None if ds_ref is None else rt(ds_ref, npdt)
-    grad = conformance.gradient_error(
-        dx, rt(dx_ref, npdt), dx_mag, ds, ds_want, ds_mag, npdt, False
-    )
+    grad, dx_ref = gradient_error_vs_reference(dx, ds, x, scale, g, spec, npdt)
     assert grad <= backend.grad_eps[dtype], f"gradient {grad} eps"
     assert np.isfinite(dx.astype(np.float64))[np.isfinite(dx_ref)].all()
     assert cpu_kernel["forward"] == before["forward"] + 2  # it ran, in forward and vjp
@@ -357,18 +358,7 @@ def test_cpu_kernel_keeps_channels_last(cpu_kernel, dtype):
     xn, gn, wn = np_of(x), np_of(g), np_of(w).astype(npdt)
     spec = Spec.create(axis=1)
     assert_close_ulps(y, reference.forward(xn, wn, spec), 1)
-    dx_ref, dw_ref = reference.vjp(xn, wn, gn, spec)
-    dx_mag, dw_mag = conformance.gradient_magnitudes(xn, wn, gn, spec)
-    grad = conformance.gradient_error(
-        np_of(dx),
-        conformance._round_to(dx_ref, npdt),
-        dx_mag,
-        np_of(dw).astype(npdt),
-        conformance._round_to(dw_ref, npdt),
-        dw_mag,
-        npdt,
-        False,
-    )
+    grad, _ = gradient_error_vs_reference(np_of(dx), np_of(dw).astype(npdt), xn, wn, gn, spec, npdt)
     assert grad <= 2, f"gradient {grad} eps"
 
 
