@@ -9,14 +9,33 @@ of the conformance cases and the tests.
 
 from __future__ import annotations
 
-from decimal import Context, Decimal
+from decimal import Context, Decimal, localcontext
 
 import numpy as np
 
+from l2norm._modes import get_mode
 from l2norm._spec import Axes, Spec
 
 _CTX = Context(prec=60, Emax=10**6, Emin=-(10**6))
 _NAN = float("nan")
+
+
+class _DecimalNamespace:
+    """The array namespace of :mod:`l2norm._modes`, for one Decimal at a time."""
+
+    sqrt = staticmethod(_CTX.sqrt)
+
+    @staticmethod
+    def where(condition: bool, a: Decimal, b: Decimal) -> Decimal:
+        return a if condition else b
+
+    @staticmethod
+    def ones_like(_: Decimal) -> Decimal:
+        return Decimal(1)
+
+    @staticmethod
+    def zeros_like(_: Decimal) -> Decimal:
+        return Decimal(0)
 
 
 def _rows(a: np.ndarray, axes: Axes) -> np.ndarray:
@@ -57,18 +76,13 @@ def _slice_terms(values: list[float], spec: Spec):
         ]
         return xhat, xhat, None, None
     xs = [Decimal(v) for v in values]
-    n = c.sqrt(sum((c.multiply(v, v) for v in xs), Decimal(0)))
+    sumsq = sum((c.multiply(v, v) for v in xs), Decimal(0))
+    n = c.sqrt(sumsq)
+    mode = get_mode(spec.eps_mode)
     eps = Decimal(spec.eps)
-    thr = c.sqrt(eps) if spec.eps_mode.endswith("sumsq") else eps
-    if spec.eps_mode == "add_sumsq":
-        d = c.sqrt(n * n + eps)
-        r = c.divide(n * n, d * d)
-    elif spec.eps_mode == "add_norm":
-        d = n + eps
-        r = c.divide(n, d)
-    else:
-        d = max(n, thr)
-        r = Decimal(1) if n >= thr else Decimal(0)
+    with localcontext(c):  # the table's operators at the oracle's precision
+        d = mode.denominator(_DecimalNamespace, sumsq, n, eps)
+        r, _ = mode.ratio(_DecimalNamespace, sumsq, n, d, eps)
     xhat = [c.divide(v, n) for v in xs] if n > 0 else [Decimal(0)] * len(xs)
     u = [c.divide(v, d) for v in xs]
     return u, xhat, d, r

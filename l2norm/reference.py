@@ -54,6 +54,7 @@ from typing import Any
 import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
 import numpy as np
 
+from l2norm._modes import get_mode
 from l2norm._spec import Axes, Spec, check_float_dtype, check_scale_shape
 
 __all__ = ["l2_normalize", "l2_normalize_vjp", "forward", "vjp"]
@@ -90,29 +91,16 @@ def _parts(xw: np.ndarray, spec: Spec, axes: Axes) -> _Parts:
     _, exponent = np.frexp(largest)
     p = np.ldexp(np.ones_like(largest), exponent - 1)  # p <= largest < 2p; 0.5 for zero slices
     xs = xw / p  # exact: p is a power of two
-    ns = np.sqrt(np.sum(xs * xs, **keep))
+    sumsq = np.sum(xs * xs, **keep)
+    ns = np.sqrt(sumsq)
     positive = ns > 0
     xhat = np.divide(xs, ns, out=np.zeros_like(xs), where=positive)
 
-    eps_s = spec.eps / p
-    thr_s = spec.threshold / p
-    mode = spec.eps_mode
-    if mode == "add_sumsq":
-        d_s = np.hypot(ns, np.sqrt(spec.eps) / p)
-    elif mode == "add_norm":
-        d_s = ns + eps_s
-    else:
-        d_s = np.maximum(ns, thr_s)
+    mode = get_mode(spec.eps_mode)
+    eps_s = mode.scaled_eps(spec.eps, p)
+    d_s = mode.denominator(np, sumsq, ns, eps_s)
     ratio = ns / d_s
-    if mode == "add_sumsq":
-        r = ratio * ratio
-        one_minus_r = np.square(np.sqrt(spec.eps) / p / d_s)
-    elif mode == "add_norm":
-        r = ratio
-        one_minus_r = eps_s / d_s
-    else:
-        r = (ns >= thr_s).astype(xw.dtype)
-        one_minus_r = 1 - r
+    r, one_minus_r = mode.ratio(np, sumsq, ns, d_s, eps_s)
     # In the Inf limit n / d(n) -> 1 whatever the mode.
     ratio = np.where(inf_slice, 1, ratio).astype(xw.dtype)
     return _Parts(

@@ -1,0 +1,312 @@
+r"""How every fast lowering stays exact without branches: a ladder of scaled sums of squares.
+
+A lowering must give every finite slice its norm without overflow or underflow, treat
+every slice the same way (so that one sample's result never depends on its neighbours),
+read nothing back to the host and make one pass over the input. It does so by summing
+the squares of each slice at a few fixed power-of-two scales at once, the *rungs* of a
+ladder, and keeping per slice the most finely scaled sum that stayed finite:
+
+.. math::
+
+    A_j = \sum_i \left(x_i\, 2^{s_j}\right)^2, \qquad s_1 > s_2 > \dots > s_R .
+
+This is LAPACK 3.10's ``nrm2`` idea (Anderson 2017, after Blue 1978: constant scales, no
+division, associative) reorganised so that every element goes to every rung and the
+choice is made per slice afterwards: a rung's sum is finite exactly when it did not
+overflow, and the rungs are spaced (:func:`make_ladder`) so that the highest finite one
+has lost at most ``2**-m`` of its value to underflowed squares, ``m`` = the accumulator's
+mantissa bits + 8. Where the accumulator is wide enough for every square of the data
+(float32 or half data summed in float64, half data in float32) the ladder has one rung,
+``s = 0``, and the scheme is the plain sum of squares.
+
+Per slice the chosen rung gives ``d`` in its units (``d_s = d 2**s``, eps scaled along,
+:meth:`~l2norm._modes.EpsMode.scaled_eps`), and the full-size passes are
+
+* forward ``u = x / d = ((x 2**s) / d_s)`` with the power of two applied before the
+  division for ``s > 0`` and after it for ``s < 0`` (so no intermediate leaves the range),
+  then ``y = scale * u``;
+* backward ``dx = ((sigma - c <sigma, u> u) / d_s) 2**s`` with ``sigma = scale * g`` and
+  ``c`` the coupling of :mod:`l2norm._modes`; ``dscale = sum g u``.
+
+NaN and Inf need no branch either: a NaN reaches every rung (NaN slice, NaN out); a slice
+holding ±Inf (and no NaN) overflows every rung and has a non-zero count of infinities,
+summed with the rungs: its finite entries map to 0, its ``k`` infinite entries to
+``±1 / sqrt(k)`` (the reference's limit) and its input gradient is 0, all by selects.
+
+Backends whose CPU kernels read subnormal operands as zero (XLA, TensorFlow) pass an
+``upscale`` that builds ``x 2**s`` from the bits for the top rung, the only one that
+serves slices made of subnormals.
+
+This module is framework-free: it takes an array namespace ``xp`` (NumPy, torch,
+jax.numpy, TensorFlow) and the lowering's own reduction; :mod:`l2norm._modes` supplies
+the per-placement formulas.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from l2norm._modes import EpsMode, get_mode
+
+__all__ = ["FORMATS", "FloatFormat", "Ladder", "SliceFactors", "make_ladder"]
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """The exponent range of a binary floating-point format.
+
+    Attributes:
+        min_exp: the smallest normal number is ``2**min_exp``.
+        max_exp: every finite number is below ``2**max_exp``.
+        mant: explicit mantissa bits (the smallest subnormal is ``2**(min_exp - mant)``).
+    """
+
+    min_exp: int
+    max_exp: int
+    mant: int
+
+    @property
+    def subnormal_exp(self) -> int:
+        return self.min_exp - self.mant
+
+
+FORMATS: dict[str, FloatFormat] = {
+    "float16": FloatFormat(-14, 16, 10),
+    "bfloat16": FloatFormat(-126, 128, 7),
+    "float32": FloatFormat(-126, 128, 23),
+    "float64": FloatFormat(-1022, 1024, 52),
+}
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """The rungs of one call: everything static (hashable, a JAX static argument).
+
+    Attributes:
+        mode: the eps placement.
+        shifts: the rungs' exponents ``s_j``, decreasing; the first finite rung is used.
+        eps: eps in each rung's units (clamped below to the accumulator's smallest normal,
+            so a zero slice keeps ``d > 0``).
+        exact_top: whether the top rung may serve slices whose entries are subnormal in
+            the accumulator (then a flushing backend must scale them up from their bits).
+    """
+
+    mode: EpsMode
+    shifts: tuple[int, ...]
+    eps: tuple[float, ...]
+    exact_top: bool
+
+    @property
+    def single(self) -> bool:
+        """One rung at ``s = 0``: the plain sum of squares, nothing scaled."""
+        return self.shifts == (0,)
+
+
+@functools.lru_cache(maxsize=512)
+def make_ladder(data: str, acc: str, size: int, eps_mode: str, eps: float) -> Ladder:
+    """The ladder for slices of ``size`` entries of dtype ``data`` summed in dtype ``acc``.
+
+    With ``lk = ceil(log2 size)`` and ``m`` the precision margin, a rung ``s``:
+
+    * serves as the top rung if even a slice of one smallest subnormal sums to at least
+      ``size 2**(min_exp + m)`` there, so that the underflowed squares (each below
+      ``2**min_exp``) weigh at most ``2**-m``: ``s_1 >= (min_exp + lk + m) / 2 - sub``;
+    * may follow the rung ``s + delta`` if a sum that overflowed there is still precise
+      here: ``delta <= (max_exp - min_exp - lk - m) / 2``;
+    * serves as the bottom rung if no finite slice overflows it:
+      ``2 (top + s) + lk <= max_exp - 2``.
+
+    Rungs are placed around ``s = 0`` when that needs no more of them than the greedy
+    placement from the top, so ordinary activations are summed unscaled.
+    """
+    fmt, accf = FORMATS[data], FORMATS[acc]
+    mode = get_mode(eps_mode)
+    lk = max(0, math.ceil(math.log2(max(size, 1))))
+    margin = accf.mant + 8
+    top_min = math.ceil((accf.min_exp + lk + margin) / 2 - fmt.subnormal_exp)
+    bottom_max = math.floor((accf.max_exp - 2 - lk) / 2 - fmt.max_exp)
+    delta = (accf.max_exp - accf.min_exp - lk - margin) // 2
+    if delta < 1:
+        raise ValueError(f"slices of {size} entries are too long for {acc} sums")
+    # No rung above the one where eps itself would near overflow: a slice that needs a
+    # finer rung than that is dominated by eps, whose scale then hides the data's error.
+    eps_cap = math.floor((accf.max_exp - 3 - math.log2(eps)) / mode.power)
+    top_min = max(min(top_min, eps_cap), bottom_max if eps_cap < bottom_max else -(10**9))
+    if top_min <= bottom_max:
+        shifts: tuple[int, ...] = (min(max(0, top_min), bottom_max),)
+    else:
+        shifts = _around_zero(top_min, bottom_max, delta)
+        greedy = _greedy(top_min, bottom_max, delta)
+        if len(greedy) < len(shifts):
+            shifts = greedy
+    highest = 2.0 ** (accf.max_exp - 2)
+    rung_eps = tuple(
+        min(max(mode.scaled_eps(eps, 2.0**-s), 2.0**accf.min_exp), highest) for s in shifts
+    )
+    exact_top = shifts[0] > 0 and fmt.subnormal_exp < accf.min_exp
+    return Ladder(mode, shifts, rung_eps, exact_top)
+
+
+def _around_zero(top_min: int, bottom_max: int, delta: int) -> tuple[int, ...]:
+    up, s = [], 0
+    while s < top_min:
+        s = min(s + delta, top_min)
+        up.append(s)
+    down, s = [], 0
+    while s > bottom_max:
+        s = max(s - delta, bottom_max)
+        down.append(s)
+    return (*reversed(up), 0, *down)
+
+
+def _greedy(top_min: int, bottom_max: int, delta: int) -> tuple[int, ...]:
+    shifts = [top_min]
+    while shifts[-1] > bottom_max:
+        shifts.append(max(shifts[-1] - delta, bottom_max))
+    return tuple(shifts)
+
+
+# --------------------------------------------------------------------------- the passes
+
+
+class SliceFactors(NamedTuple):
+    """Per-slice factors (each shaped like a slice, keepdims), in the accumulator dtype.
+
+    Full-size passes (:func:`normalized`, :func:`input_grad`) read ``x`` through
+    ``((x pre) * f) * post`` with ``f = inv_d`` (forward, ``u = x / d``) or ``f = inv_n``
+    (backward, ``xhat = x / n``), ``x pre`` read from the bits on the top rung where
+    ``top`` says so. For a one-rung ladder ``pre``, ``post``, ``unit`` and ``top`` are None.
+    """
+
+    inv_d: Any  # 1 / d in the chosen rung's units; 0 in Inf slices, NaN in NaN slices
+    inv_n: Any  # 1 / n in the same units; 0 where n = 0 and in Inf slices
+    r: Any  # n d'(n) / d(n) (l2norm._modes), 0 in Inf slices
+    ratio: Any  # n / d: u = ratio * xhat; 1 in Inf slices (the limit)
+    rinf: Any  # 1 / sqrt(number of infinities), for the Inf slices' infinite entries
+    pre: Any  # 2**s for s > 0, else 1
+    post: Any  # 2**s for s < 0, else 1
+    unit: Any  # 2**s
+    top: Any  # the slice uses the top rung (only where the ladder needs exact scaling)
+
+
+Upscale = Callable[[Any, int], Any]
+
+
+def plain_upscale(x: Any, shift: int) -> Any:
+    """``x * 2**shift`` by multiplication (backends that keep subnormal operands)."""
+    return x * 2.0**shift if shift else x
+
+
+def sums(
+    xp: Any, x: Any, ladder: Ladder, reduce: Callable[[Any], Any], upscale: Upscale = plain_upscale
+) -> tuple[list[Any], Any]:
+    """``([A_j], n_inf)``: each rung's sum of squares and the count of infinities per slice.
+
+    ``x`` is in the accumulator dtype; ``reduce`` sums over the normalized axes (kept).
+    Written as independent reductions over the same input: XLA and Inductor fuse them
+    into one pass.
+    """
+    rung_sums = []
+    for j, s in enumerate(ladder.shifts):
+        xs = upscale(x, s) if j == 0 and ladder.exact_top else plain_upscale(x, s)
+        rung_sums.append(reduce(xs * xs))
+    infinite = xp.where(xp.isinf(x), xp.ones_like(x), xp.zeros_like(x))
+    return rung_sums, reduce(infinite)
+
+
+def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> SliceFactors:
+    """Choose each slice's rung (the first finite one, by decreasing shift) and return
+    the factors of the full-size passes. Slice-sized work only.
+
+    Written so that autodiff through it (traced and exported torch modules, double
+    backward, JAX's higher-order gradients) meets no ``0 * Inf``: a rung that overflowed
+    is computed on a stand-in sum of 1 and then not chosen, and NaN and Inf slices get
+    their factors by explicit selects.
+    """
+    mode = ladder.mode
+    chosen = None
+    for j in reversed(range(len(ladder.shifts))):
+        raw = rung_sums[j]
+        ones, zeros = xp.ones_like(raw), xp.zeros_like(raw)
+        usable = raw < math.inf  # False where it overflowed, and for NaN
+        a = xp.where(usable, raw, ones)
+        positive = a > 0
+        n = xp.where(positive, xp.sqrt(xp.where(positive, a, ones)), zeros)
+        eps = ones * ladder.eps[j]
+        d = mode.denominator(xp, a, n, eps)
+        r, _ = mode.ratio(xp, a, n, d, eps)
+        s = ladder.shifts[j]
+        fields = (
+            1 / d,
+            xp.where(positive, 1 / xp.where(positive, n, ones), zeros),
+            r,
+            n / d,
+            ones * 2.0 ** max(s, 0),
+            ones * 2.0 ** min(s, 0),
+            ones * 2.0**s,
+            ones if j == 0 else zeros,
+        )
+        if chosen is None:  # the bottom rung: every finite slice fits it
+            chosen = fields
+            bottom = raw
+        else:
+            usable = usable & (d < math.inf)
+            chosen = tuple(xp.where(usable, new, old) for new, old in zip(fields, chosen, strict=True))
+    inv_d, inv_n, r, ratio, pre, post, unit, top = chosen
+    # NaN slices: NaN throughout (``bottom`` is NaN exactly there). Inf slices (every rung
+    # overflowed, and infinities counted): the reference's limit, direction sign(x) on
+    # the infinite entries over sqrt(their count), 0 elsewhere, input gradient 0.
+    nan_slice = bottom != bottom
+    inf_slice = (n_inf > 0) & ~nan_slice
+    zeros, ones = xp.zeros_like(inv_d), xp.ones_like(inv_d)
+    nan = xp.where(nan_slice, bottom, zeros)
+    inv_d = xp.where(nan_slice, nan, xp.where(inf_slice, zeros, inv_d))
+    inv_n = xp.where(nan_slice, nan, xp.where(inf_slice, zeros, inv_n))
+    r = xp.where(inf_slice, zeros, r)
+    ratio = xp.where(nan_slice, nan, xp.where(inf_slice, ones, ratio))
+    count = xp.where(inf_slice, n_inf, ones)
+    rinf = xp.where(nan_slice, nan, xp.where(inf_slice, 1 / xp.sqrt(count), zeros))
+    if ladder.single:
+        return SliceFactors(inv_d, inv_n, r, ratio, rinf, None, None, None, None)
+    top = top > 0 if ladder.exact_top else None
+    return SliceFactors(inv_d, inv_n, r, ratio, rinf, pre, post, unit, top)
+
+
+def _through(xp: Any, x: Any, factor: Any, f: SliceFactors, ladder: Ladder, upscale: Upscale):
+    """``x * factor * 2**s`` with the power of two on the side that keeps it in range,
+    Inf slices at their limit direction (NaN slices NaN through ``rinf``)."""
+    infinite = xp.isinf(x)
+    finite_x = xp.where(infinite, xp.zeros_like(x), x)  # no Inf * 0 for autodiff to meet
+    if ladder.single:
+        v = finite_x * factor
+    else:
+        xin = finite_x * f.pre
+        if f.top is not None:
+            xin = xp.where(f.top, upscale(finite_x, ladder.shifts[0]), xin)
+        v = (xin * factor) * f.post
+    return xp.where(infinite, xp.sign(x) * f.rinf, v)
+
+
+def normalized(
+    xp: Any, x: Any, f: SliceFactors, ladder: Ladder, upscale: Upscale = plain_upscale
+) -> Any:
+    """``u = x / d`` elementwise (``x`` in the accumulator dtype)."""
+    return _through(xp, x, f.inv_d, f, ladder, upscale)
+
+
+def direction(
+    xp: Any, x: Any, f: SliceFactors, ladder: Ladder, upscale: Upscale = plain_upscale
+) -> Any:
+    """``xhat = x / n`` elementwise (0 in zero slices): what the backward reads."""
+    return _through(xp, x, f.inv_n, f, ladder, upscale)
+
+
+def input_grad(sigma: Any, xhat: Any, inner: Any, f: SliceFactors) -> Any:
+    """``dx = (sigma - r <sigma, xhat> xhat) / d`` from ``inner = <sigma, xhat>`` per
+    slice; every factor is bounded (``|xhat| <= 1``, ``0 <= r <= 1``)."""
+    dx = (sigma - (f.r * inner) * xhat) * f.inv_d
+    return dx if f.unit is None else dx * f.unit
