@@ -33,9 +33,11 @@ holding ±Inf (and no NaN) overflows every rung and has a non-zero count of infi
 summed with the rungs: its finite entries map to 0, its ``k`` infinite entries to
 ``±1 / sqrt(k)`` (the reference's limit) and its input gradient is 0, all by selects.
 
-Backends whose CPU kernels read subnormal operands as zero (XLA, TensorFlow) pass an
-``upscale`` that builds ``x 2**s`` from the bits for the top rung, the only one that
-serves slices made of subnormals.
+A lowering passes its own ``upscale(x, s)`` (``x 2**s``, exactly) where a plain
+multiplication would not do: backends whose CPU kernels read subnormal operands as zero
+(XLA, TensorFlow) build it from the bits for subnormal ``x`` (the top rung serves the
+slices made of subnormals), and torch multiplies by a tensor constant (see
+:func:`slice_factors` on the TorchScript tracer).
 
 This module is framework-free: it takes an array namespace ``xp`` (NumPy, torch,
 jax.numpy, TensorFlow) and the lowering's own reduction; :mod:`l2norm._modes` supplies
@@ -197,7 +199,8 @@ Upscale = Callable[[Any, int], Any]
 
 
 def plain_upscale(x: Any, shift: int) -> Any:
-    """``x * 2**shift`` by multiplication (backends that keep subnormal operands)."""
+    """``x * 2**shift`` by multiplication: for backends that keep subnormal operands and
+    record Python numbers faithfully (NumPy, JAX); a lowering passes its own otherwise."""
     return x * 2.0**shift if shift else x
 
 
@@ -211,8 +214,8 @@ def sums(
     into one pass.
     """
     rung_sums = []
-    for j, s in enumerate(ladder.shifts):
-        xs = upscale(x, s) if j == 0 and ladder.exact_top else plain_upscale(x, s)
+    for s in ladder.shifts:
+        xs = upscale(x, s) if s else x
         rung_sums.append(reduce(xs * xs))
     infinite = xp.where(xp.isinf(x), xp.ones_like(x), xp.zeros_like(x))
     return rung_sums, reduce(infinite)
@@ -222,57 +225,63 @@ def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> 
     """Choose each slice's rung (the first finite one, by decreasing shift) and return
     the factors of the full-size passes. Slice-sized work only.
 
-    Written so that autodiff through it (traced and exported torch modules, double
-    backward, JAX's higher-order gradients) meets no ``0 * Inf``: a rung that overflowed
-    is computed on a stand-in sum of 1 and then not chosen, and NaN and Inf slices get
-    their factors by explicit selects.
+    The rung is chosen first and the slice's quantities computed once, from the chosen
+    sum: autodiff through this function (traced and exported torch modules, double
+    backward, JAX's higher-order gradients) then meets no ``0 * Inf`` from a rung that
+    overflowed, and NaN and Inf slices get their factors by explicit selects.
     """
     mode = ladder.mode
+    bottom = rung_sums[-1]
+    # Constants through full_like, never a Python number next to a tensor: the TorchScript
+    # tracer (torch.jit.trace, the ONNX exporter) can record such a number as a constant
+    # of an earlier, freed one.
+    ones, zeros = xp.ones_like(bottom), xp.zeros_like(bottom)
+    # What each rung contributes: (its sum, eps in its units, 2**s split in pre / post,
+    # 2**s, whether it is the top rung); the bottom one serves every finite slice.
     chosen = None
     for j in reversed(range(len(ladder.shifts))):
-        raw = rung_sums[j]
-        ones, zeros = xp.ones_like(raw), xp.zeros_like(raw)
-        usable = raw < math.inf  # False where it overflowed, and for NaN
-        a = xp.where(usable, raw, ones)
-        positive = a > 0
-        n = xp.where(positive, xp.sqrt(xp.where(positive, a, ones)), zeros)
-        eps = ones * ladder.eps[j]
-        d = mode.denominator(xp, a, n, eps)
-        r, _ = mode.ratio(xp, a, n, d, eps)
         s = ladder.shifts[j]
+        raw = rung_sums[j]
         fields = (
-            1 / d,
-            xp.where(positive, 1 / xp.where(positive, n, ones), zeros),
-            r,
-            n / d,
-            ones * 2.0 ** max(s, 0),
-            ones * 2.0 ** min(s, 0),
-            ones * 2.0**s,
+            raw,
+            xp.full_like(bottom, ladder.eps[j]),
+            xp.full_like(bottom, 2.0 ** max(s, 0)),
+            xp.full_like(bottom, 2.0 ** min(s, 0)),
+            xp.full_like(bottom, 2.0**s),
             ones if j == 0 else zeros,
         )
-        if chosen is None:  # the bottom rung: every finite slice fits it
+        if chosen is None:
             chosen = fields
-            bottom = raw
-        else:
-            usable = usable & (d < math.inf)
-            chosen = tuple(xp.where(usable, new, old) for new, old in zip(fields, chosen, strict=True))
-    inv_d, inv_n, r, ratio, pre, post, unit, top = chosen
+            continue
+        finite = xp.isfinite(raw)  # False where it overflowed (and for NaN)
+        a = xp.where(finite, raw, ones)
+        usable = finite & xp.isfinite(mode.denominator(xp, a, xp.sqrt(a), fields[1]))
+        chosen = tuple(xp.where(usable, new, old) for new, old in zip(fields, chosen, strict=True))
+    sumsq, eps, pre, post, unit, top = chosen
+
+    a = xp.where(xp.isfinite(sumsq), sumsq, ones)  # NaN and Inf slices: see below
+    positive = a > zeros
+    n = xp.where(positive, xp.sqrt(xp.where(positive, a, ones)), zeros)
+    d = mode.denominator(xp, a, n, eps)
+    r, _ = mode.ratio(xp, a, n, d, eps)
+    inv_d = ones / d
+    inv_n = xp.where(positive, ones / xp.where(positive, n, ones), zeros)
+    ratio = n / d
     # NaN slices: NaN throughout (``bottom`` is NaN exactly there). Inf slices (every rung
     # overflowed, and infinities counted): the reference's limit, direction sign(x) on
     # the infinite entries over sqrt(their count), 0 elsewhere, input gradient 0.
     nan_slice = bottom != bottom
-    inf_slice = (n_inf > 0) & ~nan_slice
-    zeros, ones = xp.zeros_like(inv_d), xp.ones_like(inv_d)
+    inf_slice = (n_inf > zeros) & ~nan_slice
     nan = xp.where(nan_slice, bottom, zeros)
     inv_d = xp.where(nan_slice, nan, xp.where(inf_slice, zeros, inv_d))
     inv_n = xp.where(nan_slice, nan, xp.where(inf_slice, zeros, inv_n))
     r = xp.where(inf_slice, zeros, r)
     ratio = xp.where(nan_slice, nan, xp.where(inf_slice, ones, ratio))
     count = xp.where(inf_slice, n_inf, ones)
-    rinf = xp.where(nan_slice, nan, xp.where(inf_slice, 1 / xp.sqrt(count), zeros))
+    rinf = xp.where(nan_slice, nan, xp.where(inf_slice, ones / xp.sqrt(count), zeros))
     if ladder.single:
         return SliceFactors(inv_d, inv_n, r, ratio, rinf, None, None, None, None)
-    top = top > 0 if ladder.exact_top else None
+    top = top > zeros if ladder.exact_top else None
     return SliceFactors(inv_d, inv_n, r, ratio, rinf, pre, post, unit, top)
 
 

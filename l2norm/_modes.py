@@ -96,7 +96,7 @@ class EpsMode:
         if self.placement == "clamp":
             above = self.above_threshold(sumsq, norm, eps)
             r = xp.where(above, xp.ones_like(norm), xp.zeros_like(norm))
-            return r, 1 - r
+            return r, xp.ones_like(r) - r
         d_p = d if self.power == 1 else d * d
         n_p = norm if self.power == 1 else sumsq
         return n_p / d_p, eps / d_p

@@ -1,0 +1,30 @@
+r"""PyTorch adapter: :class:`L2Norm` and :func:`l2_normalize`.
+
+The maths, the options and the rules for NaN, Inf, zeros and extreme magnitudes are those
+of :mod:`l2norm.reference`. How a call is computed (:mod:`l2norm.torch._dispatch`): the
+native CPU kernel for eager CPU calls it applies to (built once on first use), plain
+torch ops on the branch-free ladder of :mod:`l2norm._ladder` everywhere else (CUDA,
+``torch.compile``, float64, several normalized axes, double backward), and the same ops
+recorded op by op for ``torch.jit.trace``, ``torch.export`` and ONNX. No route reads a
+value back to the host or looks at the rest of the batch.
+
+Example:
+    >>> import torch
+    >>> from l2norm.torch import L2Norm
+    >>> L2Norm(512)(torch.randn(2, 512, 38, 38)).shape
+    torch.Size([2, 512, 38, 38])
+"""
+
+from l2norm.torch._cpu import available as cpu_kernel_available
+from l2norm.torch._cpu import use_cpu_kernel
+from l2norm.torch._dispatch import LOWERINGS, use_lowering
+from l2norm.torch._layer import L2Norm, l2_normalize
+
+__all__ = [
+    "LOWERINGS",
+    "L2Norm",
+    "cpu_kernel_available",
+    "l2_normalize",
+    "use_cpu_kernel",
+    "use_lowering",
+]

@@ -1,0 +1,304 @@
+"""The PyTorch adapter's user-facing layer and function, and their input checks.
+
+The maths, the options and the rules for NaN, Inf, zeros and extreme magnitudes are
+those of :mod:`l2norm.reference`; :mod:`l2norm.torch._dispatch` decides how a call is
+computed.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from l2norm._spec import Axes, Spec, check_scale_shape, scale_init_values
+from l2norm.torch._dispatch import Plan
+from l2norm.torch._function import apply
+
+__all__ = ["L2Norm", "l2_normalize"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(x: Any) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(
+            "input must be a floating tensor (torch.float16, torch.bfloat16, torch.float32 "
+            f"or torch.float64), got {x.dtype}"
+        )
+
+
+def _check_weight(weight: Any, x: Tensor, axes: Axes) -> None:
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    # A float32 weight with a float16/bfloat16 input is the mixed-precision layout (master
+    # weights in float32, activations in half, autocast); any other mix would silently
+    # change the result's precision, so it is refused.
+    accepted = (x.dtype,) if x.dtype in (torch.float32, torch.float64) else (x.dtype, torch.float32)
+    if weight.dtype not in accepted:
+        names = " or ".join(str(d) for d in accepted)
+        raise TypeError(
+            f"weight has dtype {weight.dtype}, but the input is {x.dtype}; expected {names}"
+        )
+    if weight.device != x.device:
+        raise ValueError(
+            f"weight is on {weight.device} but the input is on {x.device}; move one of them"
+        )
+    check_scale_shape(tuple(weight.shape), int(x.shape[axes.channel]), axes)
+
+
+def _apply(x: Tensor, weight: Tensor | None, spec: Spec, *, min_rank: int) -> Tensor:
+    _check_tensor(x)
+    if x.dim() < min_rank:
+        raise ValueError(
+            f"L2Norm expects an input of rank >= {min_rank} (batch, channels, ...), "
+            f"got rank {x.dim()} with shape {tuple(x.shape)}"
+        )
+    axes = spec.resolve(x.dim())
+    _check_weight(weight, x, axes)
+    return apply(x, weight, Plan.of(spec, axes, x.shape))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def l2_normalize(
+    x: Tensor,
+    weight: Tensor | None = None,
+    *,
+    dim: int | Sequence[int] = 1,
+    across_spatial: bool = False,
+    eps: float | None = None,
+    eps_mode: str | None = None,
+    preset: str | None = None,
+) -> Tensor:
+    r"""L2-normalize ``x`` along ``dim`` and multiply by ``weight`` (ParseNet / SSD).
+
+    .. math::
+
+        y = w \cdot \frac{x}{d\left(\lVert x \rVert_2\right)}
+
+    with the norm over ``dim`` (or every axis but 0 with ``across_spatial``) and ``d`` the
+    denominator of ``eps_mode`` (default ``max(n, 1e-12)``, as
+    :func:`torch.nn.functional.normalize`). Same maths as :func:`l2norm.l2_normalize`.
+
+    Args:
+        x: float16, bfloat16, float32 or float64 tensor of rank >= 1. Half inputs are
+            computed in float32 and the result is returned in ``x``'s dtype.
+        weight: None, one shared value (shape ``()`` or ``(1,)``), or one value per
+            channel of the channel axis. Its dtype is ``x``'s (or float32 for a half
+            input); it must be on ``x``'s device.
+        dim: the normalized axis, or a tuple of axes whose first entry is the channel axis.
+        across_spatial: one norm per sample over every axis but 0 (Caffe); ``dim`` then
+            names the channel axis only.
+        eps: positive finite epsilon (default 1e-12, or the preset's).
+        eps_mode: ``"add_sumsq"``, ``"add_norm"``, ``"clamp_sumsq"`` or ``"clamp_norm"``.
+        preset: a peer's conventions: ``"caffe"``, ``"ssd.pytorch"``, ``"mmdet"``,
+            ``"torchvision"``, ``"tensorflow"``, ``"ssd_keras"`` or ``"keras"``.
+
+    Returns:
+        A tensor of ``x``'s shape, dtype and memory format.
+
+    Example:
+        >>> import torch
+        >>> from l2norm.torch import l2_normalize
+        >>> l2_normalize(torch.tensor([[3.0, 4.0]]), torch.tensor([20.0, 10.0]))
+        tensor([[12.,  8.]])
+    """
+    spec = Spec.create(
+        axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
+    )
+    return _apply(x, weight, spec, min_rank=1)
+
+
+class L2Norm(nn.Module):
+    r"""L2 normalization with a learnable per-channel scale (ParseNet, SSD's ``conv4_3``).
+
+    .. math::
+
+        y = \gamma \cdot \frac{x}{d\left(\lVert x \rVert_2\right)}
+
+    The norm is taken over ``dim`` for every other position (per pixel over the channels
+    for NCHW input), or over every axis but the batch axis with ``across_spatial``.
+    :math:`\gamma` is a learnable vector of size ``num_channels`` (one value with
+    ``channel_shared``) initialised to ``scale_init`` (SSD uses 20). ``d`` is the
+    denominator of ``eps_mode``:
+
+    =============== ========================= ===========================
+    eps_mode        :math:`d(n)`              peers
+    =============== ========================= ===========================
+    ``clamp_norm``  :math:`\max(n, \epsilon)`  torchvision (the default)
+    ``add_norm``    :math:`n + \epsilon`       ssd.pytorch, mmdetection
+    ``add_sumsq``   :math:`\sqrt{n^2+\epsilon}` Caffe SSD
+    ``clamp_sumsq`` :math:`\max(n, \sqrt{\epsilon})` TensorFlow, ssd_keras
+    =============== ========================= ===========================
+
+    Half-precision inputs (and inputs under :func:`torch.autocast`) are computed in
+    float32 and returned in their own dtype; the result is exact to a few ULPs for every
+    finite input (no overflow of the sum of squares, no NaN for all-zero pixels, a
+    finite gradient everywhere).
+
+    Args:
+        num_channels: :math:`C`, the size of the channel axis ``dim``.
+        dim: the channel axis (default 1, NCHW). A tuple normalizes over all its axes;
+            its first entry is the channel axis. Negative values count from the end.
+        scale_init: initial :math:`\gamma`: a number, or one value per channel
+            (a sequence or a tensor). Default: 20.
+        channel_shared: one scalar :math:`\gamma` for all channels (Caffe's option).
+        across_spatial: one norm per sample over every axis but 0 (Caffe's option).
+        learnable: :math:`\gamma` is a parameter; if False, a buffer (still in the
+            ``state_dict``). Default: True.
+        eps: epsilon (default 1e-12 or the preset's); eps_mode: where it goes (see the
+            table); preset: a peer's (eps_mode, eps), e.g. ``"ssd.pytorch"``.
+        device, dtype: of the parameter (factory kwargs, as in :class:`torch.nn.LayerNorm`).
+
+    Attributes:
+        weight: :math:`\gamma`, shape :math:`(C,)` or :math:`(1,)` with ``channel_shared``.
+            The name matches ssd.pytorch and mmdetection checkpoints (``L2Norm.weight``).
+
+    Shape:
+        - Input: :math:`(N, C, *)` for ``dim=1``; in general any rank >= 2 with
+          :math:`C` entries along ``dim``.
+        - Output: same shape, dtype and memory format as the input.
+
+    Examples::
+
+        >>> import torch
+        >>> from l2norm.torch import L2Norm
+        >>> norm = L2Norm(512)  # SSD conv4_3: per pixel over the channels, gamma = 20
+        >>> x = torch.randn(2, 512, 38, 38)
+        >>> y = norm(x)
+        >>> torch.allclose(y.norm(dim=1), torch.full((2, 38, 38), 20.0))
+        True
+        >>> L2Norm(512, preset="ssd.pytorch")  # eps placement of ssd.pytorch's L2Norm
+        L2Norm(512, dim=1, eps_mode=add_norm, eps=1e-10, preset=ssd.pytorch)
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        *,
+        dim: int | Sequence[int] = 1,
+        scale_init: float | Sequence[float] | Tensor = 20.0,
+        channel_shared: bool = False,
+        across_spatial: bool = False,
+        learnable: bool = True,
+        eps: float | None = None,
+        eps_mode: str | None = None,
+        preset: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if (
+            not isinstance(num_channels, numbers.Integral)
+            or isinstance(num_channels, bool)
+            or num_channels < 1
+        ):
+            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        for name, flag in (("channel_shared", channel_shared), ("learnable", learnable)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _FLOATS:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        self.spec = Spec.create(
+            axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
+        )
+        if isinstance(scale_init, Tensor):
+            scale_init = scale_init.detach().to("cpu", torch.float64).numpy()
+        self._scale_init = scale_init_values(scale_init, int(num_channels), channel_shared)
+        self.num_channels = int(num_channels)
+        self.dim = self.spec.axis
+        self.channel_shared = channel_shared
+        self.across_spatial = self.spec.across_spatial
+        self.learnable = learnable
+        weight = torch.empty(self._scale_init.shape, device=device, dtype=dtype)
+        if learnable:
+            self.weight = nn.Parameter(weight)
+        else:
+            self.register_buffer("weight", weight)
+        self.reset_parameters()
+
+    @property
+    def eps(self) -> float:
+        return self.spec.eps
+
+    @property
+    def eps_mode(self) -> str:
+        return self.spec.eps_mode
+
+    def reset_parameters(self) -> None:
+        """Set :math:`\\gamma` back to ``scale_init``."""
+        with torch.no_grad():
+            self.weight.copy_(torch.from_numpy(self._scale_init))
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_tensor(x)
+        if x.dim() >= 2:
+            axes = self.spec.resolve(x.dim())
+            if x.shape[axes.channel] != self.num_channels:
+                raise ValueError(
+                    f"L2Norm({self.num_channels}) got an input of shape {tuple(x.shape)} with "
+                    f"{x.shape[axes.channel]} channels along dim {axes.channel}; expected "
+                    f"{self.num_channels}"
+                )
+        return _apply(x, self.weight, self.spec, min_rank=2)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.num_channels}", f"dim={self.dim}"]
+        if self.across_spatial:
+            parts.append("across_spatial=True")
+        if self.channel_shared:
+            parts.append("channel_shared=True")
+        if not self.learnable:
+            parts.append("learnable=False")
+        parts.append(f"eps_mode={self.spec.eps_mode}, eps={self.spec.eps:g}")
+        if self.spec.preset is not None:
+            parts.append(f"preset={self.spec.preset}")
+        return ", ".join(parts)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script calls this (as for torchvision's ops): the scripted twin shares
+        # the weight and calls the layer as a registered op, which TorchScript can call.
+        return _ScriptableL2Norm(self)
+
+
+class _ScriptableL2Norm(nn.Module):
+    """What :func:`torch.jit.script` compiles in place of :class:`L2Norm`."""
+
+    def __init__(self, module: L2Norm) -> None:
+        super().__init__()
+        if isinstance(module.weight, nn.Parameter):
+            self.weight = module.weight
+        else:
+            self.register_buffer("weight", module.weight)
+        axis = module.spec.axis
+        self.axis = list(axis) if isinstance(axis, tuple) else [axis]
+        self.across_spatial = module.spec.across_spatial
+        self.num_channels = module.num_channels
+        self.mode = module.spec.eps_mode
+        self.eps = module.spec.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        ndim = x.dim()
+        if ndim < 2:
+            raise ValueError("L2Norm expects an input of rank >= 2, got rank " + str(ndim))
+        for a in self.axis:
+            if a < -ndim or a >= ndim:
+                raise ValueError("L2Norm: dim " + str(a) + " is out of range for rank " + str(ndim))
+        channel = self.axis[0] % ndim
+        if x.shape[channel] != self.num_channels:
+            raise ValueError(
+                "L2Norm(" + str(self.num_channels) + ") got " + str(x.shape[channel]) + " channels"
+            )
+        return torch.ops.l2norm.l2_normalize(
+            x, self.weight, self.axis, self.across_spatial, self.mode, self.eps
+        )
