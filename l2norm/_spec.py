@@ -6,19 +6,8 @@ re-validate. Shape-dependent checks (rank, channel count, scale length) need the
 input, so they live here too, as small functions each adapter calls with plain
 Python values (:meth:`Spec.resolve`, :func:`check_scale_shape`, :func:`check_float_dtype`).
 
-The maths in one place, with ``n = ||x||`` over the normalized axes and ``d`` the
-denominator chosen by ``eps_mode``:
-
-=============== ======================= =========================
-eps_mode        denominator ``d(n)``    peers
-=============== ======================= =========================
-``add_sumsq``   ``sqrt(n**2 + eps)``    Caffe SSD, MXNet, CoreML
-``add_norm``    ``n + eps``             ssd.pytorch, mmdetection
-``clamp_sumsq`` ``sqrt(max(n**2, eps))`` tf.math.l2_normalize, Keras 2
-``clamp_norm``  ``max(n, eps)``         torch F.normalize, Keras 3
-=============== ======================= =========================
-
-``y = scale * x / d(n)``.
+``y = scale * x / d(n)`` with ``n = ||x||`` over the normalized axes and ``d`` the
+denominator chosen by ``eps_mode``: the table of placements is :mod:`l2norm._modes`.
 """
 
 from __future__ import annotations
@@ -27,9 +16,10 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
+
+from l2norm._modes import MODES
 
 __all__ = [
     "DEFAULT_EPS",
@@ -44,9 +34,8 @@ __all__ = [
     "scale_init_values",
 ]
 
-EpsMode = Literal["add_sumsq", "add_norm", "clamp_sumsq", "clamp_norm"]
-
-EPS_MODES: tuple[str, ...] = ("add_sumsq", "add_norm", "clamp_sumsq", "clamp_norm")
+#: The eps placements, from the table in :mod:`l2norm._modes` (the one place they live).
+EPS_MODES: tuple[str, ...] = tuple(MODES)
 
 # clamp_norm with eps=1e-12 is what torch.nn.functional.normalize and Keras 3 compute:
 # for every norm above 1e-12 the output is exactly x / ||x|| (eps never perturbs an
@@ -166,7 +155,7 @@ class Spec:
     def threshold(self) -> float:
         """The norm below which eps dominates: ``eps`` for the ``*_norm`` modes,
         ``sqrt(eps)`` for the ``*_sumsq`` modes (both written on the norm's scale)."""
-        return math.sqrt(self.eps) if self.eps_mode.endswith("sumsq") else self.eps
+        return MODES[self.eps_mode].threshold(self.eps)
 
     def resolve(self, ndim: int) -> Axes:
         """Resolve the axes for an input of rank ``ndim``.

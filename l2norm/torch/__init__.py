@@ -18,13 +18,14 @@ Example:
 from l2norm.torch._cpu import available as cpu_kernel_available
 from l2norm.torch._cpu import use_cpu_kernel
 from l2norm.torch._dispatch import LOWERINGS, use_lowering
-from l2norm.torch._layer import L2Norm, l2_normalize
+from l2norm.torch._layer import L2Norm, l2_normalize, lowering_for
 
 __all__ = [
     "LOWERINGS",
     "L2Norm",
     "cpu_kernel_available",
     "l2_normalize",
+    "lowering_for",
     "use_cpu_kernel",
     "use_lowering",
 ]

@@ -97,9 +97,11 @@ def choose(x: Tensor, plan: Plan) -> str | _cpu.Layout:
         torch.compiler.is_exporting() and not torch.compiler.is_compiling()
     ):
         return "traced"
-    forced = _FORCED.get()
-    if torch.compiler.is_compiling() or forced == "ops":
+    if torch.compiler.is_compiling():
         return "ops"  # a native kernel is opaque to the compiler; the ops fuse
+    forced = _FORCED.get()
+    if forced == "ops":
+        return "ops"
     layout = _cpu.layout(x, plan.norm, plan.channel)
     if layout is None:
         return "ops"

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from l2norm._spec import Axes, Spec, check_scale_shape, scale_init_values
-from l2norm.torch._dispatch import Plan
+from l2norm.torch import _cpu
+from l2norm.torch._dispatch import Plan, choose
 from l2norm.torch._function import apply
 
-__all__ = ["L2Norm", "l2_normalize"]
+__all__ = ["L2Norm", "l2_normalize", "lowering_for"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -116,6 +117,36 @@ def l2_normalize(
         axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
     )
     return _apply(x, weight, spec, min_rank=1)
+
+
+def lowering_for(
+    x: Tensor,
+    *,
+    dim: int | Sequence[int] = 1,
+    across_spatial: bool = False,
+    eps: float | None = None,
+    eps_mode: str | None = None,
+    preset: str | None = None,
+) -> str:
+    """Which lowering :func:`l2_normalize` would use for ``x`` here and now.
+
+    Returns:
+        ``"cpu-kernel"`` (the native CPU kernel), ``"ops"`` (plain torch ops) or
+        ``"traced"`` (plain ops recorded for ``torch.jit.trace`` / ``torch.export``).
+
+    Example:
+        >>> import torch
+        >>> from l2norm.torch import lowering_for, use_lowering
+        >>> with use_lowering("ops"):
+        ...     lowering_for(torch.randn(2, 8, 4, 4))
+        'ops'
+    """
+    spec = Spec.create(
+        axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
+    )
+    _check_tensor(x)
+    route = choose(x, Plan.of(spec, spec.resolve(x.dim()), x.shape))
+    return "cpu-kernel" if isinstance(route, _cpu.Layout) else route
 
 
 class L2Norm(nn.Module):
