@@ -87,10 +87,27 @@ def _row(framework: str, timing: Timing, nchw: tuple[int, ...]) -> dict:
     }
 
 
+def vector_extensions() -> str:
+    """The CPU's SIMD extensions that decide the ratios (AVX2 vs AVX-512 machines differ):
+    from /proc/cpuinfo on Linux, 'unknown' elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags.update(line.split(":", 1)[1].split())
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_fp16")
+    found = [f for f in wanted if f in flags] + sorted(f for f in ("asimd", "sve") if f in flags)
+    return " ".join(found) or "none found"
+
+
 def machine() -> dict:
     info = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "vector_extensions": vector_extensions(),
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }

@@ -19,6 +19,7 @@ from l2norm.torch._cpu import available as cpu_kernel_available
 from l2norm.torch._cpu import use_cpu_kernel
 from l2norm.torch._dispatch import LOWERINGS, use_lowering
 from l2norm.torch._layer import L2Norm, l2_normalize, lowering_for
+from l2norm.torch._replace import replace_peers
 
 __all__ = [
     "LOWERINGS",
@@ -26,6 +27,7 @@ __all__ = [
     "cpu_kernel_available",
     "l2_normalize",
     "lowering_for",
+    "replace_peers",
     "use_cpu_kernel",
     "use_lowering",
 ]

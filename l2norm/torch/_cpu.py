@@ -13,7 +13,6 @@ off.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import sys
 import warnings
@@ -27,7 +26,18 @@ from torch import Tensor
 
 from l2norm._modes import EpsMode
 
-__all__ = ["Layout", "available", "enabled", "layout", "load", "require", "use_cpu_kernel"]
+__all__ = [
+    "Layout",
+    "available",
+    "backward",
+    "enabled",
+    "forward",
+    "layout",
+    "load",
+    "ready",
+    "require",
+    "use_cpu_kernel",
+]
 
 _SOURCES = ("_cpu_kernel.cpp", "_cpu_kernel_loops.h")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -67,6 +77,13 @@ def use_cpu_kernel(enabled: bool = True) -> bool:
 
 def enabled() -> bool:
     return _STATE.enabled
+
+
+@torch.compiler.assume_constant_result
+def ready() -> bool:
+    """Whether calls may use the kernel: on, and built (building it now if needed). A
+    constant to ``torch.compile``, which calls it once while tracing."""
+    return _STATE.enabled and load() is not None
 
 
 def available() -> bool:
@@ -153,12 +170,16 @@ def layout(x: Tensor, norm: tuple[int, ...], channel: int) -> Layout | None:
     fewer than :data:`MIN_INNER` slices after the channel (except channels innermost)."""
     if x.device.type != "cpu" or x.dtype not in DTYPES or norm != (channel,):
         return None
-    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))  # stable on ties
+    strides = x.stride()
+    order = tuple(sorted(range(x.dim()), key=lambda d: -strides[d]))  # stable on ties
     if not x.permute(order).is_contiguous():
         return None  # a slice of a larger tensor, expanded, ...
     at = order.index(channel)
-    outer = math.prod(x.shape[d] for d in order[:at])
-    inner = math.prod(x.shape[d] for d in order[at + 1 :])
+    outer = inner = 1  # plain loops: torch.compile traces this function
+    for d in order[:at]:
+        outer *= int(x.shape[d])
+    for d in order[at + 1 :]:
+        inner *= int(x.shape[d])
     if 1 < inner < MIN_INNER:
         return None
     return Layout(order, (outer, int(x.shape[channel]), inner))
@@ -180,14 +201,11 @@ def forward(x: Tensor, weight: Tensor | None, view: Layout, mode: EpsMode, eps: 
 
 def backward(
     x: Tensor, weight: Tensor | None, g: Tensor, view: Layout, mode: EpsMode, eps: float
-) -> tuple[Tensor, Tensor | None]:
-    """``(dx, dweight)`` by the kernel (it sums the squares again: nothing is saved)."""
+) -> tuple[Tensor, Tensor]:
+    """``(dx, the scale's gradient per channel in float64)`` by the kernel (it sums the
+    squares again: nothing is saved from the forward)."""
     is_add, power = mode.kernel_code
-    dx3, dw = require().backward(
+    dx3, per_channel = require().backward(
         view.to_kernel(x), view.to_kernel(g.to(x.dtype)), _scale(weight), bool(is_add), power, eps
     )
-    dx = view.from_kernel(dx3, x.shape)
-    if weight is None:
-        return dx, None
-    total = dw.sum() if weight.numel() == 1 else dw
-    return dx, total.reshape(weight.shape).to(weight.dtype)
+    return view.from_kernel(dx3, x.shape), per_channel

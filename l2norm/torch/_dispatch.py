@@ -2,11 +2,14 @@
 
 Two lowerings compute the layer, and the autograd graph of traced forms is a third route:
 
-* ``cpu-kernel`` (:mod:`l2norm.torch._cpu`): the native kernel, eager CPU, float32 / float16
-  / bfloat16, one normalized axis, dense memory; sums in float64 (a one-rung ladder).
+* ``cpu-kernel`` (:mod:`l2norm.torch._cpu`): the native kernel for CPU tensors of float32
+  / float16 / bfloat16, one normalized axis, dense memory; sums in float64 (a one-rung
+  ladder). A registered op (:mod:`l2norm.torch._function`), so ``torch.compile`` keeps
+  it as one node of the graph.
 * ``ops`` (:mod:`l2norm.torch._ops`): plain torch ops on the ladder of
-  :mod:`l2norm._ladder`, any device, dtype, axes and layout; what ``torch.compile`` fuses,
-  what double backward differentiates, and the fallback wherever the kernel does not apply.
+  :mod:`l2norm._ladder`, any device, dtype, axes and layout; what ``torch.compile`` fuses
+  on CUDA, what double backward differentiates, and the fallback wherever the kernel does
+  not apply.
 * ``traced``: the ``ops`` forward recorded op by op for ``torch.jit.trace``,
   ``torch.export`` and ONNX, differentiated by autograd (they cannot record a Python
   ``autograd.Function``).
@@ -97,15 +100,13 @@ def choose(x: Tensor, plan: Plan) -> str | _cpu.Layout:
         torch.compiler.is_exporting() and not torch.compiler.is_compiling()
     ):
         return "traced"
-    if torch.compiler.is_compiling():
-        return "ops"  # a native kernel is opaque to the compiler; the ops fuse
-    forced = _FORCED.get()
-    if forced == "ops":
-        return "ops"
     layout = _cpu.layout(x, plan.norm, plan.channel)
-    if layout is None:
+    if torch.compiler.is_compiling():  # the kernel is one registered op in the graph
+        return layout if layout is not None and _cpu.ready() else "ops"
+    forced = _FORCED.get()
+    if forced == "ops" or layout is None:
         return "ops"
     if forced == "cpu-kernel":
         _cpu.require()
         return layout
-    return layout if _cpu.enabled() and _cpu.load() is not None else "ops"
+    return layout if _cpu.ready() else "ops"

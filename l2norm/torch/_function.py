@@ -1,5 +1,6 @@
-"""Autograd for the lowerings: one ``autograd.Function``, and a ``torch.library`` op for
-TorchScript.
+"""Autograd for the lowerings: registered ops for the CPU kernel (so ``torch.compile``
+keeps it as one node), an ``autograd.Function`` for the ops lowering, and a registered op
+for TorchScript.
 
 The hand-derived backward (:mod:`l2norm.reference`'s docstring states it) runs in the
 lowering that ran the forward: the CPU kernel, or the ops lowering reusing the forward's
@@ -21,33 +22,24 @@ from l2norm.torch._dispatch import Plan, choose
 __all__ = ["apply", "scripted_l2_normalize"]
 
 
-class _L2NormFunction(torch.autograd.Function):
-    """Forward by the chosen lowering; saves the input and at most slice-sized tensors."""
+class _OpsFunction(torch.autograd.Function):
+    """The ops lowering with the hand-derived backward; saves the input and the per-slice
+    sums (slice-sized)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, plan: Plan, route: Any) -> Tensor:
-        ctx.plan, ctx.route = plan, route
-        if isinstance(route, _cpu.Layout):
-            y = _cpu.forward(x, weight, route, plan.mode, plan.spec.eps)
-            ctx.save_for_backward(x, weight)
-        else:
-            y, saved = _ops.forward(x, weight, plan)
-            ctx.save_for_backward(x, weight, saved)
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, plan: Plan) -> Tensor:
+        ctx.plan = plan
+        y, saved = _ops.forward(x, weight, plan)
+        ctx.save_for_backward(x, weight, saved)
         return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, *saved = ctx.saved_tensors
-        plan, route = ctx.plan, ctx.route
-        if torch.is_grad_enabled():  # create_graph: differentiable ops, from x alone
-            dx, dw = _ops.vjp(x, weight, g, plan)
-        elif isinstance(route, _cpu.Layout):
-            dx, dw = _cpu.backward(x, weight, g, route, plan.mode, plan.spec.eps)
-        else:
-            dx, dw = _ops.vjp(x, weight, g, plan, saved[0])
-        if not ctx.needs_input_grad[1]:
-            dw = None
-        return dx, dw, None, None
+        x, weight, saved = ctx.saved_tensors
+        # create_graph: differentiable ops from x alone, so that autograd can go again.
+        reuse = None if torch.is_grad_enabled() else saved
+        dx, dw = _ops.vjp(x, weight, g, ctx.plan, reuse)
+        return dx, dw if ctx.needs_input_grad[1] else None, None
 
 
 def apply(x: Tensor, weight: Tensor | None, plan: Plan) -> Tensor:
@@ -55,7 +47,77 @@ def apply(x: Tensor, weight: Tensor | None, plan: Plan) -> Tensor:
     route = choose(x, plan)
     if route == "traced":
         return _ops.forward(x, weight, plan)[0]
-    return _L2NormFunction.apply(x, weight, plan, route)
+    if isinstance(route, _cpu.Layout):
+        return cpu_kernel_forward(x, weight, plan.channel, plan.spec.eps_mode, plan.spec.eps)
+    return _OpsFunction.apply(x, weight, plan)
+
+
+# --------------------------------------------------------------------------- the CPU kernel
+# The kernel reads the tensors' memory as it lies (_cpu.layout), so the ops take the
+# channel axis and the placement, and find the layout themselves.
+
+
+def _kernel_plan(x: Tensor, channel: int, eps_mode: str, eps: float) -> Plan:
+    spec = Spec.create(axis=channel, eps_mode=eps_mode, eps=eps)
+    return Plan.of(spec, spec.resolve(x.dim()), x.shape)
+
+
+def _kernel_view(x: Tensor, channel: int) -> _cpu.Layout:
+    view = _cpu.layout(x, (channel,), channel)
+    if view is None:  # callers check first; this would be a dispatch bug
+        raise RuntimeError("the l2norm CPU kernel got a tensor it does not apply to")
+    return view
+
+
+@torch.library.custom_op("l2norm::cpu_kernel_forward", mutates_args=())
+def cpu_kernel_forward(
+    x: Tensor, weight: Tensor | None, channel: int, eps_mode: str, eps: float
+) -> Tensor:
+    """``y = weight * x / d(n)`` over ``channel`` by the native CPU kernel."""
+    plan = _kernel_plan(x, channel, eps_mode, eps)
+    return _cpu.forward(x, weight, _kernel_view(x, channel), plan.mode, eps)
+
+
+@cpu_kernel_forward.register_fake
+def _(x, weight, channel, eps_mode, eps):
+    return torch.empty_like(x)  # same strides: the kernel keeps the memory format
+
+
+@torch.library.custom_op("l2norm::cpu_kernel_backward", mutates_args=())
+def cpu_kernel_backward(
+    x: Tensor, weight: Tensor | None, g: Tensor, channel: int, eps_mode: str, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(dx, dweight per channel in float64)`` by the native CPU kernel."""
+    plan = _kernel_plan(x, channel, eps_mode, eps)
+    return _cpu.backward(x, weight, g, _kernel_view(x, channel), plan.mode, eps)
+
+
+@cpu_kernel_backward.register_fake
+def _(x, weight, g, channel, eps_mode, eps):
+    return torch.empty_like(x), x.new_empty((x.shape[channel],), dtype=torch.float64)
+
+
+def _kernel_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    x, weight, channel, eps_mode, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.options = (channel, eps_mode, eps)
+
+
+def _kernel_grad(ctx: Any, g: Tensor) -> tuple:
+    x, weight = ctx.saved_tensors
+    channel, eps_mode, eps = ctx.options
+    if torch.is_grad_enabled():  # create_graph: differentiable ops
+        dx, dw = _ops.vjp(x, weight, g, _kernel_plan(x, channel, eps_mode, eps))
+    else:
+        dx, per_channel = cpu_kernel_backward(x, weight, g, channel, eps_mode, eps)
+        dw = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            total = per_channel.sum() if weight.numel() == 1 else per_channel
+            dw = total.reshape(weight.shape).to(weight.dtype)
+    return dx, dw, None, None, None
+
+
+cpu_kernel_forward.register_autograd(_kernel_grad, setup_context=_kernel_setup)
 
 
 # --------------------------------------------------------------------------- TorchScript
