@@ -37,6 +37,7 @@ Example (plain NumPy, e.g. to keep the layer in an ``.npz`` next to other weight
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,7 @@ __all__ = [
     "from_nnx",
     "from_numpy",
     "from_ssd_keras",
+    "from_ssd_keras_h5",
     "from_ssd_pytorch",
     "from_torch",
     "from_torchvision",
@@ -239,6 +241,112 @@ def from_ssd_keras(gamma: Any) -> L2NormParams:
     ``K.l2_normalize``, i.e. ``tf.math.l2_normalize``), ``x / sqrt(max(sum(x**2), 1e-12))``.
     """
     return _peer(gamma, "ssd_keras", "ssd_keras L2Normalization gamma")
+
+
+def from_ssd_keras_h5(path: str | os.PathLike | Any, layer: str = "conv4_3_norm") -> L2NormParams:
+    """ssd_keras' trained gamma, read from the Keras 2 HDF5 file its weights ship in.
+
+    Preset ``"ssd_keras"`` (as :func:`from_ssd_keras`); the values keep the file's dtype
+    and bits. Both Keras 2 layouts are read: ``model.save_weights(...)`` (a group per
+    layer at the root) and ``model.save(...)`` (the same under ``model_weights/``). In a
+    layer's group the attribute ``weight_names`` lists its weights (e.g.
+    ``b"conv4_3_norm/conv4_3_norm_gamma:0"``) and each is a dataset at that path; the
+    gamma is the weight named ``<layer>_gamma`` (or the only one whose name ends in
+    ``gamma``). Needs ``h5py`` (it comes with Keras), imported here only.
+
+    Args:
+        path: the ``.h5`` file, or an open ``h5py.File`` / ``h5py.Group``.
+        layer: the ``L2Normalization`` layer's name (SSD300 and SSD512: ``"conv4_3_norm"``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not an HDF5 file; no layer of that name (the message lists the layer
+            names present); a layer without a gamma (the message lists its weights).
+
+    Example:
+        >>> import os, tempfile, h5py, numpy as np
+        >>> from l2norm import convert
+        >>> path = os.path.join(tempfile.mkdtemp(), "ssd300_weights.h5")
+        >>> with h5py.File(path, "w") as f:  # what Keras 2's save_weights writes
+        ...     f.attrs["layer_names"] = [b"conv4_3", b"conv4_3_norm"]
+        ...     f.create_group("conv4_3").attrs["weight_names"] = []
+        ...     g = f.create_group("conv4_3_norm")
+        ...     g.attrs["weight_names"] = [b"conv4_3_norm/conv4_3_norm_gamma:0"]
+        ...     gamma = np.full(4, 20.5, np.float32)
+        ...     _ = g.create_dataset("conv4_3_norm/conv4_3_norm_gamma:0", data=gamma)
+        >>> params = convert.from_ssd_keras_h5(path)
+        >>> params.scale, params.preset
+        (array([20.5, 20.5, 20.5, 20.5], dtype=float32), 'ssd_keras')
+    """
+    try:
+        import h5py
+    except ImportError as err:  # pragma: no cover - h5py comes with Keras
+        raise ImportError("reading an .h5 file needs h5py: pip install h5py") from err
+
+    if isinstance(path, h5py.Group):  # an open file is a Group too
+        return _gamma_from_h5(h5py, path, layer, repr(path.file.filename))
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path or an open h5py.File, got {path!r}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path!r} is not an HDF5 file h5py can read ({err})") from err
+    with handle:
+        return _gamma_from_h5(h5py, handle, layer, repr(path))
+
+
+def _h5_strings(group: Any, name: str) -> list[str] | None:
+    """A Keras 2 list-of-names attribute as str. Keras 2 splits one longer than HDF5's
+    64 KiB attribute limit into ``name0``, ``name1``, ...; those are joined back."""
+    if name in group.attrs:
+        chunks = [group.attrs[name]]
+    elif f"{name}0" in group.attrs:
+        chunks, i = [], 0
+        while f"{name}{i}" in group.attrs:
+            chunks.append(group.attrs[f"{name}{i}"])
+            i += 1
+    else:
+        return None
+    values = [v for chunk in chunks for v in np.atleast_1d(np.asarray(chunk)).tolist()]
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _gamma_from_h5(h5py: Any, root: Any, layer: str, where: str) -> L2NormParams:
+    # model.save puts the weights under model_weights/; save_weights at the root.
+    weights = root["model_weights"] if isinstance(root.get("model_weights"), h5py.Group) else root
+    group = weights.get(layer)
+    if not isinstance(group, h5py.Group):
+        names = _h5_strings(weights, "layer_names")
+        if names is None:
+            names = [k for k, v in weights.items() if isinstance(v, h5py.Group)]
+        hint = ""
+        if "layers" in weights and "layers" not in names:
+            hint = (
+                "; this looks like a Keras 3 .weights.h5 file: load it with Keras and pass "
+                "the layer's gamma to convert.from_ssd_keras"
+            )
+        raise ValueError(f"{where} has no layer {layer!r}; the layers in it: {names}{hint}")
+    listed = _h5_strings(group, "weight_names")
+    if listed is None:  # not written by Keras 2: every dataset under the layer's group
+        listed = []
+        group.visititems(lambda n, obj: listed.append(n) if isinstance(obj, h5py.Dataset) else None)
+    base = {name: name.rsplit("/", 1)[-1].split(":", 1)[0] for name in listed}
+    found = [n for n in listed if base[n] == f"{layer}_gamma"]
+    found = found or [n for n in listed if base[n].endswith("gamma")]
+    if len(found) != 1:
+        what = "no gamma weight" if not found else f"several gamma weights {found}"
+        raise ValueError(f"layer {layer!r} in {where} holds {what}; its weights: {listed}")
+    dataset = group.get(found[0])
+    if not isinstance(dataset, h5py.Dataset):
+        raise ValueError(
+            f"layer {layer!r} in {where} lists the weight {found[0]!r}, but there is no "
+            f"dataset at {group.name}/{found[0]}"
+        )
+    # dataset[()] reads the stored values in the stored dtype: no conversion, no rounding.
+    return _peer(np.asarray(dataset[()]), "ssd_keras", f"{where} {group.name}/{found[0]}")
 
 
 _CAFFE_EPS = 1e-10

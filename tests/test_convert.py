@@ -380,6 +380,108 @@ def test_the_converted_layer_has_a_finite_gradient_at_the_zero_pixel():
     assert torch.isnan(dx_peer[0, :, 0, 0]).all()
 
 
+# ------------------------------------------------------------------ ssd_keras .h5 files
+
+
+def write_ssd_keras_h5(path, gamma: np.ndarray, whole_model: bool, chunked: bool = False):
+    """The layout Keras 2 writes for ssd_keras' SSD300 (a few of its layers).
+
+    ``model.save_weights``: at the root, the attribute ``layer_names`` and one group per
+    layer whose attribute ``weight_names`` lists its weights, each a dataset at that path
+    inside the group. ``model.save``: the same under ``model_weights/``, next to the
+    model's config and ``optimizer_weights/``. ``chunked``: ``layer_names`` split into
+    ``layer_names0``, ``layer_names1`` (what Keras 2 does past HDF5's 64 KiB limit).
+    """
+    import h5py
+
+    rng = np.random.default_rng(3)
+    layers = {
+        "conv4_3": {
+            "conv4_3/kernel:0": rng.standard_normal((3, 3, 4, gamma.size)).astype(np.float32),
+            "conv4_3/bias:0": np.zeros(gamma.size, np.float32),
+        },
+        "pool4": {},
+        "conv4_3_norm": {"conv4_3_norm/conv4_3_norm_gamma:0": gamma},
+        "conv4_3_norm_mbox_conf": {
+            "conv4_3_norm_mbox_conf/kernel:0": np.ones((3, 3, gamma.size, 8), np.float32),
+        },
+    }
+    with h5py.File(path, "w") as f:
+        if whole_model:
+            f.attrs["model_config"] = b'{"class_name": "Model", "config": {}}'
+            f.create_group("optimizer_weights")
+            root = f.create_group("model_weights")
+        else:
+            root = f
+        names = np.array([name.encode() for name in layers])
+        if chunked:
+            root.attrs["layer_names0"], root.attrs["layer_names1"] = names[:2], names[2:]
+        else:
+            root.attrs["layer_names"] = names
+        root.attrs["backend"], root.attrs["keras_version"] = b"tensorflow", b"2.2.4"
+        for name, weights in layers.items():
+            group = root.create_group(name)
+            group.attrs["weight_names"] = [w.encode() for w in weights]
+            for weight_name, value in weights.items():
+                group.create_dataset(weight_name, data=value)
+
+
+@pytest.mark.parametrize("whole_model", [False, True], ids=["save_weights", "model.save"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_ssd_keras_h5_reads_the_gamma_bit_for_bit(tmp_path, whole_model, dtype):
+    import h5py
+
+    gamma = random_bits_scale(dtype, 16, seed=DTYPES.index(dtype))
+    path = tmp_path / "ssd300_weights.h5"
+    write_ssd_keras_h5(path, gamma, whole_model)
+    params = convert.from_ssd_keras_h5(path)  # a pathlib.Path
+    assert params.scale.dtype == gamma.dtype and params.scale.tobytes() == gamma.tobytes()
+    assert params == convert.from_ssd_keras(gamma)
+    assert (params.preset, params.eps_mode, params.eps) == ("ssd_keras", "clamp_sumsq", 1e-12)
+    assert convert.from_ssd_keras_h5(str(path), layer="conv4_3_norm") == params
+    with h5py.File(path, "r") as f:  # an open file
+        assert convert.from_ssd_keras_h5(f) == params
+    assert convert.to_torch(params).weight.detach().numpy().tobytes() == gamma.tobytes()
+
+
+def test_ssd_keras_h5_reproduces_ssd_keras_formula(tmp_path):
+    x, scale = peer_data()
+    path = tmp_path / "ssd300_weights.h5"
+    write_ssd_keras_h5(path, scale, whole_model=True, chunked=True)
+    params = convert.from_ssd_keras_h5(path)
+    want = ssd_keras_formula(x.astype(np.float64), scale.astype(np.float64))
+    for adapter, got in nchw_outputs(params, x).items():
+        assert_reproduces(f"ssd_keras .h5 via {adapter}", got, want)
+
+
+def test_ssd_keras_h5_errors_are_clear(tmp_path):
+    import h5py
+
+    gamma = np.full(8, 20.0, np.float32)
+    path = tmp_path / "weights.h5"
+    write_ssd_keras_h5(path, gamma, whole_model=False)
+    with pytest.raises(FileNotFoundError, match="no such file: .*missing.h5"):
+        convert.from_ssd_keras_h5(tmp_path / "missing.h5")
+    (tmp_path / "notes.h5").write_text("not HDF5")
+    with pytest.raises(ValueError, match="is not an HDF5 file"):
+        convert.from_ssd_keras_h5(tmp_path / "notes.h5")
+    layers = r"\['conv4_3', 'pool4', 'conv4_3_norm', 'conv4_3_norm_mbox_conf'\]"
+    with pytest.raises(ValueError, match=f"no layer 'conv5_3_norm'; the layers in it: {layers}"):
+        convert.from_ssd_keras_h5(path, layer="conv5_3_norm")
+    with pytest.raises(
+        ValueError, match=r"layer 'conv4_3' .* holds no gamma weight; its weights: "
+    ):
+        convert.from_ssd_keras_h5(path, layer="conv4_3")
+    with pytest.raises(ValueError, match=r"'pool4' .* no gamma weight; its weights: \[\]"):
+        convert.from_ssd_keras_h5(path, layer="pool4")
+    with pytest.raises(TypeError, match="file path or an open h5py.File"):
+        convert.from_ssd_keras_h5(gamma)
+    with h5py.File(path, "a") as f:  # a listed weight whose dataset is missing
+        del f["conv4_3_norm/conv4_3_norm"]
+    with pytest.raises(ValueError, match="no dataset at /conv4_3_norm/conv4_3_norm/"):
+        convert.from_ssd_keras_h5(path)
+
+
 @pytest.mark.keras
 @pytest.mark.parametrize("peer", list(PEERS))
 def test_peer_import_reproduces_the_formula_in_keras(peer):
@@ -406,3 +508,17 @@ def test_keras_dtype_override_must_hold_the_scale_exactly():
     lossy = make_params("float32", False, True, OPTIONS[0])
     with pytest.raises(ValueError, match="bit for bit"):
         convert.to_keras(lossy, input_shape=(None, 12), dtype="bfloat16")
+
+
+@pytest.mark.keras
+def test_ssd_keras_h5_reproduces_ssd_keras_formula_in_keras(tmp_path):
+    from keras import ops
+
+    x, scale = peer_data()
+    path = tmp_path / "ssd300_weights.h5"
+    write_ssd_keras_h5(path, scale, whole_model=False)
+    layer = convert.to_keras(convert.from_ssd_keras_h5(path), input_shape=(None, 3, 4, 16))
+    assert ops.convert_to_numpy(layer.gamma).tobytes() == scale.tobytes()
+    got = ops.convert_to_numpy(layer(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    want = ssd_keras_formula(x.astype(np.float64), scale.astype(np.float64))
+    assert_reproduces("ssd_keras .h5 via keras", got, want)
