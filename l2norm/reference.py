@@ -51,7 +51,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy)
+import ml_dtypes  # registers bfloat16 with NumPy
 import numpy as np
 
 from l2norm._modes import get_mode
@@ -143,6 +143,20 @@ def _broadcast_scale(scale: np.ndarray | None, axes: Axes, dtype: type) -> np.nd
     return values.reshape(shape)
 
 
+def saturate(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``values`` rounded to ``dtype``, at most its largest finite magnitude (NaN kept).
+
+    The input gradient is returned this way: where its exact value exceeds the dtype (an
+    all-zero float16 pixel, ``scale * g / eps`` with eps = 1e-12), the largest finite value
+    keeps training finite, where Inf would make a loss scaler skip every step.
+    """
+    dtype = np.dtype(dtype)
+    info = ml_dtypes.finfo(dtype) if dtype.name == "bfloat16" else np.finfo(dtype)
+    top = float(info.max)
+    with np.errstate(invalid="ignore"):
+        return np.clip(np.asarray(values, np.float64), -top, top).astype(dtype)
+
+
 def denominator(x: np.ndarray, spec: Spec) -> np.ndarray:
     """``d(n)`` of every slice in float64 (keepdims), Inf for Inf slices, NaN for NaN ones.
 
@@ -184,7 +198,7 @@ def vjp(
     projected = sigma - parts.xhat * inner
     dx = (projected + parts.one_minus_r * parts.xhat * inner) / parts.d_scaled / parts.p
     dx = np.where(parts.inf_slice, 0, dx)
-    dx = dx.astype(x.dtype)
+    dx = saturate(dx, x.dtype)
     if scale is None:
         return dx, None
     u = parts.xhat * parts.ratio

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -59,6 +60,14 @@ inline Slice slice_terms(double n2, const Placement& pl) {
     r = np >= pl.eps ? 1.0 : 0.0;
   }
   return {1.0 / d, n2 > 0.0 ? r / n2 : 0.0, false};
+}
+
+// The input gradient rounded to the input's dtype, saturating at its largest finite value
+// where the exact one exceeds it (an all-zero float16 pixel: scale * g / eps); NaN stays.
+template <typename scalar_t>
+inline scalar_t saturate(double v) {
+  const double m = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  return static_cast<scalar_t>(v > m ? m : (v < -m ? -m : v));
 }
 
 // dw[ch] = the sum over threads of their partial sums (threads x C, row-major).

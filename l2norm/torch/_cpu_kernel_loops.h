@@ -120,7 +120,7 @@ void backward_rows(const at::Tensor& x, const at::Tensor& g, const std::vector<d
       const double k = s.r_over_n2 * ip;
       for (ch = 0; ch < C; ++ch) {
         const double gv = static_cast<double>(gr[ch]), xv = static_cast<double>(xr[ch]);
-        out[ch] = static_cast<scalar_t>((w[ch] * gv - k * xv) * s.inv_d);
+        out[ch] = saturate<scalar_t>((w[ch] * gv - k * xv) * s.inv_d);
         dw_part[ch] += gv * xv * s.inv_d;
       }
     }
@@ -248,7 +248,7 @@ void backward_impl(const at::Tensor& x, const at::Tensor& g, const std::vector<d
         for (int64_t p = 0; p < blk.len; ++p) {
           const double gv = static_cast<double>(gr[p]), xv = static_cast<double>(xr[p]);
           t[p] = gv * xv * inv_d[p];
-          out[p] = static_cast<scalar_t>((wc * gv - k[p] * xv) * inv_d[p]);
+          out[p] = saturate<scalar_t>((wc * gv - k[p] * xv) * inv_d[p]);
         }
         if (any_inf) {  // restore what the loop wrote over the Inf slices
           for (int64_t p = 0; p < blk.len; ++p) {

@@ -98,7 +98,9 @@ def vjp(
     w = _weight_view(weight, plan, acc)
     sigma = gw if w is None else gw * w
     inner = (sigma * xhat).sum(plan.norm, keepdim=True)
-    dx = _ladder.input_grad(sigma, xhat, inner, f).to(x.dtype)
+    # Saturated where the exact gradient exceeds the dtype (float16 at an all-zero pixel).
+    top = torch.finfo(x.dtype).max
+    dx = _ladder.input_grad(sigma, xhat, inner, f).clamp(-top, top).to(x.dtype)
     if weight is None:
         return dx, None
     gu = gw * xhat * f.ratio
