@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given
 
 from l2norm import l2_normalize
+from l2norm._spec import FLOAT_DTYPES
+from l2norm.conformance import numpy_dtype
 from l2norm.testing import assert_matches_reference
 from l2norm.testing.strategies import hostile_arrays, options
 
@@ -55,3 +57,19 @@ def test_bound_accepts_one_ulp_and_refuses_more():
     assert_matches_reference(one_ulp_up, x, forward_ulps=1)
     with pytest.raises(AssertionError, match="bound 0.5"):
         assert_matches_reference(one_ulp_up, x, forward_ulps=0.5)
+
+
+def test_torch_converters_keep_every_bit_bfloat16_included():
+    torch = pytest.importorskip("torch")
+    from l2norm.testing.frameworks import numpy_to_torch, torch_kwargs, torch_to_numpy
+
+    for dtype in FLOAT_DTYPES:
+        a = np.array([1.5, -0.0, np.inf, 3e-39, np.nan], np.float64).astype(numpy_dtype(dtype))
+        t = numpy_to_torch(a)
+        assert str(t.dtype) == f"torch.{dtype}"
+        back = torch_to_numpy(t)
+        assert back.dtype == a.dtype and back.tobytes() == a.tobytes()
+    a = np.ones(3, np.float32)
+    numpy_to_torch(a).add_(1)  # a copy: the caller's array is left alone
+    assert (a == 1).all() and torch_to_numpy(torch.ones(2, requires_grad=True)).sum() == 2
+    assert torch_kwargs({"axis": 1, "eps": 1e-6}) == {"dim": 1, "eps": 1e-6}

@@ -3,7 +3,9 @@
 For users who keep their own layer, or port one: :func:`assert_matches_reference`
 compares any callable with the reference under the same options, in ULPs of the
 output dtype. Hypothesis strategies for hostile inputs are in
-:mod:`l2norm.testing.strategies` (needs ``hypothesis``, in the ``test`` extra).
+:mod:`l2norm.testing.strategies` (needs ``hypothesis``, in the ``test`` extra);
+bit-exact NumPy <-> torch / Keras converters and a Keras VJP helper, as the conformance
+suite uses them, in :mod:`l2norm.testing.frameworks`.
 
 Example: checking a hand-written layer (ssd.pytorch's formula, in NumPy)::
 
@@ -74,7 +76,7 @@ def assert_matches_reference(
     got64 = got.astype(np.float64)
     want64 = want.astype(np.float64)
     with np.errstate(all="ignore"):
-        ulps = np.abs(got64 - want64) / conformance._ulp(want64, x.dtype, floor_normal=False)
+        ulps = np.abs(got64 - want64) / conformance.ulp(want64, x.dtype, floor_normal=False)
     same_nonfinite = (np.isnan(got64) & np.isnan(want64)) | (np.isinf(want64) & (got64 == want64))
     ulps = np.where(same_nonfinite, 0.0, ulps)
     ulps = np.where(np.isnan(ulps), np.inf, ulps)  # NaN or Inf on one side only
