@@ -802,6 +802,13 @@ def test_torch_jit_script(model):
     assert_close_ulps(torch.jit.load(buffer)(x), reference_of(model, x), 4)
     with pytest.raises(Exception, match="channels"):
         scripted(torch.randn(2, 8, 3, 3))
+    # torch.jit.script swaps the twin into the model it was given: run from Python, the
+    # model must still behave as the layer (eager, traced for ONNX).
+    assert_close_ulps(model(x), reference_of(model, x), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, x)
+    assert "l2norm::" not in str(traced.graph)
 
 
 def test_torch_jit_trace(model):

@@ -149,6 +149,19 @@ def lowering_for(
     return "cpu-kernel" if isinstance(route, _cpu.Layout) else route
 
 
+def _layer_forward(x: Tensor, weight: Tensor, spec: Spec, num_channels: int) -> Tensor:
+    _check_tensor(x)
+    if x.dim() >= 2:
+        axes = spec.resolve(x.dim())
+        if x.shape[axes.channel] != num_channels:
+            raise ValueError(
+                f"L2Norm({num_channels}) got an input of shape {tuple(x.shape)} with "
+                f"{x.shape[axes.channel]} channels along dim {axes.channel}; expected "
+                f"{num_channels}"
+            )
+    return _apply(x, weight, spec, min_rank=2)
+
+
 class L2Norm(nn.Module):
     r"""L2 normalization with a learnable per-channel scale (ParseNet, SSD's ``conv4_3``).
 
@@ -272,16 +285,7 @@ class L2Norm(nn.Module):
             self.weight.copy_(torch.from_numpy(self._scale_init))
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_tensor(x)
-        if x.dim() >= 2:
-            axes = self.spec.resolve(x.dim())
-            if x.shape[axes.channel] != self.num_channels:
-                raise ValueError(
-                    f"L2Norm({self.num_channels}) got an input of shape {tuple(x.shape)} with "
-                    f"{x.shape[axes.channel]} channels along dim {axes.channel}; expected "
-                    f"{self.num_channels}"
-                )
-        return _apply(x, self.weight, self.spec, min_rank=2)
+        return _layer_forward(x, self.weight, self.spec, self.num_channels)
 
     def extra_repr(self) -> str:
         parts = [f"{self.num_channels}", f"dim={self.dim}"]
@@ -303,10 +307,17 @@ class L2Norm(nn.Module):
 
 
 class _ScriptableL2Norm(nn.Module):
-    """What :func:`torch.jit.script` compiles in place of :class:`L2Norm`."""
+    """What :func:`torch.jit.script` compiles in place of :class:`L2Norm`.
+
+    ``torch.jit.script`` also puts it in place of the :class:`L2Norm` inside the model it
+    was given, so run from Python (eagerly, traced, exported) it behaves as the layer.
+    """
+
+    __jit_ignored_attributes__ = ["spec"]
 
     def __init__(self, module: L2Norm) -> None:
         super().__init__()
+        self.spec = module.spec
         if isinstance(module.weight, nn.Parameter):
             self.weight = module.weight
         else:
@@ -319,6 +330,8 @@ class _ScriptableL2Norm(nn.Module):
         self.eps = module.spec.eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            return self._python_forward(x)
         ndim = x.dim()
         if ndim < 2:
             raise ValueError("L2Norm expects an input of rank >= 2, got rank " + str(ndim))
@@ -333,3 +346,7 @@ class _ScriptableL2Norm(nn.Module):
         return torch.ops.l2norm.l2_normalize(
             x, self.weight, self.axis, self.across_spatial, self.mode, self.eps
         )
+
+    @torch.jit.unused
+    def _python_forward(self, x: Tensor) -> Tensor:
+        return _layer_forward(x, self.weight, self.spec, self.num_channels)
