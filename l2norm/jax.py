@@ -5,36 +5,50 @@ module; optax or Equinox code can call :func:`l2_normalize` directly.
 
 The maths is the reference's (:mod:`l2norm.reference`): ``y = scale * x / d(||x||)``
 with ``d`` set by ``eps_mode``, and the backward pass is the formula in that module's
-docstring, implemented once in :func:`_vjp_bwd` (``jax.custom_vjp``).
+docstring (``jax.custom_vjp``).
 
-How it stays cheap under ``jit``: the common case is one reduction (the sum of squares)
-and one elementwise pass, like the naive ``x / jnp.linalg.norm(x)``. Every slice whose
-sum of squares is not a normal, finite number (a zero, tiny, subnormal, huge or
-infinite slice) is recomputed exactly by a bit-level path that divides the slice by a
-power of two near its largest entry, as the reference does. A ``lax.cond`` on
-"any such slice in the batch" runs that path only when it is needed; each slice's
-result is the same whichever path its neighbours took.
+How it is computed: one program with no branch, the ladder of :mod:`l2norm._ladder`.
+Each slice's squares are summed at a few fixed power-of-two scales (float32 data: three,
+e.g. ``2**106``, ``1`` and ``2**-70`` for 512 channels; float16 data: one, the plain
+sum) and its infinities counted; per slice the most finely scaled sum that stayed finite
+gives ``d``; one elementwise pass writes ``y``. Zero, tiny, subnormal, huge, NaN and Inf
+slices are all handled by selects, so every slice is treated alike and nothing is read
+back to the host: a sample's result is bitwise the same whatever its neighbours and the
+batch size (under ``jit``; XLA:CPU would sum arrays under 4096 elements in another order
+than larger ones, so those are padded, see :func:`_sum`). The backward keeps ``x``, the
+scale and the slice-sized factors: one elementwise pass, then reductions that XLA fuses
+with the input gradient.
+
+XLA:CPU runs reductions through YNNPACK, which fuses arithmetic producers only: the sums
+are written with multiplications, ``abs``, ``min`` and ``max`` (:func:`_sums`), and a
+few ``lax.optimization_barrier`` calls keep CSE from sharing a value between two of
+them, which would make XLA write it out in full.
+
+float16, bfloat16 and float32 are computed in float32 and float64 in float64, whatever
+``jax_enable_x64`` says.
 
 XLA on CPU runs with flush-to-zero and denormals-are-zero: every float operation reads
-a subnormal input as 0. The exact path reads the bits instead, so a slice made only of
-subnormals is normalized exactly; a subnormal *entry* of a slice whose sum of squares is
-an ordinary number is read as 0, as by any other JAX operation.
+a subnormal input as 0. The elementwise passes read the top rung's slices from the bits
+(:func:`_subnormal_upscaled`), and so does its sum where eps is small enough for it to
+matter (:class:`_Plan`), so a slice made only of subnormals is normalized exactly; a
+subnormal *entry* of a slice whose sum of squares is an ordinary number is read as 0, as
+by any other JAX operation.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from l2norm import conformance
+from l2norm import _ladder
+from l2norm._ladder import FORMATS, FloatFormat, Ladder, SliceFactors
 from l2norm._spec import (
-    EPS_MODES,
     Axes,
     Spec,
     check_float_dtype,
@@ -58,7 +72,8 @@ def l2_normalize(
     """L2-normalize ``x`` along ``axis`` and multiply by ``scale`` (ParseNet / SSD).
 
     Works under ``jit``, ``vmap``, ``grad`` (any order) and ``jax.checkpoint``; the
-    gradient is exact and finite for every finite input.
+    gradient is exact and finite for every finite input. The program has no branch:
+    each slice's result depends on that slice alone.
 
     Args:
         x: float16, bfloat16, float32 or float64 array, rank >= 1. float16 and bfloat16
@@ -98,17 +113,25 @@ def l2_normalize(
     return normalize(x, scale, spec)
 
 
-def normalize(x: Any, scale: Any, spec: Spec, *, _opts: Any = None) -> jax.Array:
+def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
     """:func:`l2_normalize` from an already validated :class:`~l2norm._spec.Spec`.
 
     The Flax layers build their spec once and call this.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from l2norm._spec import Spec
+        >>> normalize(jnp.array([[0.0, 1e-45]]), None, Spec.create(eps=1e-50))  # subnormals
+        Array([[0., 1.]], dtype=float32)
     """
     x = jnp.asarray(x)
-    check_float_dtype(jnp.dtype(x.dtype).name, what="x")
+    dtype = jnp.dtype(x.dtype).name
+    check_float_dtype(dtype, what="x")
     axes = spec.resolve(x.ndim)
-    work = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    # The accumulator follows the data, never jax_enable_x64.
+    acc = "float64" if dtype == "float64" else "float32"
     if scale is None:
-        s = jnp.ones((), work)
+        s = jnp.ones((), acc)
     else:
         scale = jnp.asarray(scale)
         if not jnp.issubdtype(scale.dtype, jnp.floating) and not jnp.issubdtype(
@@ -116,15 +139,19 @@ def normalize(x: Any, scale: Any, spec: Spec, *, _opts: Any = None) -> jax.Array
         ):
             raise TypeError(f"scale must hold real numbers, got dtype {scale.dtype}")
         check_scale_shape(scale.shape, x.shape[axes.channel], axes)
-        s = scale.astype(work)
+        s = scale.astype(acc)
         if s.size == 1:
             s = s.reshape(())
         else:
             shape = [1] * x.ndim
             shape[axes.channel] = s.shape[0]
             s = s.reshape(shape)
-    y = _l2norm(spec, axes, _widen(x, work), s, _opts)
-    return y.astype(x.dtype)
+    size = int(np.prod([x.shape[a] for a in axes.norm]))
+    ladder = _ladder.make_ladder(dtype, acc, size, spec.eps_mode, spec.eps)
+    return _l2norm(_plan(ladder, axes, size, spec.eps, acc), x, s).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------- reading bits
 
 
 @jax.custom_jvp
@@ -139,202 +166,165 @@ _bf16_to_f32.defjvp(
 )
 
 
-def _widen(x: jax.Array, work: Any) -> jax.Array:
-    if x.dtype == jnp.bfloat16:
-        return _bf16_to_f32(x)
-    return x.astype(work)
+def _exact(x: jax.Array, acc: Any) -> jax.Array:
+    """``x`` in the accumulator dtype with its subnormals kept (bfloat16 by its bits)."""
+    return _bf16_to_f32(x) if x.dtype == jnp.bfloat16 else x.astype(acc)
 
 
-# --------------------------------------------------------------------------- the fast path
+def _magnitude_bits(x: jax.Array) -> tuple[jax.Array, FloatFormat]:
+    fmt = FORMATS[jnp.dtype(x.dtype).name]
+    int_type = jnp.int64 if fmt.mant > 23 else jnp.int32
+    return lax.bitcast_convert_type(x, int_type) & jnp.iinfo(int_type).max, fmt
 
 
-def _switch(mode: Any, **branches: Any) -> Any:
-    """The branch of ``eps_mode``: picked in Python for a static mode, selected for a
-    traced mode index (the conformance backend traces one program for every mode)."""
-    if isinstance(mode, str):
-        return branches[mode]()
-    values = [branches[m]() for m in EPS_MODES]
-    return jnp.select([mode == i for i in range(len(EPS_MODES))], values)
+def _subnormal(x: jax.Array) -> jax.Array:
+    """Where ``x`` is subnormal or zero, read from the bits (a flushing compare says 0)."""
+    magnitude, fmt = _magnitude_bits(x)
+    return magnitude < (1 << fmt.mant)
 
 
-class _Consts:
-    """Constants of one call: the working precision and the eps of the spec.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _subnormal_upscaled(x: jax.Array, shift: int) -> jax.Array:
+    """``x * 2**shift`` for a subnormal ``x`` (garbage elsewhere), built from its bits.
 
-    ``mode`` and ``eps`` are Python values, or traced scalars in the conformance
-    backend's shared program.
+    A subnormal is ``mant * 2**sub`` (``sub`` = -149 for float32): the integer ``mant``
+    converts exactly, and two normal power-of-two factors bring it up to a normal number.
+    The derivative is ``2**shift``, as for a multiplication.
     """
-
-    def __init__(self, dtype: Any, mode: Any, eps: Any, slice_size: int) -> None:
-        info = np.finfo(dtype)
-        self.dtype = dtype
-        self.mode = mode
-        self.int = jnp.int64 if info.bits == 64 else jnp.int32
-        self.nmant = int(info.nmant)
-        self.bias = int(info.maxexp) - 1
-        self.inf_bits = ((1 << (info.bits - info.nmant - 1)) - 1) << info.nmant
-        tiny = float(info.smallest_normal)
-        # Squares below the smallest normal are flushed; a sum of squares above LOW
-        # loses at most slice_size of them, under a quarter of an ulp of the sum.
-        self.low = slice_size * tiny * 2.0 ** (self.nmant + 3)
-        # Above HIGH, r / ss (the backward's factor) would approach the flush range.
-        self.high = 2.0 ** (self.bias - 2 * self.nmant)
-        # eps below the smallest normal would be read as 0 by a flushing CPU.
-        vmax = max if isinstance(eps, float) else jnp.maximum
-        vsqrt = math.sqrt if isinstance(eps, float) else jnp.sqrt
-        self.eps = vmax(eps, tiny)
-        self.sqrt_eps = vmax(vsqrt(eps), tiny)
-        self.thr = _switch(
-            mode,
-            add_sumsq=lambda: self.sqrt_eps,
-            add_norm=lambda: self.eps,
-            clamp_sumsq=lambda: self.sqrt_eps,
-            clamp_norm=lambda: self.eps,
-        )
-        # 1 / d(0): the factor of an all-zero slice (and of any slice far below eps).
-        self.inv_d0 = 1.0 / self.thr
-        # In scaled units a slice's norm is below 2 * sqrt(size) <= 2^(nmant/2 + 34) for
-        # any array that fits in memory; a denominator beyond BIG is all eps.
-        self.big = 2.0 ** (self.nmant + 40)
+    magnitude, fmt = _magnitude_bits(x)
+    low = fmt.subnormal_exp // 2
+    value = magnitude.astype(x.dtype) * 2.0**low * 2.0 ** (fmt.subnormal_exp + shift - low)
+    return jnp.copysign(value, x)
 
 
-def _fast_factors(ss: jax.Array, c: _Consts) -> tuple[jax.Array, jax.Array]:
-    """``a = 1/d(n)`` and ``k = r / n**2`` per slice from the sum of squares ``ss``."""
-    n = jnp.sqrt(ss)
-    d = _switch(
-        c.mode,
-        clamp_norm=lambda: jnp.maximum(n, c.eps),
-        clamp_sumsq=lambda: jnp.sqrt(jnp.maximum(ss, c.eps)),
-        add_norm=lambda: n + c.eps,
-        add_sumsq=lambda: jnp.sqrt(ss + c.eps),
-    )
-    a = 1.0 / d
-    r = _switch(
-        c.mode,
-        clamp_norm=lambda: (d == n).astype(ss.dtype),
-        clamp_sumsq=lambda: (d == n).astype(ss.dtype),
-        add_norm=lambda: n * a,
-        add_sumsq=lambda: ss * (a * a),
-    )
-    k = jnp.where(ss > 0, r / jnp.where(ss > 0, ss, 1.0), 0.0)
-    return a, k
+@_subnormal_upscaled.defjvp
+def _subnormal_upscaled_jvp(shift: int, primals: tuple, tangents: tuple) -> tuple:
+    return _subnormal_upscaled(primals[0], shift), tangents[0] * 2.0**shift
+
+
+# --------------------------------------------------------------------------- the passes
+
+
+#: XLA:CPU hands a reduction with at least this many elements to YNNPACK and a smaller
+#: one to its own loops, which add in another order. Smaller operands are padded with
+#: zeros up to it, so that a sample sums the same way alone as in a large batch.
+_FEW = 4096
 
 
 def _sum(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    return jnp.sum(v, axis=axes, keepdims=True)
+    """``sum(v)`` over ``axes`` (kept), in the same order whatever the other axes' sizes."""
+    if v.size >= _FEW:
+        return jnp.sum(v, axis=axes, keepdims=True)
+    kept = [a for a in range(v.ndim) if a not in axes]
+    if not kept:  # a single slice: pad along a new leading axis
+        return _sum(v[None], tuple(a + 1 for a in axes))[0]
+    a = kept[0]
+    rows = -(-_FEW * v.shape[a] // max(v.size, 1))
+    padded = jnp.pad(v, [(0, rows - v.shape[a] if i == a else 0) for i in range(v.ndim)])
+    return lax.slice_in_dim(jnp.sum(padded, axis=axes, keepdims=True), 0, v.shape[a], axis=a)
 
 
-# --------------------------------------------------------------------------- the exact path
+class _Plan(NamedTuple):
+    """Everything static about one call (a ``custom_vjp`` non-differentiable argument).
 
-
-def _pow2(e: jax.Array, c: _Consts) -> jax.Array:
-    """2**e for integer ``e`` in the normal exponent range, built from its bits."""
-    e = jnp.clip(e, 1 - c.bias, c.bias).astype(c.int)
-    return lax.bitcast_convert_type((e + c.bias) << c.nmant, c.dtype)
-
-
-def _exact_parts(x: jax.Array, axes: Axes, c: _Consts) -> dict:
-    """The reference's ``_parts`` on the bits of ``x``, immune to flush-to-zero.
-
-    Returns scaled entries ``xs = x / 2**E`` (E the exponent of the slice's largest
-    entry; +-1 at the infinities of an Inf slice), their norm ``ns``, and per slice
-    ``times_u(v) = v * x / d``, ``inv_d = 1/d`` in true units, and ``r``.
+    ``bits_in_sums``: whether the top rung's *sum* must read subnormal entries from their
+    bits. A flushing read drops less than ``delta**2 = size 2**(2 min_exp)`` of ``n**2``;
+    when eps's threshold (``eps`` or ``sqrt(eps)``) is at least ``delta 2**m`` (``m`` the
+    ladder's precision margin), every slice for which that matters has ``d`` set by eps
+    to within ``2**-m``, and the sum may flush (the passes still read the bits).
     """
-    dt, it = c.dtype, c.int
-    one = jnp.array(1, it)
-    bits = lax.bitcast_convert_type(x, it)
-    mag = bits & jnp.iinfo(it).max  # the bits of |x|
-    negative = bits < 0
-    is_nan = mag > c.inf_bits
-    is_inf = mag == c.inf_bits
-    top = jnp.max(mag, axis=axes.norm, keepdims=True)
-    inf_slice = top == c.inf_bits  # holds Inf and no NaN (NaN bits sort above Inf)
-    top_field = top >> c.nmant
-    top_mant = top & ((one << c.nmant) - 1)
-    # Exponent of a subnormal maximum: that of its mantissa (an exact integer float).
-    mant_exp = (lax.bitcast_convert_type(top_mant.astype(dt), it) >> c.nmant) - c.bias
-    big_e = jnp.where(top_field > 0, top_field - c.bias, mant_exp + 1 - c.bias - c.nmant)
-    big_e = jnp.where((top == 0) | (top >= c.inf_bits), 0, big_e)
 
-    field = mag >> c.nmant
-    mant = (mag & ((one << c.nmant) - 1)) | jnp.where(field > 0, one << c.nmant, 0)
-    shift = jnp.maximum(field, 1) - c.bias - big_e  # xs = mant * 2^-nmant * 2^shift
-    frac = mant.astype(dt) * (2.0**-c.nmant)
-    xs_bits = jnp.where(shift < 1 - c.bias, 0.0, frac * _pow2(shift, c))
-    xs_bits = jnp.where(negative, -xs_bits, xs_bits)
-    xs_bits = jnp.where(inf_slice, jnp.where(is_inf, jnp.where(negative, -1.0, 1.0), 0.0), xs_bits)
-    xs_bits = jnp.where(is_nan, jnp.nan, xs_bits)
-    # The value from the bits, the derivative from x (2**-E in two exact halves): keeps
-    # this path differentiable for higher-order gradients.
-    half = -big_e // 2
-    q1, q2 = _pow2(half, c), _pow2(-big_e - half, c)
-    smooth = jnp.where(inf_slice, 0.0, x * q1 * q2)
-    xs = smooth + lax.stop_gradient(xs_bits - smooth)
+    ladder: Ladder
+    axes: Axes
+    bits_in_sums: bool
 
-    ns = jnp.sqrt(_sum(xs * xs, axes.norm))
 
-    def scaled(value: float) -> jax.Array:  # value / 2**E, overflow to inf is harmless
-        return value * q1 * q2
+def _plan(ladder: Ladder, axes: Axes, size: int, eps: float, acc: str) -> _Plan:
+    fmt = FORMATS[acc]
+    matters = math.sqrt(size) * 2.0 ** (fmt.min_exp + fmt.mant + 8)  # delta 2**m
+    return _Plan(ladder, axes, ladder.exact_top and ladder.mode.threshold(eps) < matters)
 
-    d_s = _switch(
-        c.mode,
-        add_sumsq=lambda: jnp.hypot(ns, scaled(c.sqrt_eps)),
-        add_norm=lambda: ns + scaled(c.eps),
-        clamp_sumsq=lambda: jnp.maximum(ns, scaled(c.thr)),
-        clamp_norm=lambda: jnp.maximum(ns, scaled(c.thr)),
-    )
-    d_s = jnp.where(inf_slice, ns, d_s)  # in the Inf limit n / d(n) -> 1
-    ratio = ns / d_s
-    r = _switch(
-        c.mode,
-        add_sumsq=lambda: ratio * ratio,
-        add_norm=lambda: ratio,
-        clamp_sumsq=lambda: (d_s == ns).astype(dt),
-        clamp_norm=lambda: (d_s == ns).astype(dt),
-    )
-    b = 1.0 / d_s
-    p1, p2 = _pow2(big_e - big_e // 2, c), _pow2(big_e // 2, c)
-    huge = d_s > c.big  # eps alone: d = d(0), whatever 2**E
-    inv_d = jnp.where(huge, c.inv_d0, b / p1 / p2)
-    inv_d = jnp.where(inf_slice, 0.0, inv_d)  # the limit of 1 / d(n): input gradient 0
-    xhat = xs / jnp.where(ns > 0, ns, 1.0)
 
-    def times_u(v: jax.Array) -> jax.Array:
-        """``v * x / d``; beyond BIG, scaled back to true units last so that a large
-        factor (the scale) keeps a subnormal slice's normal output from flushing."""
-        return jnp.where(huge, (v * xs * c.inv_d0) * p1 * p2, v * xs * b)
+def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:
+    """:func:`l2norm._ladder.sums`, written for XLA:CPU's reductions (YNNPACK), which fuse
+    arithmetic producers only: the rungs read ``x`` through a float conversion (which
+    may flush subnormals) and multiplications, the top one clipped to ``c`` with
+    ``(c 2**s)**2 = Inf`` (it overflows where it should, and autodiff of its square
+    meets no ``0 * Inf``), or from the bits where ``plan.bits_in_sums``. Infinities are
+    counted with no compare or select: ``big / max(|x|, big)`` (``big`` the largest
+    finite number) is 1 at finite entries and 0 at +-Inf.
+    """
+    ladder, axes = plan.ladder, plan.axes
+    fmt = FORMATS[jnp.dtype(acc).name]
 
-    return {"xs": xs, "ns": ns, "inv_d": inv_d, "r": r, "xhat": xhat, "times_u": times_u}
+    plain = x.astype(acc)
+    rung_sums = []
+    for j, shift in enumerate(ladder.shifts):
+        if j == 0 and plan.bits_in_sums:
+            exact = _exact(x, acc)
+            top = 2.0 ** (fmt.max_exp - 1)
+            scaled = jnp.clip(exact * 2.0**shift, -top, top)
+            xs = jnp.where(_subnormal(exact), _subnormal_upscaled(exact, shift), scaled)
+        elif j == 0 and shift > 0:
+            clip = 2.0 ** (fmt.max_exp - 1 - shift)
+            # The barrier keeps this |x| from being shared with the count's: XLA would
+            # write it out in full.
+            xs = jnp.minimum(jnp.abs(lax.optimization_barrier(plain)), clip) * 2.0**shift
+        else:
+            xs = plain * 2.0**shift if shift else plain
+        rung_sums.append(_sum(xs * xs, axes.norm))
+    # (Not -big: that is the input gradient's saturation bound, and a constant shared
+    # with that pass makes XLA write its broadcast out in full.)
+    big = float(jnp.finfo(acc).max)
+    finite = _sum(big / jnp.maximum(jnp.abs(plain), big), axes.norm)
+    return rung_sums, math.prod(x.shape[a] for a in axes.norm) - finite
+
+
+def _rung_input(
+    x: jax.Array, f: SliceFactors, ladder: Ladder, pre: Any
+) -> tuple[jax.Array, jax.Array]:
+    """``(x pre, infinite)``: ``x`` read into its slice's rung (``pre = 2**s`` for
+    ``s > 0``), from the bits on the top rung; 0 at the infinities (no ``Inf * 0`` for
+    autodiff to meet)."""
+    magnitude, fmt = _magnitude_bits(x)
+    # From the bits: a float compare here would be shared with the sums' |x| and make
+    # XLA write |x| out in full.
+    infinite = magnitude == ((2 * fmt.max_exp - 1) << fmt.mant)  # the bits of +Inf
+    xin = jnp.where(infinite, 0.0, x)
+    if pre is not None:
+        xin = xin * pre
+    if f.top is not None:
+        top = f.top & (magnitude < (1 << fmt.mant))
+        xin = jnp.where(top, _subnormal_upscaled(x, ladder.shifts[0]), xin)
+    return xin, infinite
+
+
+def _output(x: jax.Array, s: jax.Array, f: SliceFactors, ladder: Ladder) -> jax.Array:
+    """``y = s x / d``. On rungs ``s >= 0`` the scale multiplies before ``1 / d``, so a
+    slice of subnormals (top rung) whose ``x / d`` is below the normal range but whose
+    ``y`` is not keeps its value on a flushing CPU; on the rung ``s < 0`` (huge slices,
+    where ``x s`` could overflow) after it, then ``2**s``."""
+    xin, infinite = _rung_input(x, f, ladder, f.pre)
+    if ladder.single:
+        y = (xin * s) * f.inv_d
+    else:
+        below = f.post < 1
+        y = ((xin * jnp.where(below, f.inv_d, 1.0)) * s) * jnp.where(below, f.post, f.inv_d)
+    return jnp.where(infinite, jnp.sign(x) * f.rinf * s, y)
 
 
 # --------------------------------------------------------------------------- custom_vjp
 
 
-def _consts(spec: Spec, axes: Axes, x: jax.Array, opts: Any) -> _Consts:
-    size = math.prod(x.shape[a] for a in axes.norm)
-    if opts is None:
-        return _Consts(x.dtype, spec.eps_mode, spec.eps, size)
-    eps, mode = opts
-    return _Consts(x.dtype, mode, eps.astype(x.dtype), size)
+def _factors(plan: _Plan, x: jax.Array, acc: Any) -> SliceFactors:
+    """The reduction pass and the slice-sized choice of rung."""
+    rung_sums, n_inf = _sums(x, acc, plan)
+    return _ladder.slice_factors(jnp, plan.ladder, rung_sums, n_inf)
 
 
-def _forward(spec: Spec, axes: Axes, x: jax.Array, s: jax.Array, opts: Any = None):
-    c = _consts(spec, axes, x, opts)
-    ss = _sum(x * x, axes.norm)
-    # NaN slices are NaN on the fast path too; only zero / tiny / huge / Inf sums need
-    # the exact path.
-    ok = ~(ss < c.low) & ~(ss > c.high)
-    a, k = _fast_factors(ss, c)
-    needs_exact = ~jnp.all(ok)
-
-    def fast(x, s, a):
-        return x * a * s
-
-    def exact(x, s, a):
-        parts = _exact_parts(x, axes, c)
-        return jnp.where(ok, x * a * s, parts["times_u"](s))
-
-    y = lax.cond(needs_exact, exact, fast, x, s, a)
-    return y, (x, s, a, k, ok, needs_exact, opts)
+def _forward(plan: _Plan, x: jax.Array, s: jax.Array):
+    f = _factors(plan, x, s.dtype)
+    return _output(_exact(x, s.dtype), s, f, plan.ladder), (x, s, f)
 
 
 def _reduce_like(v: jax.Array, s: jax.Array, axes: Axes) -> jax.Array:
@@ -344,47 +334,51 @@ def _reduce_like(v: jax.Array, s: jax.Array, axes: Axes) -> jax.Array:
     return jnp.sum(v, axis=axes.reduced, keepdims=True)
 
 
-def _vjp_bwd(spec: Spec, axes: Axes, residuals, g: jax.Array):
-    r"""The backward formula of :mod:`l2norm.reference`'s docstring.
+def _backward(plan: _Plan, residuals: tuple, g: jax.Array):
+    r"""``dx = (sigma - r <sigma, xhat> xhat) / d`` (:func:`l2norm._ladder.input_grad`)
+    with ``sigma = scale * g`` and ``xhat = x / n``; ``dscale = sum g u``, ``u = x / d``.
 
-    ``dx = (sigma - r * xhat * <sigma, xhat>) / d`` with ``sigma = s g``; on the fast
-    path ``xhat = x / n`` so this reads ``a * (sigma - k * x * <sigma, x>)`` with
-    ``a = 1/d`` and ``k = r / n**2``. ``dscale_c = sum over all but c of g * x / d``.
+    One elementwise pass writes ``v``, ``x`` in its slice's rung read from the bits (the
+    reductions cannot fuse that read), ``+-1/sqrt(k)`` at the infinities of Inf slices
+    and 0 at their finite entries; ``xhat = (v a) p`` and ``u = (v b) p`` follow by
+    multiplications, with ``(a, b, p) = (1 / n, 1 / d, 2**s)`` and 1 in Inf slices.
+    (``u`` is not ``xhat n / d``: where the sum flushed a slice of subnormals to
+    ``n = 0``, ``d`` is eps's and ``x / d`` is still exact.)
     """
-    x, s, a, k, ok, needs_exact, opts = residuals
-    c = _consts(spec, axes, x, opts)
+    ladder, axes = plan.ladder, plan.axes
+    x, s, f = residuals
+    inf_slice = f.rinf > 0
+    keep = None if ladder.single else jnp.where(inf_slice, 0.0, f.pre)
+    xin, infinite = _rung_input(_exact(x, s.dtype), f, ladder, keep)
+    if ladder.single:
+        xin = jnp.where(inf_slice, 0.0, xin)
+    v = jnp.where(infinite, jnp.sign(x) * f.rinf, xin)
 
-    def fast(x, s, g, a, k):
-        sigma = s * g
-        dx = a * (sigma - k * x * _sum(sigma * x, axes.norm))
-        # The barrier keeps XLA:CPU from writing the broadcast of ``a`` out in full to
-        # share it between this sum and ``dx``: broadcast inside each fusion instead, the
-        # whole forward + backward takes 0.55-0.66x the naive idiom's time, not 0.82x.
-        return dx, _reduce_like(g * x * lax.optimization_barrier(a), s, axes)
+    def through(factor: jax.Array, post: Any) -> jax.Array:
+        out = v * jnp.where(inf_slice, 1.0, factor)
+        return out if ladder.single else out * jnp.where(inf_slice, 1.0, post)
 
-    def exact(x, s, g, a, k):
-        sigma = s * g
-        parts = _exact_parts(x, axes, c)
-        xhat = parts["xhat"]
-        inner = _sum(sigma * xhat, axes.norm)
-        dx_exact = (sigma - parts["r"] * xhat * inner) * parts["inv_d"]
-        dx_fast = a * (sigma - k * x * _sum(sigma * x, axes.norm))
-        dx = jnp.where(ok, dx_fast, dx_exact)
-        u = jnp.where(ok, x * a, parts["times_u"](1.0))
-        return dx, _reduce_like(g * u, s, axes)
-
-    dx, ds = lax.cond(needs_exact, exact, fast, x, s, g, a, k)
-    if opts is not None:
-        opts = (jnp.zeros_like(opts[0]), np.zeros((), dtype=jax.dtypes.float0))
-    return dx, ds.reshape(s.shape), opts
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _l2norm(spec: Spec, axes: Axes, x: jax.Array, s: jax.Array, opts: Any = None) -> jax.Array:
-    return _forward(spec, axes, x, s, opts)[0]
+    xhat = through(f.inv_n, f.post)
+    # The barrier keeps CSE from sharing the scale's broadcast with the forward's output
+    # pass under jit: shared, XLA:CPU writes it out in full for the reduction below.
+    sigma = lax.optimization_barrier(s) * g
+    dx = _ladder.input_grad(sigma, xhat, _sum(sigma * xhat, axes.norm), f)
+    # Saturated where the exact gradient exceeds x's dtype (reference.saturate: a float16
+    # all-zero pixel, scale * g / eps), so that a loss scaler keeps its scale; written
+    # -max(-max(dx, -top), -top) (NaN kept), which XLA:CPU fuses into the reduction above.
+    top = float(jnp.finfo(x.dtype).max)
+    dx = -jnp.maximum(-jnp.maximum(dx, -top), -top)
+    # The barrier again: one broadcast of 2**s shared by the two reductions is written out.
+    ds = _reduce_like(g * through(f.inv_d, lax.optimization_barrier(f.post)), s, axes)
+    return dx.astype(x.dtype), ds.reshape(s.shape)
 
 
-_l2norm.defvjp(_forward, _vjp_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _l2norm(plan: _Plan, x: jax.Array, s: jax.Array) -> jax.Array:
+    return _forward(plan, x, s)[0]
+
+
+_l2norm.defvjp(_forward, _backward)
 
 
 # --------------------------------------------------------------------------- Flax layers
@@ -444,63 +438,3 @@ def _layer_apply(
         x = x.astype(dtype)
         scale = scale.astype(dtype)
     return normalize(x, scale, spec)
-
-
-# --------------------------------------------------------------------------- conformance
-
-
-# One program per layout and dtype, eps and eps_mode passed as values: the suite's
-# hundreds of option sets would otherwise each cost a compilation.
-@functools.partial(jax.jit, static_argnums=(5,))
-def _conformance_program(x, scale, g, eps, mode, layout):
-    axis, across_spatial = layout
-    spec = Spec.create(axis=axis, across_spatial=across_spatial)
-    opts = (eps, mode)
-    if scale is None:
-        y, pullback = jax.vjp(lambda x: normalize(x, None, spec, _opts=opts), x)
-        return y, pullback(g)[0], None
-    y, pullback = jax.vjp(lambda x, s: normalize(x, s, spec, _opts=opts), x, scale)
-    return (y, *pullback(g))
-
-
-def _conformance_run(x, scale, g, options):
-    spec = Spec.create(**options)
-    with jax.enable_x64(x.dtype == np.float64):
-        y, dx, ds = _conformance_program(
-            jnp.asarray(x),
-            None if scale is None else jnp.asarray(scale),
-            jnp.asarray(g),
-            jnp.asarray(spec.eps, jnp.float64 if x.dtype == np.float64 else jnp.float32),
-            jnp.asarray(EPS_MODES.index(spec.eps_mode), jnp.int32),
-            (spec.axis, spec.across_spatial),
-        )
-        return np.asarray(y), np.asarray(dx), None if ds is None else np.asarray(ds)
-
-
-def _conformance_forward(x: np.ndarray, scale: np.ndarray | None, options: dict) -> np.ndarray:
-    return _conformance_run(x, scale, np.zeros_like(x), options)[0]
-
-
-def _conformance_vjp(x, scale, g, options):
-    _, dx, ds = _conformance_run(x, scale, g, options)
-    return dx, ds
-
-
-conformance.register(
-    conformance.Backend(
-        name="jax",
-        forward=_conformance_forward,
-        vjp=_conformance_vjp,
-        # XLA:CPU reads float32 subnormals as zero; see the module docstring.
-        flushes_subnormals=True,
-    )
-)
-
-try:
-    import flax  # noqa: F401
-except ImportError:  # plain JAX (optax, Equinox) users: l2_normalize needs no Flax
-    pass
-else:
-    # The layers register their own conformance rows ("nnx", "linen").
-    from l2norm import linen as _linen  # noqa: F401, E402
-    from l2norm import nnx as _nnx  # noqa: F401, E402

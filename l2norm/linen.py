@@ -19,10 +19,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
-from l2norm import conformance
 from l2norm import jax as _l2jax
 from l2norm._spec import Spec
 
@@ -98,37 +96,3 @@ class L2Norm(nn.Module):
                 f"features needs {expected}"
             )
         return _l2jax._layer_apply(x, scale, spec, None, self.dtype)
-
-
-# --------------------------------------------------------------------------- conformance
-# The layer as users call it, op by op (see l2norm.nnx): checks the Linen plumbing.
-
-
-def _layer_for(scale: np.ndarray | None, options: dict) -> tuple[L2Norm, dict]:
-    layer = L2Norm(
-        channel_shared=scale is None or scale.size == 1,
-        param_dtype=jnp.float32 if scale is None else scale.dtype,
-        **options,
-    )
-    value = jnp.ones((1,), jnp.float32) if scale is None else jnp.asarray(scale).reshape(-1)
-    return layer, {"params": {"scale": value}}
-
-
-def _forward(x, scale, options):
-    with jax.enable_x64(x.dtype == np.float64), jax.disable_jit():
-        layer, variables = _layer_for(scale, options)
-        return np.asarray(layer.apply(variables, jnp.asarray(x)))
-
-
-def _vjp(x, scale, g, options):
-    with jax.enable_x64(x.dtype == np.float64), jax.disable_jit():
-        layer, variables = _layer_for(scale, options)
-        _, pullback = jax.vjp(lambda x, v: layer.apply(v, x), jnp.asarray(x), variables)
-        dx, dvars = pullback(jnp.asarray(g))
-        ds = None if scale is None else np.asarray(dvars["params"]["scale"]).reshape(scale.shape)
-        return np.asarray(dx), ds
-
-
-conformance.register(
-    conformance.Backend(name="linen", forward=_forward, vjp=_vjp, flushes_subnormals=True)
-)

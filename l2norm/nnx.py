@@ -18,10 +18,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from l2norm import conformance
 from l2norm import jax as _l2jax
 from l2norm._spec import Spec
 
@@ -91,44 +89,3 @@ class L2Norm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x``; the result has ``x``'s shape and ``dtype`` (or ``x``'s)."""
         return _l2jax._layer_apply(x, self.scale[...], self.spec, self.num_features, self.dtype)
-
-
-# --------------------------------------------------------------------------- conformance
-# The layer as users call it, op by op: the jax row already runs every case compiled,
-# this row checks the layer's plumbing (scale layout, dtype, axes) on top of it.
-
-
-def _layer_for(x: np.ndarray, scale: np.ndarray | None, options: dict) -> L2Norm:
-    spec = Spec.create(**options)
-    channels = x.shape[spec.resolve(x.ndim).channel]
-    return L2Norm(
-        channels,
-        scale_init=1.0 if scale is None else scale.astype(np.float64).reshape(-1),
-        channel_shared=scale is None or scale.size == 1,
-        param_dtype=x.dtype if scale is None else scale.dtype,
-        **options,
-    )
-
-
-def _forward(x, scale, options):
-    with jax.enable_x64(x.dtype == np.float64), jax.disable_jit():
-        return np.asarray(_layer_for(x, scale, options)(jnp.asarray(x)))
-
-
-def _vjp(x, scale, g, options):
-    with jax.enable_x64(x.dtype == np.float64), jax.disable_jit():
-        layer = _layer_for(x, scale, options)
-        graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-        def run(x, params):
-            return nnx.merge(graphdef, params, rest)(x)
-
-        _, pullback = jax.vjp(run, jnp.asarray(x), params)
-        dx, dparams = pullback(jnp.asarray(g))
-        ds = None if scale is None else np.asarray(dparams["scale"][...]).reshape(scale.shape)
-        return np.asarray(dx), ds
-
-
-conformance.register(
-    conformance.Backend(name="nnx", forward=_forward, vjp=_vjp, flushes_subnormals=True)
-)
