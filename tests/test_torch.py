@@ -359,9 +359,7 @@ messages = [str(w.message) for w in caught if "native CPU kernel" in str(w.messa
 want = reference.forward(x.numpy(), np.full(16, 20.0, np.float32), Spec.create(axis=1))
 print(len(messages), t.cpu_kernel_available(), t.lowering_for(x), np.abs(y.numpy() - want).max())
 """
-    out = _run_in_child(
-        code, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX="/nonexistent/c++", CC="/nonexistent/cc"
-    )
+    out = _run_in_child(code, L2NORM_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")
     assert out.returncode == 0, out.stderr
     count, available, route, error = out.stdout.split()
     assert (count, available, route) == ("1", "False", "ops"), out.stdout
@@ -373,9 +371,8 @@ print(len(messages), t.cpu_kernel_available(), t.lowering_for(x), np.abs(y.numpy
         "        t.l2_normalize(torch.randn(2, 16, 4, 4))\n"
         "except RuntimeError as err:\n"
         "    print(err)\n",
-        TORCH_EXTENSIONS_DIR=str(tmp_path),
+        L2NORM_CACHE_DIR=str(tmp_path),
         CXX="/nonexistent/c++",
-        CC="/nonexistent/cc",
     )
     assert "native CPU kernel is not available" in forced.stdout, forced.stderr
 
@@ -562,14 +559,15 @@ def test_cpu_kernel_with_a_broadcast_cotangent():
 
 
 def test_kernel_placement_codes_come_from_the_mode_table():
-    # The kernel is told each placement as (is_add, power) from l2norm._modes; its C++
-    # reads exactly those two: a new mode of the same family needs no kernel change.
+    # The kernel is told each placement as (is_add, power) from l2norm._modes; its C ABI
+    # takes exactly those two: a new mode of the same family needs no kernel change.
     from pathlib import Path
 
+    from l2norm import _native
     from l2norm._modes import MODES as TABLE
 
-    source = (Path(l2t.__file__).parent / "_cpu_kernel.cpp").read_text()
-    assert "bool is_add, int64_t power, double eps" in source
+    source = (Path(_native.__file__).parent / "capi.cpp").read_text()
+    assert "int is_add, int power, double eps" in source
     assert {m.kernel_code for m in TABLE.values()} == {(1, 1), (1, 2), (0, 1), (0, 2)}
     assert list(TABLE) == MODES
 

@@ -1,29 +1,26 @@
-"""The native CPU kernel: loading it, and running it on a tensor's memory as it lies.
+"""The native CPU kernel (:mod:`l2norm._native`) for torch tensors, on their memory as it lies.
 
-The kernel (``_cpu_kernel.cpp``) reads each block of slices twice while it sits in the
-core's cache and sums in float64 (see that file). It is built with
-``torch.utils.cpp_extension`` the first time a call can use it (about a minute, once; the
-result is cached by PyTorch under a name that changes with the source) and it is the
-default lowering for eager CPU calls. Where it cannot be built (no C++ compiler, no
-``ninja``) the layer warns once and computes with plain torch ops, never an error.
-``L2NORM_CPU_KERNEL=0`` in the environment, or :func:`use_cpu_kernel`\\ ``(False)``, turns it
-off.
+The kernel reads each block of slices twice while it sits in the core's cache and sums in
+float64 (see ``l2norm/_native/kernel.h``). It is compiled the first time a call can use it
+(a few seconds, once; ``bash scripts/setup`` does it at install) and called through a plain
+C ABI on the tensors' data pointers. It is the default lowering for CPU calls it applies
+to. Where it cannot be built (no C++ compiler), the layer warns once and computes with
+plain torch ops, never an error. ``L2NORM_CPU_KERNEL=0`` in the environment, or
+:func:`use_cpu_kernel`\\ ``(False)``, turns it off.
 """
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
 import os
-import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from l2norm import _native
 from l2norm._modes import EpsMode
 
 __all__ = [
@@ -39,8 +36,7 @@ __all__ = [
     "use_cpu_kernel",
 ]
 
-_SOURCES = ("_cpu_kernel.cpp", "_cpu_kernel_loops.h")
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 #: Slices after the channel axis (in memory) below which the kernel's blocks are too short
 #: to pay off; 1 (channels innermost) runs the kernel's row loops instead.
 MIN_INNER = 8
@@ -48,8 +44,6 @@ MIN_INNER = 8
 
 @dataclass
 class _State:
-    module: Any = None  # the built extension, once loaded
-    error: str | None = None  # why it could not be built, once tried
     enabled: bool = os.environ.get("L2NORM_CPU_KERNEL", "1") != "0"
 
 
@@ -59,7 +53,7 @@ _STATE = _State()
 def use_cpu_kernel(enabled: bool = True) -> bool:
     """Turn the native CPU kernel on (the default) or off for every later call.
 
-    Off, eager CPU calls compute with plain torch ops (slower, same guarantees).
+    Off, CPU calls compute with plain torch ops (slower, same guarantees).
 
     Returns:
         Whether the kernel will be used: ``enabled`` and it could be loaded.
@@ -87,60 +81,24 @@ def ready() -> bool:
 
 
 def available() -> bool:
-    """Whether the kernel can be used here (loading or building it if needed)."""
+    """Whether the kernel can be used here (building it if needed; warns once if not)."""
     return load() is not None
 
 
 def load() -> Any:
-    """The kernel module, built on first use; None (after one warning) if it cannot be."""
-    if _STATE.module is None and _STATE.error is None:
-        try:
-            _STATE.module = _build()
-        except Exception as err:  # no compiler, no ninja, a failed build: fall back
-            _STATE.error = f"{type(err).__name__}: {err}"
-            warnings.warn(
-                "l2norm: the native CPU kernel could not be built, so l2norm.torch computes "
-                "with plain torch ops on the CPU (correct, slower). It needs a C++ compiler "
-                f"and ninja (pip install ninja). Cause: {_STATE.error[:500]}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-    return _STATE.module
+    """The kernel library, built on first use; None (after one warning) if it cannot be."""
+    return _native.capi()
 
 
 def require() -> Any:
-    """The kernel module, or RuntimeError saying why it is not there."""
-    module = load()
-    if module is None:
-        raise RuntimeError(f"the l2norm native CPU kernel is not available: {_STATE.error}")
-    return module
-
-
-def _build() -> Any:
-    from torch.utils import cpp_extension  # only when a kernel is built or loaded
-
-    here = Path(__file__).resolve().parent
-    digest = hashlib.sha256(b"".join((here / n).read_bytes() for n in _SOURCES))
-    name = f"l2norm_cpu_{digest.hexdigest()[:12]}"
-    try:  # a private helper, used only to tell whether this is the (slow) first build
-        built = any(Path(cpp_extension._get_build_directory(name, False)).glob(f"{name}*.so"))
-    except Exception:
-        built = False
-    if not built:
-        print(
-            "l2norm: building the native CPU kernel (once, about a minute)...",
-            file=sys.stderr,
-            flush=True,
+    """The kernel library, or RuntimeError saying it is not there."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError(
+            "the l2norm native CPU kernel is not available: it could not be built here "
+            "(see the warning above; it needs a C++ compiler)"
         )
-    # OpenMP runs at::parallel_for's blocks on torch's intra-op threads (GCC / Linux).
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    return cpp_extension.load(
-        name=name,
-        sources=[str(here / _SOURCES[0])],
-        extra_cflags=["-O3", *openmp],
-        extra_ldflags=openmp,
-        verbose=False,
-    )
+    return lib
 
 
 @dataclass(frozen=True)
@@ -189,13 +147,41 @@ def _scale(weight: Tensor | None) -> Tensor:
     """The scale as the kernel takes it: float64, 0 (none), 1 or C entries."""
     if weight is None:
         return torch.empty(0, dtype=torch.float64)
-    return weight.detach().to(torch.float64).reshape(-1).contiguous()
+    return weight.detach().to("cpu", torch.float64).reshape(-1).contiguous()
+
+
+def _doubles(t: Tensor) -> Any:
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_double))
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise RuntimeError("the l2norm native CPU kernel refused its arguments")
 
 
 def forward(x: Tensor, weight: Tensor | None, view: Layout, mode: EpsMode, eps: float) -> Tensor:
     """``y = weight * x / d(n)`` by the kernel."""
     is_add, power = mode.kernel_code
-    y3 = require().forward(view.to_kernel(x), _scale(weight), bool(is_add), power, eps)
+    x3 = view.to_kernel(x)
+    y3 = torch.empty_like(x3)
+    w = _scale(weight)
+    outer, channels, inner = view.rows
+    _check(
+        require().l2norm_forward(
+            _native.DTYPE_CODES[DTYPES[x.dtype]],
+            x3.data_ptr(),
+            y3.data_ptr(),
+            outer,
+            channels,
+            inner,
+            _doubles(w),
+            w.numel(),
+            is_add,
+            power,
+            eps,
+            torch.get_num_threads(),
+        )
+    )
     return view.from_kernel(y3, x.shape)
 
 
@@ -205,7 +191,27 @@ def backward(
     """``(dx, the scale's gradient per channel in float64)`` by the kernel (it sums the
     squares again: nothing is saved from the forward)."""
     is_add, power = mode.kernel_code
-    dx3, per_channel = require().backward(
-        view.to_kernel(x), view.to_kernel(g.to(x.dtype)), _scale(weight), bool(is_add), power, eps
+    x3, g3 = view.to_kernel(x), view.to_kernel(g.to(x.dtype))
+    dx3 = torch.empty_like(x3)
+    outer, channels, inner = view.rows
+    per_channel = torch.empty(channels, dtype=torch.float64)
+    w = _scale(weight)
+    _check(
+        require().l2norm_backward(
+            _native.DTYPE_CODES[DTYPES[x.dtype]],
+            x3.data_ptr(),
+            g3.data_ptr(),
+            dx3.data_ptr(),
+            _doubles(per_channel),
+            outer,
+            channels,
+            inner,
+            _doubles(w),
+            w.numel(),
+            is_add,
+            power,
+            eps,
+            torch.get_num_threads(),
+        )
     )
     return view.from_kernel(dx3, x.shape), per_channel
