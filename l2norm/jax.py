@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from l2norm import _ladder
+from l2norm import _jax_kernel, _ladder
+from l2norm._jax_kernel import LOWERINGS, use_lowering
 from l2norm._ladder import FORMATS, FloatFormat, Ladder, SliceFactors
 from l2norm._spec import (
     Axes,
@@ -56,7 +57,7 @@ from l2norm._spec import (
     scale_init_values,
 )
 
-__all__ = ["l2_normalize", "normalize"]
+__all__ = ["LOWERINGS", "l2_normalize", "lowering_for", "normalize", "use_lowering"]
 
 
 def l2_normalize(
@@ -113,6 +114,22 @@ def l2_normalize(
     return normalize(x, scale, spec)
 
 
+def lowering_for(x: Any, *, axis: int | tuple[int, ...] = -1, across_spatial: bool = False) -> str:
+    """Which lowering :func:`l2_normalize` takes for ``x`` here and now: ``"cpu-kernel"``
+    (the native kernel, as XLA custom calls) or ``"ops"`` (the ladder in ``jax.numpy``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from l2norm.jax import lowering_for, use_lowering
+        >>> with use_lowering("ops"):
+        ...     lowering_for(jnp.ones((2, 8)))
+        'ops'
+    """
+    spec = Spec.create(axis=axis, across_spatial=across_spatial)
+    dtype = jnp.dtype(jnp.asarray(x).dtype).name
+    return "cpu-kernel" if _jax_kernel.applies(dtype, spec.resolve(jnp.ndim(x))) else "ops"
+
+
 def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
     """:func:`l2_normalize` from an already validated :class:`~l2norm._spec.Spec`.
 
@@ -148,7 +165,12 @@ def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
             s = s.reshape(shape)
     size = int(np.prod([x.shape[a] for a in axes.norm]))
     ladder = _ladder.make_ladder(dtype, acc, size, spec.eps_mode, spec.eps)
-    return _l2norm(_plan(ladder, axes, size, spec.eps, acc), x, s).astype(x.dtype)
+    plan = _plan(ladder, axes, size, spec.eps, acc)
+    if _jax_kernel.applies(dtype, axes):  # the CPU: the native kernel, one pass
+        has_scale = scale is not None
+        kernel = _jax_kernel.plan_for(x, has_scale, int(s.size), spec, axes, plan)
+        return _jax_kernel.normalize(kernel, x, s)
+    return _l2norm(plan, x, s).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- reading bits

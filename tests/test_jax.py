@@ -24,7 +24,7 @@ from jax.test_util import check_grads
 
 from l2norm import EPS_MODES, conformance, reference
 from l2norm._spec import Spec
-from l2norm.jax import l2_normalize
+from l2norm.jax import l2_normalize, use_lowering
 from l2norm.linen import L2Norm as LinenL2Norm
 from l2norm.nnx import Constant
 from l2norm.nnx import L2Norm as NnxL2Norm
@@ -39,88 +39,10 @@ LAYER_CASES = [c for c in ALL_CASES if c.layout in (1, 4)][::8]
 # Built here from the public API only (l2norm.conformance runs its own copies).
 
 
-def _options_key(options: dict) -> tuple:
-    """Hashable options; a preset and the eps placement it stands for share a program."""
-    spec = Spec.create(**options)
-    axis = tuple(spec.axis) if isinstance(spec.axis, (list, tuple)) else spec.axis
-    return axis, spec.across_spatial, spec.eps, spec.eps_mode
-
-
-@functools.cache
-def _program(key: tuple):
-    """One jitted program (forward and VJP) per option set; jit adds one per shape and
-    dtype. Compiling dominates a case's cost, so a case's forward and vjp share it."""
-    axis, across_spatial, eps, eps_mode = key
-    kwargs = {"axis": axis, "across_spatial": across_spatial, "eps": eps, "eps_mode": eps_mode}
-
-    def run(x, scale, g):
-        y, pullback = jax.vjp(lambda x, s: l2_normalize(x, s, **kwargs), x, scale)
-        return (y, *pullback(g))
-
-    return jax.jit(run)
-
-
-def _jax_run(x, scale, g, options):
-    with jax.enable_x64(x.dtype == np.float64):
-        sj = None if scale is None else jnp.asarray(scale)  # None: a pytree without leaves
-        y, dx, ds = _program(_options_key(options))(jnp.asarray(x), sj, jnp.asarray(g))
-        ds = None if scale is None else np.asarray(ds).reshape(scale.shape)
-        return np.asarray(y), np.asarray(dx), ds
-
-
-def _layer_run(name: str):
-    """The nnx or linen layer as users call it, op by op (the jax row runs compiled)."""
-
-    def run(x, scale, g, options):
-        shared = scale is None or scale.size == 1
-        with jax.enable_x64(x.dtype == np.float64), jax.disable_jit():
-            if name == "nnx":
-                layer = NnxL2Norm(
-                    x.shape[Spec.create(**options).resolve(x.ndim).channel],
-                    scale_init=1.0 if scale is None else scale.astype(np.float64).reshape(-1),
-                    channel_shared=shared,
-                    param_dtype=x.dtype if scale is None else scale.dtype,
-                    **options,
-                )
-                graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-                y, pullback = jax.vjp(
-                    lambda x, p: nnx.merge(graphdef, p, rest)(x), jnp.asarray(x), params
-                )
-                dx, dparams = pullback(jnp.asarray(g))
-                ds = dparams["scale"][...]
-            else:
-                layer = LinenL2Norm(
-                    channel_shared=shared,
-                    param_dtype=jnp.float32 if scale is None else scale.dtype,
-                    **options,
-                )
-                value = jnp.ones(1) if scale is None else jnp.asarray(scale).reshape(-1)
-                y, pullback = jax.vjp(
-                    lambda x, v: layer.apply(v, x), jnp.asarray(x), {"params": {"scale": value}}
-                )
-                dx, dvars = pullback(jnp.asarray(g))
-                ds = dvars["params"]["scale"]
-            ds = None if scale is None else np.asarray(ds).reshape(scale.shape)
-            return np.asarray(y), np.asarray(dx), ds
-
-    return run
-
-
-def _backend(name: str, run) -> conformance.Backend:
-    return conformance.Backend(
-        name=name,
-        forward=lambda x, scale, options: run(x, scale, np.zeros_like(x), options)[0],
-        vjp=lambda x, scale, g, options: run(x, scale, g, options)[1:],
-        # XLA:CPU reads float32 subnormals as zero (see l2norm.jax).
-        flushes_subnormals=True,
-    )
-
-
-BACKENDS = {
-    "jax": _backend("jax", _jax_run),
-    "nnx": _backend("nnx", _layer_run("nnx")),
-    "linen": _backend("linen", _layer_run("linen")),
-}
+#: The conformance backends (l2norm.conformance, public API only): ``jax`` by the default
+#: lowering (the native kernel on the CPU), ``jax-ops`` by the ladder in jax.numpy (what
+#: GPUs run, and the fallback), and the Flax layers as users call them.
+BACKENDS = {name: conformance.get_backend(name) for name in ("jax", "jax-ops", "nnx", "linen")}
 
 
 def _check(name: str, case: conformance.Case) -> None:
@@ -131,9 +53,10 @@ def _check(name: str, case: conformance.Case) -> None:
     )
 
 
+@pytest.mark.parametrize("name", ["jax", "jax-ops"])
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.id)
-def test_conformance_jax(case):
-    _check("jax", case)
+def test_conformance_jax(name, case):
+    _check(name, case)
 
 
 @pytest.mark.parametrize("name", ["nnx", "linen"])
@@ -282,10 +205,11 @@ def _primitives(jaxpr) -> set[str]:
         ("float64", {"eps_mode": "add_sumsq"}),
     ],
 )
-def test_program_has_no_branch(dtype, options):
+@pytest.mark.parametrize("lowering", [None, "ops"])
+def test_program_has_no_branch(dtype, options, lowering):
     # One program for every batch: no cond / while anywhere (a data-dependent branch makes
     # one sample's result depend on its neighbours, and on GPU reads its predicate back).
-    with jax.enable_x64(dtype == "float64"):
+    with jax.enable_x64(dtype == "float64"), use_lowering(lowering):
         x = jnp.ones((2, 4, 3, 3), dtype)
         s = jnp.ones(x.shape[options.get("axis", -1)], dtype)
 
@@ -297,7 +221,8 @@ def test_program_has_no_branch(dtype, options):
 
         forward = _primitives(jax.make_jaxpr(f)(x, s))
         backward = _primitives(jax.make_jaxpr(pullback)(x, s, x))
-    assert "custom_vjp_call" in forward and "reduce_sum" in backward  # the walk went in
+    # the walk went in: the ladder's sums, or the native kernel's custom calls
+    assert "custom_vjp_call" in forward and backward & {"reduce_sum", "ffi_call"}
     assert not (forward | backward) & {"cond", "while"}
 
 

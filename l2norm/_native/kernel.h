@@ -30,8 +30,34 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 namespace l2norm {
+
+// Keeps subnormals for the lifetime of the guard on this thread. XLA runs its CPU threads
+// with flush-to-zero and denormals-are-zero; the kernel must read and write subnormals
+// exactly (a slice made of them normalizes to ordinary values). Each thread of a parallel
+// region takes one: threads inherit the floating-point mode of the thread that made them.
+class KeepSubnormals {
+ public:
+#if defined(__SSE__) || defined(__x86_64__)
+  KeepSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ & ~0x8040u); }  // FTZ, DAZ
+  ~KeepSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#elif defined(__aarch64__)
+  KeepSubnormals() : saved_(__builtin_aarch64_get_fpcr64()) {
+    __builtin_aarch64_set_fpcr64(saved_ & ~(uint64_t(1) << 24));  // FZ
+  }
+  ~KeepSubnormals() { __builtin_aarch64_set_fpcr64(saved_); }
+
+ private:
+  uint64_t saved_;
+#endif
+};
 
 constexpr int64_t kBlock = 512;  // slices per block: x and g blocks stay in L2 (C = 512)
 constexpr int64_t kLanes = 8;    // independent partial sums in the row loops
@@ -63,8 +89,9 @@ struct BFloat16 {
   static double load(T v) { return static_cast<double>(bits_to_float(uint32_t(v) << 16)); }
   static T store(double v) {
     const uint32_t bits = float_to_bits(static_cast<float>(v));
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<T>((bits >> 16) | 0x40u);  // NaN
-    return static_cast<T>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;  // kept quiet, not rounded to Inf
+    return static_cast<T>(nan ? (bits >> 16) | 0x40u : rounded);
   }
   static constexpr double kMax = 3.3895313892515355e38;  // (2 - 2**-7) * 2**127
 };
@@ -114,9 +141,10 @@ struct Float16 {
 
 // The input gradient rounded to the input's dtype, saturating at its largest finite value
 // where the exact one exceeds it (an all-zero float16 pixel: w * g / eps); NaN stays.
+// std::min / std::max keep a NaN first operand and vectorize (an if-else chain does not).
 template <typename E>
 inline typename E::T saturate(double v) {
-  return E::store(v > E::kMax ? E::kMax : (v < -E::kMax ? -E::kMax : v));
+  return E::store(std::min(std::max(v, -E::kMax), E::kMax));
 }
 
 // ------------------------------------------------------------------ the per-slice formula
@@ -226,7 +254,10 @@ template <typename E>
 void forward_rows(const typename E::T* x, typename E::T* y, const Shape& s,
                   const std::vector<double>& w, const Placement& pl, int threads) {
   const int64_t C = s.C;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel num_threads(threads)
+  {
+    KeepSubnormals keep;
+#pragma omp for schedule(static)
   for (int64_t r = 0; r < s.outer; ++r) {
     const typename E::T* row = x + r * C;
     typename E::T* out = y + r * C;
@@ -251,6 +282,7 @@ void forward_rows(const typename E::T* x, typename E::T* y, const Shape& s,
     }
     for (ch = 0; ch < C; ++ch) out[ch] = E::store(E::load(row[ch]) * sl.inv_d * w[ch]);
   }
+  }
 }
 
 template <typename E>
@@ -262,7 +294,10 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
     return;
   }
   const int64_t C = s.C, inner = s.inner;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel num_threads(threads)
+  {
+    KeepSubnormals keep;
+#pragma omp for schedule(static)
   for (int64_t b = 0; b < blocks_of(s); ++b) {
     double acc[kBlock];
     double inv_d[kBlock];
@@ -292,6 +327,7 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
         if (std::isinf(acc[p])) forward_limit<E>(x + blk.base + p, inner, C, w.data(), y + blk.base + p);
       }
     }
+  }
   }
 }
 
@@ -327,7 +363,10 @@ void backward_rows(const typename E::T* x, const typename E::T* g, typename E::T
                    const Placement& pl, int threads) {
   const int64_t C = s.C;
   std::vector<double> partial(static_cast<size_t>(threads) * C, 0.0);
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel num_threads(threads)
+  {
+    KeepSubnormals keep;
+#pragma omp for schedule(static)
   for (int64_t r = 0; r < s.outer; ++r) {
     double* dw_part = partial.data() + static_cast<size_t>(thread_id()) * C;
     const typename E::T* xr = x + r * C;
@@ -365,6 +404,7 @@ void backward_rows(const typename E::T* x, const typename E::T* g, typename E::T
       dw_part[ch] += gv * xv * sl.inv_d;
     }
   }
+  }
   sum_partials(partial, threads, C, dw);
 }
 
@@ -379,7 +419,10 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
   }
   const int64_t C = s.C, inner = s.inner;
   std::vector<double> partial(static_cast<size_t>(threads) * C, 0.0);
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel num_threads(threads)
+  {
+    KeepSubnormals keep;
+#pragma omp for schedule(static)
   for (int64_t b = 0; b < blocks_of(s); ++b) {
     double n2[kBlock], ip[kBlock], inv_d[kBlock], k[kBlock], t[kBlock];
     double* dw_part = partial.data() + static_cast<size_t>(thread_id()) * C;
@@ -434,6 +477,7 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
       }
       dw_part[ch] += lane_sum(t, blk.len);
     }
+  }
   }
   sum_partials(partial, threads, C, dw);
 }

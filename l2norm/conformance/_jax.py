@@ -23,7 +23,7 @@ import numpy as np
 
 from l2norm._spec import Spec
 from l2norm.conformance._registry import Backend
-from l2norm.jax import l2_normalize
+from l2norm.jax import l2_normalize, use_lowering
 
 _Run = Callable[..., tuple]
 
@@ -48,11 +48,12 @@ def _pullback(fn: Callable, x: Any, params: Any, g: Any) -> tuple:
 
 
 @functools.cache
-def _function_program(key: tuple) -> _Run:
+def _function_program(key: tuple, lowering: str | None) -> _Run:
     kwargs = _kwargs(key)
 
     def run(x, scale, g):
-        return _pullback(lambda x, s: l2_normalize(x, s, **kwargs), x, scale, g)
+        with use_lowering(lowering):  # read while jit traces
+            return _pullback(lambda x, s: l2_normalize(x, s, **kwargs), x, scale, g)
 
     return jax.jit(run)
 
@@ -79,9 +80,9 @@ def _linen_program(key: tuple, shared: bool, param_dtype: str) -> _Run:
     return jax.jit(run)
 
 
-def _run_function(x, scale, g, options):
+def _run_function(x, scale, g, options, lowering=None):
     # None is a pytree without leaves: one program serves "no scale" too.
-    y, dx, ds = _function_program(_options_key(options))(x, scale, g)
+    y, dx, ds = _function_program(_options_key(options), lowering)(x, scale, g)
     return y, dx, ds
 
 
@@ -112,11 +113,17 @@ def _run_linen(x, scale, g, options):
     return y, dx, None if scale is None else dvars["params"]["scale"]
 
 
-_RUNS = {"jax": _run_function, "nnx": _run_nnx, "linen": _run_linen}
+_RUNS = {
+    "jax": _run_function,
+    "jax-ops": functools.partial(_run_function, lowering="ops"),
+    "nnx": _run_nnx,
+    "linen": _run_linen,
+}
 
 
 def build(name: str) -> Backend:
-    """The backend ``jax``, ``nnx`` or ``linen``."""
+    """The backend ``jax`` (the default lowering: the native kernel on the CPU),
+    ``jax-ops`` (the ladder in jax.numpy, what GPUs run), ``nnx`` or ``linen``."""
     run = _RUNS[name]
 
     def compute(x, scale, g, options):

@@ -153,6 +153,7 @@ _TABLE: dict[str, LazyBackend] = {
             "torch-cuda", ("torch",), "torch", f"{_PKG}._torch:build", probe=f"{_PKG}._torch:probe"
         ),
         LazyBackend("jax", ("jax",), "jax", f"{_PKG}._jax:build"),
+        LazyBackend("jax-ops", ("jax",), "jax", f"{_PKG}._jax:build"),
         LazyBackend("nnx", ("jax", "flax"), "jax", f"{_PKG}._jax:build"),
         LazyBackend("linen", ("jax", "flax"), "jax", f"{_PKG}._jax:build"),
         # Keras comes with the tensorflow extra; its other backends need their framework too.
