@@ -7,6 +7,8 @@ export, training, data parallelism, compilation, mixed precision and bad input.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import keras
@@ -17,9 +19,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from keras import ops
 
+import l2norm
 from l2norm import conformance, reference
-from l2norm._spec import Spec
-from l2norm.keras import BACKEND, L2Norm, _backend_vjp, l2_normalize
+from l2norm._spec import FLOAT_DTYPES, Spec
+from l2norm.keras import L2Norm, l2_normalize
+from l2norm.testing.frameworks import keras_to_numpy, keras_vjp, numpy_to_keras
 
 pytestmark = pytest.mark.keras
 
@@ -28,11 +32,58 @@ on_tensorflow = pytest.mark.skipif(KERAS_BACKEND != "tensorflow", reason="Tensor
 on_jax = pytest.mark.skipif(KERAS_BACKEND != "jax", reason="JAX only")
 
 
+# --------------------------------------------------------------------------- helpers
+
+
+def _forward(x: np.ndarray, scale: np.ndarray | None, options: dict) -> np.ndarray:
+    s = None if scale is None else numpy_to_keras(scale)
+    return keras_to_numpy(l2_normalize(numpy_to_keras(x), s, **options), x.dtype)
+
+
+def _vjp(x, scale, g, options):
+    args = [numpy_to_keras(x)] + ([] if scale is None else [numpy_to_keras(scale)])
+    grads = keras_vjp(lambda *a: l2_normalize(*a, **options), args, numpy_to_keras(g))
+    dx = keras_to_numpy(grads[0], x.dtype)
+    return dx, None if scale is None else keras_to_numpy(grads[1], scale.dtype)
+
+
+def _dtypes() -> tuple[str, ...]:
+    if KERAS_BACKEND == "jax":
+        import jax
+
+        # Without jax_enable_x64 JAX has no float64 arrays at all.
+        if not jax.config.jax_enable_x64:
+            return tuple(d for d in FLOAT_DTYPES if d != "float64")
+    return FLOAT_DTYPES
+
+
+#: l2norm.keras.l2_normalize through public API only, measured by the conformance suite.
+BACKEND = conformance.Backend(
+    name=f"keras-{KERAS_BACKEND}",
+    forward=_forward,
+    vjp=_vjp,
+    # TensorFlow's and XLA's CPU kernels flush subnormal results to zero.
+    flushes_subnormals=KERAS_BACKEND in ("tensorflow", "jax"),
+    dtypes=_dtypes(),
+)
+
+
 def test_runs_on_the_requested_backend():
     # scripts/test runs this file once per backend; a silent fallback would test one twice.
     assert keras.backend.backend() == os.environ["KERAS_BACKEND"]
-    assert BACKEND.name == f"keras-{os.environ['KERAS_BACKEND']}"
-    assert conformance.get_backend(BACKEND.name) is BACKEND
+
+
+def test_importing_the_adapter_imports_no_conformance_code():
+    # The conformance package registers the Keras backends itself, calling public API in
+    # a child process; the adapter must not depend on it.
+    code = (
+        "import sys, l2norm.keras; "
+        "bad = sorted(m for m in sys.modules if m.startswith('l2norm.conformance')); "
+        "assert not bad, bad"
+    )
+    env = {**os.environ, "KERAS_BACKEND": KERAS_BACKEND}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- conformance
@@ -115,10 +166,10 @@ def _inputs(draw):
         options = {"axis": draw(st.integers(1, ndim - 1)), "across_spatial": True}
     choice = draw(st.sampled_from(["default", "mode", "preset"]))
     if choice == "mode":
-        options["eps_mode"] = draw(st.sampled_from(["add_sumsq", "add_norm", "clamp_sumsq"]))
+        options["eps_mode"] = draw(st.sampled_from(l2norm.EPS_MODES))
         options["eps"] = draw(st.sampled_from([1e-12, 1e-6, 0.5]))
     elif choice == "preset":
-        options["preset"] = draw(st.sampled_from(sorted(conformance.PRESETS)))
+        options["preset"] = draw(st.sampled_from(sorted(l2norm.PRESETS)))
     axes = Spec.create(**options).resolve(ndim)
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -177,33 +228,30 @@ def test_matches_the_reference(inputs):
         ("spatial", "per_channel", "float32"),
     ],
 )
-def test_large_inputs_match_the_reference(layout, scale_kind, dtype, monkeypatch):
-    """Inputs above ``TF_XLA_MIN_SIZE``: on eager TensorFlow they run the XLA-compiled
-    passes and the matrix-product contractions, which the small conformance inputs skip."""
-    from l2norm import keras as l2k
-
-    compiled = []
-    if KERAS_BACKEND == "tensorflow":
-        real = l2k._tf_xla
-        monkeypatch.setattr(l2k, "_tf_xla", lambda fn: compiled.append(fn) or real(fn))
+def test_large_inputs_match_the_reference(layout, scale_kind, dtype):
+    """Feature-map sized inputs, hostile slices included: long reductions, strided
+    channel axes and the per-channel scale gradient over many pixels."""
     shape, options = {
         "channels_last": ((2, 12, 12, 256), {"axis": -1}),
         "channels_first": ((2, 256, 12, 12), {"axis": 1}),
         "spatial": ((2, 256, 12, 12), {"axis": (1, 2, 3)}),
     }[layout]
-    assert np.prod(shape) >= l2k.TF_XLA_MIN_SIZE
     rng = np.random.default_rng(3)
     np_dtype = conformance.numpy_dtype(dtype)
-    x = (rng.standard_normal(shape) * 3.0).astype(np_dtype)
-    x[0, 0, 0] = 1e-3  # small entries; a zero slice would take the exact rescaling path
+    x = rng.standard_normal(shape) * 3.0
+    axes = Spec.create(**options).resolve(len(shape))
+    if layout != "spatial":  # (one slice per sample there: keep both ordinary)
+        # A zero pixel, one whose squares overflow float32 and one whose squares underflow.
+        for p, value in enumerate((0.0, 1e25, 1e-25), start=1):
+            pixel = (0, 0, p, slice(None)) if layout == "channels_last" else (0, slice(None), 0, p)
+            x[pixel] = value * np.sign(x[pixel])
+    with np.errstate(over="ignore"):
+        x = x.astype(np_dtype)
     g = rng.standard_normal(shape).astype(np_dtype)
-    channels = shape[Spec.create(**options).resolve(len(shape)).channel]
-    scale = conformance.scale_values(scale_kind, channels, rng)
+    scale = conformance.scale_values(scale_kind, shape[axes.channel], rng)
     scale = None if scale is None else scale.astype(np_dtype)
     result = conformance.run_case(BACKEND, _DrawnCase(x, scale, g, options))
     assert result.passed, result
-    if KERAS_BACKEND == "tensorflow":
-        assert {fn.__name__ for fn in compiled} == {"_tf_scale", "_tf_g_u", "_tf_input_grad"}
 
 
 # --------------------------------------------------------------------------- real use
@@ -278,6 +326,20 @@ def test_learnable_false_freezes_gamma():
     assert layer.trainable_weights == [] and len(layer.non_trainable_weights) == 1
 
 
+def test_a_mask_passes_through():
+    # A masked time step (all zeros) stays masked after the layer: the LSTM skips it, so
+    # the sequence gives what it gives without that step.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((None, 4))
+    outputs = keras.layers.LSTM(2)(L2Norm()(keras.layers.Masking(0.0)(inputs)))
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).standard_normal((1, 3, 4)).astype("float32")
+    x[0, 1] = 0.0
+    full = ops.convert_to_numpy(model(x))
+    shortened = ops.convert_to_numpy(model(np.delete(x, 1, axis=1)))
+    np.testing.assert_allclose(full, shortened, rtol=1e-5, atol=1e-6)
+
+
 @on_jax
 def test_data_parallel_matches_one_device():
     import jax
@@ -328,7 +390,7 @@ def test_tf_function_jit_compile(hostile):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 5, 5, 16)).astype("float32")
     w = tf.constant(rng.standard_normal(x.shape).astype("float32"))
-    if hostile:  # takes the rescaling branch
+    if hostile:  # slices that need the ladder's other rungs
         x[0, 0, 0] = 0.0
         x[1, 0, 0] = 1e30
     layer = L2Norm(eps_mode="add_norm")
@@ -352,6 +414,69 @@ def test_tf_function_jit_compile(hostile):
         np.testing.assert_allclose(c.numpy(), e.numpy(), rtol=1e-5, atol=atol)
 
 
+@on_tensorflow
+def test_tf_graph_has_no_branch_and_matches_eager():
+    """Inside a ``tf.function`` graph (as in ``model.fit``) the layer is straight-line
+    code, two XLA programs and no ``If`` / ``While``, and it computes bitwise what it
+    computes eagerly; a dynamic spatial size (unknown slice length) works too."""
+    import tensorflow as tf
+
+    x, hostile, g = _invariance_inputs()
+    layer = L2Norm(scale_init=np.linspace(1.0, 20.0, 32).tolist(), eps_mode="add_norm")
+    spatial = L2Norm(across_spatial=True)
+
+    def step(inputs, cotangent):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            out = layer(inputs)
+        return (out, *tape.gradient(out, [inputs, layer.gamma.value], output_gradients=cotangent))
+
+    graph_step = tf.function(step)
+    spec = tf.TensorSpec([None, 5, 5, 32], tf.float32)
+    graph = graph_step.get_concrete_function(spec, spec).graph.as_graph_def()
+    op_types = {node.op for node in graph.node}
+    op_types |= {node.op for f in graph.library.function for node in f.node_def}
+    assert not op_types & {"If", "StatelessIf", "While", "StatelessWhile", "Case"}
+    for inputs in (x, hostile):
+        eager = step(tf.constant(inputs), tf.constant(g))
+        compiled = graph_step(tf.constant(inputs), tf.constant(g))
+        for a, b in zip(compiled, eager, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+    unknown = tf.function(spatial).get_concrete_function(tf.TensorSpec([None, None, None, 32]))
+    np.testing.assert_allclose(
+        unknown(tf.constant(hostile)).numpy(), spatial(hostile).numpy(), rtol=1e-6, atol=0
+    )
+
+
+@on_tensorflow
+def test_no_retracing_warning_across_configurations_and_sizes():
+    """Several layer configurations on several image sizes, eagerly: each configuration
+    has compiled programs of its own and each program one trace for all shapes, so
+    TensorFlow never warns that a function retraces."""
+    import logging
+
+    import tensorflow as tf
+
+    layers = [L2Norm(eps_mode=mode) for mode in l2norm.EPS_MODES]
+    layers.append(L2Norm(across_spatial=True, channel_shared=True))
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    tf.get_logger().addHandler(handler)
+    try:
+        for size in (3, 4, 5):
+            x = tf.constant(np.ones((2, size, size, 8), "float32"))
+            for layer in layers:
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    out = layer(x)
+                tape.gradient(out, [x, layer.gamma.value])
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert not [r for r in records if "retracing" in r.getMessage()]
+
+
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision(policy):
     compute = policy.removeprefix("mixed_")
@@ -369,7 +494,7 @@ def test_mixed_precision(policy):
     err = conformance.forward_error(got, want.astype(np.float64), x.dtype, False)
     assert err <= 1.0
 
-    grads = _backend_vjp(
+    grads = keras_vjp(
         lambda xx, gg: l2_normalize(xx, gg),
         [ops.cast(ops.convert_to_tensor(x32), compute), ops.convert_to_tensor(gamma)],
         ops.ones((3, 4, 4, 32), dtype=compute),
@@ -389,6 +514,65 @@ def test_finite_gradient_where_autodiff_of_the_formula_fails():
     dx_ref, _ = reference.vjp(x, None, g, Spec.create(**options))
     assert np.all(np.isfinite(dx)) and np.all(dx[1] != 0)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- batch invariance
+
+#: (shape of the whole batch) sample 0 is taken from; batch sizes it is computed at.
+INVARIANCE_SHAPE = (16, 5, 5, 32)
+BATCH_SIZES = (1, 3, 8, 16)
+
+
+def _invariance_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, hostile, g)``: an NHWC float32 batch, the same batch whose samples 1.. each
+    hold an all-zero pixel, a 1e25 pixel (squares overflow float32) and a 1e-25 pixel
+    (squares underflow), and a fixed cotangent per sample."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(INVARIANCE_SHAPE) * 3.0).astype("float32")
+    g = rng.standard_normal(INVARIANCE_SHAPE).astype("float32")
+    hostile = x.copy()
+    hostile[1:, 1, 1] = 0.0
+    hostile[1:, 2, 3] *= np.float32(1e25)
+    hostile[1:, 4, 0] *= np.float32(1e-25)
+    return x, hostile, g
+
+
+def _layer_output_and_input_grad(layer, x: np.ndarray, g: np.ndarray):
+    """Sample 0's output and input gradient, the layer called eagerly on ``x``."""
+    xt = ops.convert_to_tensor(x)
+    y = layer(xt)
+    (dx,) = keras_vjp(layer, [xt], ops.convert_to_tensor(g))
+    return np.asarray(ops.convert_to_numpy(y))[0], np.asarray(ops.convert_to_numpy(dx))[0]
+
+
+@pytest.mark.parametrize("eps_mode", l2norm.EPS_MODES)
+def test_layer_sample_does_not_depend_on_its_batch(eps_mode):
+    """Sample 0's output and input gradient are bitwise the same computed alone, in
+    batches of 1, 3, 8 and 16, and next to samples whose pixels are zero, overflow or
+    underflow: every slice goes through the same selects, with no batch-wide switch.
+
+    Bitwise on every backend, also across batch sizes: on TensorFlow each pass is one
+    XLA program whose per-slice sums have a fixed order (stages of 8, a fixed plan per
+    slice shape); on JAX the lowering keeps XLA:CPU from switching its reduction order
+    for larger arrays (measured before it did: from about 4096 elements on, 1 ULP in a
+    sum of squares and up to 4 ULP in ``y``); torch sums each row alike at every size.
+    """
+    x, hostile, g = _invariance_inputs()
+    layer = L2Norm(scale_init=np.linspace(1.0, 20.0, 32).tolist(), eps_mode=eps_mode)
+    layer.build(INVARIANCE_SHAPE)
+    alone = _layer_output_and_input_grad(layer, x[:1].copy(), g[:1].copy())
+    for n in BATCH_SIZES:
+        for label, batch in (("random", x), ("hostile", hostile)):
+            y, dx = _layer_output_and_input_grad(layer, batch[:n], g[:n])
+            np.testing.assert_array_equal(y, alone[0], err_msg=f"y, batch {n}, {label}")
+            np.testing.assert_array_equal(dx, alone[1], err_msg=f"dx, batch {n}, {label}")
+
+
+def test_functional_passes_the_batch_invariance_check():
+    """The conformance suite's own check on :func:`l2_normalize` (NCHW and NHWC), with no
+    declared tolerance: bitwise."""
+    result = conformance.check_batch_invariance(BACKEND)
+    assert result.passed and result.bitwise, result
 
 
 # --------------------------------------------------------------------------- bad input

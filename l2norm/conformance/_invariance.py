@@ -42,14 +42,6 @@ HOSTILE_PIXELS: tuple[tuple[tuple[int, int], str, float], ...] = (
     ((4, 1), "tiny", 1e-25),  # float32 squares underflow
 )
 
-#: XLA compiles one program per shape, and XLA:CPU vectorizes the per-slice reductions and
-#: the elementwise pass differently for larger batches (here from batch 8 on: 4 ULP in the
-#: output, 2 eps in the input gradient), so a sample's result can move with the batch
-#: *size*. Bounded by the row's own float32 accuracy bound; at one batch size the
-#: neighbours change nothing (bitwise), which the check still requires.
-XLA_BATCH_ULPS = 4.0
-XLA_BATCH_NOTE = "XLA compiles one program per shape; vectorized differently for larger batches"
-
 
 @dataclass
 class InvarianceResult:

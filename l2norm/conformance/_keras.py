@@ -16,7 +16,6 @@ import sys
 import numpy as np
 
 from l2norm._spec import FLOAT_DTYPES
-from l2norm.conformance._invariance import XLA_BATCH_NOTE, XLA_BATCH_ULPS
 from l2norm.conformance._registry import Backend, BackendUnavailable
 
 
@@ -57,7 +56,6 @@ def build(name: str) -> Backend:
 
     dtypes = FLOAT_DTYPES
     notes: tuple[str, ...] = ()
-    invariance: dict = {}
     if wanted == "jax":
         import jax
 
@@ -66,10 +64,6 @@ def build(name: str) -> Backend:
         if not jax.config.jax_enable_x64:
             dtypes = tuple(d for d in FLOAT_DTYPES if d != "float64")
             notes = ("float64 not checked: JAX runs without jax_enable_x64",)
-        invariance = {
-            "batch_invariance_ulps": XLA_BATCH_ULPS,
-            "batch_invariance_note": XLA_BATCH_NOTE,
-        }
     return Backend(
         name=name,
         forward=forward,
@@ -78,5 +72,4 @@ def build(name: str) -> Backend:
         flushes_subnormals=wanted in ("tensorflow", "jax"),
         dtypes=dtypes,
         notes=notes,
-        **invariance,
     )

@@ -1,0 +1,375 @@
+r"""The TensorFlow lowering of :mod:`l2norm.keras`: the ladder of :mod:`l2norm._ladder` in
+TensorFlow ops, compiled with XLA, with the exact gradient attached by
+``tf.custom_gradient``.
+
+Keras delegates to :mod:`l2norm.jax` and :mod:`l2norm.torch` on those backends;
+TensorFlow has no adapter of its own, so this module is it. The maths is the one of
+every fast lowering (:mod:`l2norm._ladder`, :mod:`l2norm._modes`):
+
+* forward (one XLA program): the sums of squares of each slice at the ladder's fixed
+  power-of-two scales and the count of infinities, as one multi-output reduction (one
+  pass over ``x``, in stages of 8 terms: :func:`sum_plan`); per slice the factors of
+  the finest rung that stayed finite; ``y = scale * x / d`` in a second pass. The slice
+  factors are the residuals of the backward.
+* backward (one XLA program): ``xhat = x / n``, ``sigma = scale * g``,
+  ``inner = <sigma, xhat>`` per slice, ``dx = (sigma - r inner xhat) / d`` (saturated
+  at the dtype's largest finite value, as the reference) and ``dscale = sum g xhat n / d``
+  over the non-channel axes.
+
+Every slice goes through the same selects whatever its neighbours hold: there is no
+``tf.cond`` and no Python branch on data, so a sample's output and input gradient do not
+depend on the rest of the batch, and the same code runs eagerly, inside ``tf.function``
+graphs (``model.fit``) and inside an outer ``jit_compile=True`` function.
+
+float16, bfloat16 and float32 inputs are summed in float32, float64 in float64; the
+output has the input's dtype, the scale's gradient the scale's dtype.
+
+TensorFlow's and XLA's CPU kernels read subnormal operands as zero, so the ladder's top
+rung (the one that serves slices of subnormals) builds ``x * 2**s`` from the bits of
+``x`` (:func:`exact_upscale`), and bfloat16 is widened by moving its bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import tensorflow as tf
+
+try:  # XLA's own operations, reachable inside jit_compile functions (as jax2tf uses them)
+    from tensorflow.compiler.tf2xla.ops.gen_xla_ops import xla_optimization_barrier as _barrier
+    from tensorflow.compiler.tf2xla.python import xla as _tfxla
+except ImportError:  # pragma: no cover - a TensorFlow without them: plain reductions
+    _barrier = _tfxla = None
+
+from l2norm import _ladder
+from l2norm._ladder import FORMATS, Ladder, SliceFactors
+from l2norm._spec import Axes, Spec
+
+__all__ = ["normalize", "exact_upscale"]
+
+#: Slice length assumed when a normalized axis has no static size (a traced graph with
+#: dynamic spatial axes): a ladder for longer slices is valid for shorter ones too.
+UNKNOWN_SIZE = 2**31 - 1
+
+
+class _TFNamespace:
+    """The array namespace :mod:`l2norm._ladder` and :mod:`l2norm._modes` compute with:
+    NumPy's names for TensorFlow's ops."""
+
+    sqrt = staticmethod(tf.sqrt)
+    where = staticmethod(tf.where)
+    ones_like = staticmethod(tf.ones_like)
+    zeros_like = staticmethod(tf.zeros_like)
+    isinf = staticmethod(tf.math.is_inf)
+    isfinite = staticmethod(tf.math.is_finite)
+    isnan = staticmethod(tf.math.is_nan)
+    sign = staticmethod(tf.sign)
+
+    @staticmethod
+    def full_like(t: tf.Tensor, value: float) -> tf.Tensor:
+        # tf.constant in t's dtype: 2.0**600 is exact in float64 (a float32 detour is not).
+        return tf.fill(tf.shape(t), tf.constant(value, t.dtype))
+
+    def __getattr__(self, name: str) -> Any:
+        # Any other NumPy name with the same meaning in tf.math (abs, maximum, ...).
+        try:
+            return getattr(tf.math, name)
+        except AttributeError:
+            raise AttributeError(f"the TensorFlow namespace has no {name!r}") from None
+
+
+XP = _TFNamespace()
+
+_INT_OF = {tf.float32: tf.int32, tf.float64: tf.int64}
+
+
+def _pow2(dtype: tf.DType, exponent: int) -> tf.Tensor:
+    return tf.constant(2.0**exponent, dtype)
+
+
+def exact_upscale(x: tf.Tensor, shift: int) -> tf.Tensor:
+    """``x * 2**shift``, exact also where ``x`` is subnormal and ``shift > 0``.
+
+    A subnormal float32 is ``mant * 2**-149`` (float64: ``mant * 2**-1074``); its integer
+    mantissa is read from the bits and scaled by normal factors, so no floating operand
+    is ever subnormal. Normal entries are multiplied directly. The sign is kept.
+
+    Example:
+        >>> import numpy as np
+        >>> x = tf.constant(np.float32([1e-45, -3e-40, 2.0]))
+        >>> exact_upscale(x, 100).numpy() / np.float32([2.0**100]) == x.numpy()
+        array([ True,  True,  True])
+    """
+    if shift <= 0:
+        # Subnormal x then maps below the normal range anyway: a multiplication does.
+        return x * _pow2(x.dtype, shift) if shift else x
+    fmt = FORMATS[x.dtype.name]
+    int_dtype = _INT_OF[x.dtype]
+    bits = tf.bitcast(x, int_dtype)
+    exponent_mask = ((1 << (x.dtype.size * 8 - 1 - fmt.mant)) - 1) << fmt.mant
+    exp_bits = tf.bitwise.bitwise_and(bits, tf.constant(exponent_mask, int_dtype))
+    mant_bits = tf.bitwise.bitwise_and(bits, tf.constant((1 << fmt.mant) - 1, int_dtype))
+    mant = tf.cast(mant_bits, x.dtype)  # exact: fewer bits than the mantissa holds
+    # mant * 2**(shift + subnormal_exp) in two steps whose factors are normal numbers:
+    # the first keeps mant * 2**e1 >= 2**min_exp (mant >= 1), the second finishes.
+    exponent = shift + fmt.subnormal_exp
+    first = max(exponent, fmt.min_exp)
+    rebuilt = mant * _pow2(x.dtype, first)
+    if exponent != first:
+        rebuilt = rebuilt * _pow2(x.dtype, exponent - first)
+    rebuilt = tf.where(bits < 0, -rebuilt, rebuilt)
+    return tf.where(tf.equal(exp_bits, 0), rebuilt, x * _pow2(x.dtype, shift))
+
+
+def _widen(x: tf.Tensor, acc: tf.DType) -> tf.Tensor:
+    """``x`` in the accumulator dtype, subnormals kept."""
+    if x.dtype == tf.bfloat16:
+        # A float conversion may flush a bfloat16 subnormal; moving its bits does not
+        # (bfloat16 is the upper half of a float32).
+        bits = tf.cast(tf.bitcast(x, tf.uint16), tf.uint32)
+        return tf.bitcast(tf.bitwise.left_shift(bits, tf.constant(16, tf.uint32)), tf.float32)
+    return tf.cast(x, acc)
+
+
+def _saturate(v: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """``v`` in ``dtype``, at most its largest finite magnitude, NaN kept (as
+    :func:`l2norm.reference.saturate`): the input gradient of an all-zero float16 pixel,
+    ``scale * g / eps``, must stay finite, or a loss scaler skips every step."""
+    top = tf.constant(dtype.max, v.dtype)
+    return tf.cast(tf.where(v > top, top, tf.where(v < -top, -top, v)), dtype)
+
+
+def _acc_dtype(dtype: tf.DType) -> tf.DType:
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
+#: A reduction plan: the normalized axes in the order they are summed, each with the
+#: lengths of its stages, innermost first (their product is the axis length; one entry,
+#: None, for an axis of unknown length). See :func:`sum_plan`.
+Plan = tuple[tuple[int, tuple["int | None", ...]], ...]
+
+#: The length of a stage: short chains of additions, and XLA's CPU code for a
+#: multi-output reduction of 8 contiguous terms is vectorized (it is 3-4 times slower
+#: for 16 or 32).
+STAGE = 8
+
+
+def _stages(size: int | None) -> tuple[int | None, ...]:
+    """Stage lengths for an axis of ``size`` entries: 8 at a time while it divides, then
+    a divisor near the square root of a long remainder, then the rest."""
+    if size is None:
+        return (None,)
+    stages = []
+    while size > STAGE and size % STAGE == 0:
+        stages.append(STAGE)
+        size //= STAGE
+    if size >= 128:
+        for k in range(math.isqrt(size), STAGE - 1, -1):
+            if size % k == 0:
+                stages.append(k)
+                size //= k
+                break
+    return (*stages, size)
+
+
+def sum_plan(shape: tf.TensorShape, axes: Axes) -> Plan:
+    """How :func:`staged_sums` sums a slice: one normalized axis at a time, innermost
+    first, each in stages (:func:`_stages`; splitting an axis is a free reshape).
+
+    XLA's CPU reductions add a slice's terms in a few sequential chains (a multi-output
+    reduction: in one chain per output), so the rounding error grows with the chain's
+    length: 8 ULP on ``y`` for one norm over 256 x 12 x 12 entries summed at once, 17 ULP
+    on a sum of 512 squares by a multi-output reduction. Stages of 8 keep every chain
+    short. The plan depends on the slice's shape only, never on the batch.
+    """
+    return tuple(
+        (axis, _stages(None if shape[axis] is None else int(shape[axis])))
+        for axis in sorted(axes.norm, reverse=True)
+    )
+
+
+@functools.cache
+def _adder(count: int, dtype: tf.DType) -> Any:
+    """The reducer of a ``count``-output sum: ``(a_1..a_n, b_1..b_n) -> (a_i + b_i)``."""
+    with tf.init_scope():  # a graph-independent function, also when built during a trace
+
+        def add(*args: tf.Tensor) -> tuple[tf.Tensor, ...]:
+            return tuple(args[i] + args[i + count] for i in range(count))
+
+        signature = [tf.TensorSpec([], dtype)] * (2 * count)
+        return tf.function(add, input_signature=signature, autograph=False).get_concrete_function()
+
+
+def _sum_over(terms: list[tf.Tensor], dim: int) -> list[tf.Tensor]:
+    """Each of ``terms`` (one shape) summed over ``dim``, in one pass over them.
+
+    One multi-output reduction where XLA is reachable: XLA on CPU does not fuse sibling
+    reductions, and separate ones read the input once per rung. The barrier keeps XLA
+    from merging the stages of :func:`staged_sums` back into one long chain.
+    """
+    if _tfxla is None or len(terms) == 1:
+        sums = [tf.reduce_sum(t, axis=dim) for t in terms]
+    else:
+        zero = tf.zeros([], terms[0].dtype)
+        sums = list(
+            _tfxla.variadic_reduce(
+                terms,
+                [zero] * len(terms),
+                dimensions_to_reduce=[dim],
+                reducer=_adder(len(terms), terms[0].dtype),
+            )
+        )
+    return sums if _barrier is None else list(_barrier(sums))
+
+
+def staged_sums(terms: list[tf.Tensor], plan: Plan) -> list[tf.Tensor]:
+    """Each of ``terms`` (arrays of one shape) summed over the planned axes (kept)."""
+    for axis, stages in plan:
+        for k in stages[:-1]:  # all but the last stage: split the axis, sum the inner part
+            shape = tf.shape(terms[0])
+            split = tf.concat([shape[:axis], [shape[axis] // k, k], shape[axis + 1 :]], 0)
+            terms = _sum_over([tf.reshape(t, split) for t in terms], axis + 1)
+        terms = [tf.expand_dims(t, axis) for t in _sum_over(terms, axis)]
+    return terms
+
+
+def _sum_to_scale(v: tf.Tensor, scale_axes: tuple[int, ...]) -> tf.Tensor:
+    """``v`` summed over ``scale_axes``: the innermost one first, on its own (one XLA
+    column reduction over every pixel at once runs 10 times slower on CPU)."""
+    (v,) = _sum_over([v], scale_axes[-1])
+    return tf.reduce_sum(v, axis=scale_axes[:-1]) if len(scale_axes) > 1 else v
+
+
+def _forward_program(
+    x: tf.Tensor, s: tf.Tensor | None, ladder: Ladder, plan: Plan
+) -> tuple[tf.Tensor, SliceFactors]:
+    """``(y, factors)``: the output in ``x``'s dtype and the per-slice residuals."""
+    xw = _widen(x, _acc_dtype(x.dtype))
+
+    # The ladder's full-size terms (``reduce`` left as the identity), summed together.
+    terms, infinite = _ladder.sums(XP, xw, ladder, lambda v: v, exact_upscale)
+    *rung_sums, n_inf = staged_sums([*terms, infinite], plan)
+    f = _ladder.slice_factors(XP, ladder, rung_sums, n_inf)
+    if s is None:
+        return tf.cast(_ladder.normalized(XP, xw, f, ladder, exact_upscale), x.dtype), f
+    # y = ((x 2**s) (scale / d_s)) 2**-s...: the scale joins 1 / d before the slice's
+    # power of two is undone. ``u = x / d`` itself may be subnormal (a subnormal slice
+    # with a large eps), which the CPU flushes to zero although ``scale * u`` is normal.
+    # (It costs range only for a scale above ~2**60 in float32.)
+    fy = f._replace(inv_d=f.inv_d * s, rinf=f.rinf * s)
+    return tf.cast(_ladder.normalized(XP, xw, fy, ladder, exact_upscale), x.dtype), f
+
+
+def _backward_program(
+    x: tf.Tensor,
+    s: tf.Tensor | None,
+    g: tf.Tensor,
+    f: SliceFactors,
+    ladder: Ladder,
+    plan: Plan,
+    scale_axes: tuple[int, ...] | None,
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """``(dx, dscale)`` for the cotangent ``g``; ``dscale`` summed over ``scale_axes``
+    (None: no scale)."""
+    acc = _acc_dtype(x.dtype)
+    xw, gw = _widen(x, acc), _widen(g, acc)
+    xhat = _ladder.direction(XP, xw, f, ladder, exact_upscale)
+    sigma = gw if s is None else gw * s
+    (inner,) = staged_sums([sigma * xhat], plan)
+    dx = _saturate(_ladder.input_grad(sigma, xhat, inner, f), x.dtype)
+    if scale_axes is None:
+        return dx, None
+    # dscale = sum g u with u = x / d = xhat * (n / d): bounded terms, no 1 / d blow-up.
+    return dx, _sum_to_scale(gw * (xhat * f.ratio), scale_axes)
+
+
+#: Compiled programs kept alive (each holds one XLA executable per input shape): enough
+#: for every L2Norm configuration of a model, bounded for programs that sweep many.
+PROGRAM_CACHE_SIZE = 64
+
+
+@functools.lru_cache(maxsize=PROGRAM_CACHE_SIZE)
+def _programs(ladder: Ladder, plan: Plan, scale_axes: tuple[int, ...] | None) -> tuple[Any, Any]:
+    """The forward and the backward of one static configuration, each an XLA program
+    (its reductions and elementwise passes fused). One ``tf.function`` per configuration,
+    so that a new configuration is a new function, not a retrace of a shared one (which
+    TensorFlow warns about); ``reduce_retracing`` lets one trace serve every shape (XLA
+    still compiles per shape), so a model fed several image sizes draws no warning."""
+
+    def compile_(fn: Any, **static: Any) -> Any:
+        # A partial, not a closure: TensorFlow counts retracings per code object, and
+        # the closures of all configurations would share one.
+        program = functools.partial(fn, **static)
+        return tf.function(program, jit_compile=True, autograph=False, reduce_retracing=True)
+
+    return (
+        compile_(_forward_program, ladder=ladder, plan=plan),
+        compile_(_backward_program, ladder=ladder, plan=plan, scale_axes=scale_axes),
+    )
+
+
+def slice_size(shape: tf.TensorShape, axes: Axes) -> int:
+    """Entries per slice, or :data:`UNKNOWN_SIZE` where a normalized axis is dynamic."""
+    dims = [shape[a] for a in axes.norm]
+    if any(d is None for d in dims):
+        return UNKNOWN_SIZE
+    return max(1, math.prod(int(d) for d in dims))
+
+
+def normalize(x: tf.Tensor, scale: tf.Tensor | None, spec: Spec, axes: Axes) -> tf.Tensor:
+    """``scale * x / d(||x||)`` with the exact gradient, for a validated call.
+
+    ``scale`` is None, shape ``()`` / ``(1,)``, or one value per channel of
+    ``axes.channel`` (checked by the caller); any float dtype (float32 for a half ``x``
+    under mixed precision). Works eagerly and in ``tf.function`` graphs.
+
+    Example:
+        >>> from l2norm._spec import Spec
+        >>> spec = Spec.create(axis=-1)
+        >>> x = tf.constant([[3.0, 4.0], [0.0, 0.0]])
+        >>> normalize(x, tf.constant([20.0, 10.0]), spec, spec.resolve(2)).numpy()
+        array([[12.,  8.],
+               [ 0.,  0.]], dtype=float32)
+    """
+    acc = _acc_dtype(x.dtype)
+    ladder = _ladder.make_ladder(
+        x.dtype.name, acc.name, slice_size(x.shape, axes), spec.eps_mode, spec.eps
+    )
+    plan = sum_plan(x.shape, axes)
+    if scale is None:
+        forward, backward = _programs(ladder, plan, None)
+
+        @tf.custom_gradient
+        def unscaled(xv: tf.Tensor) -> Any:
+            # stop_gradient: nothing inside is recorded on an active tape (the programs
+            # hold XLA operations that have no gradient; this is the gradient).
+            xc = tf.stop_gradient(xv)
+            y, f = forward(xc, None)
+
+            def grad(g: tf.Tensor) -> tf.Tensor:
+                return backward(xc, None, tf.stop_gradient(g), f)[0]
+
+            return y, grad
+
+        return unscaled(x)
+
+    shared = tuple(scale.shape) in ((), (1,))
+    shape = [1] * axes.ndim
+    if not shared:
+        shape[axes.channel] = int(scale.shape[0])
+    forward, backward = _programs(ladder, plan, tuple(range(axes.ndim)) if shared else axes.reduced)
+
+    @tf.custom_gradient
+    def scaled(xv: tf.Tensor, sv: tf.Tensor) -> Any:
+        xc, s = tf.stop_gradient(xv), tf.stop_gradient(tf.reshape(tf.cast(sv, acc), shape))
+        y, f = forward(xc, s)
+
+        def grad(g: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            dx, dscale = backward(xc, s, tf.stop_gradient(g), f)
+            return dx, tf.reshape(tf.cast(dscale, sv.dtype), tf.shape(sv))
+
+        return y, grad
+
+    return scaled(x, scale)
