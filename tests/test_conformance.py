@@ -22,6 +22,7 @@ NAMES = (
     "torch-ops",
     "torch-cuda",
     "jax",
+    "jax-ops",
     "nnx",
     "linen",
     "keras-tensorflow",

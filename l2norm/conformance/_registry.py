@@ -226,7 +226,7 @@ def unavailable(name: str) -> BackendUnavailable | None:
     import its framework. :class:`KeyError` for an unknown name.
     """
     entry = lazy_entry(name)
-    if entry is None or name in _BUILT:
+    if entry is None:
         return None
     missing = [m for m in entry.modules if importlib.util.find_spec(m) is None]
     if missing:
