@@ -3,10 +3,12 @@ compiler into small shared libraries.
 
 * ``capi``: a plain C ABI (``capi.cpp``) on raw pointers; :mod:`l2norm.torch` calls it
   through :mod:`ctypes`, so it is tied to no torch version and needs no torch headers.
+  ``pip install`` builds it into the package (``hatch_build.py``, for any CPU of the
+  architecture), so it loads with no compiler at run time.
 * ``xla``: XLA custom calls (``xla_ffi.cpp``) for :mod:`l2norm.jax` on the CPU; built only
   where JAX is installed (it needs the FFI headers jaxlib ships).
 
-Each is compiled the first time it is needed (a few seconds, with one line on stderr),
+Otherwise each is compiled the first time it is needed (a few seconds, one line on stderr),
 for this machine's CPU (``-march=native``) and with OpenMP where the compiler has it, and
 cached under ``$L2NORM_CACHE_DIR`` (default ``~/.cache/l2norm``) by a hash of its sources,
 the compiler and the CPU, so a cache shared between machines never runs code built for
@@ -34,7 +36,15 @@ import tempfile
 import warnings
 from pathlib import Path
 
-__all__ = ["ABI_VERSION", "BuildError", "DTYPE_CODES", "build", "capi", "xla_library"]
+__all__ = [
+    "ABI_VERSION",
+    "BuildError",
+    "DTYPE_CODES",
+    "build",
+    "capi",
+    "installed_capi",
+    "xla_library",
+]
 
 HERE = Path(__file__).resolve().parent
 #: The interface version capi.cpp reports (``l2norm_abi_version``).
@@ -156,11 +166,24 @@ def _warn_once(name: str, err: Exception) -> None:
     )
 
 
+def installed_capi() -> Path | None:
+    """The C-ABI library built at install (``hatch_build.py``), if it was and its sources
+    are the ones next to it (an editable install edited since is rebuilt, not trusted)."""
+    library, stamp = HERE / "libl2norm_capi_portable.so", HERE / "libl2norm_capi_portable.sha256"
+    if not (library.exists() and stamp.exists()):
+        return None
+    digest = hashlib.sha256()
+    for name in ("capi.cpp", "kernel.h"):
+        digest.update((HERE / name).read_bytes())
+    return library if stamp.read_text().strip() == digest.hexdigest() else None
+
+
 @functools.cache
 def capi() -> ctypes.CDLL | None:
-    """The C-ABI library with its function signatures set, or None (after one warning)."""
+    """The C-ABI library with its function signatures set, or None (after one warning):
+    the one built at install if there is one, else one built here on first use."""
     try:
-        lib = ctypes.CDLL(str(build("capi")))
+        lib = ctypes.CDLL(str(installed_capi() or build("capi")))
         if lib.l2norm_abi_version() != ABI_VERSION:
             raise BuildError(f"library reports ABI {lib.l2norm_abi_version()}, not {ABI_VERSION}")
     except (BuildError, OSError) as err:

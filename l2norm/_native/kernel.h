@@ -333,19 +333,6 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
 
 // ------------------------------------------------------------------ backward
 
-// The sum of t[0..len) in kLanes independent partial sums (vectorizes without -ffast-math).
-inline double lane_sum(const double* t, int64_t len) {
-  double lanes[kLanes] = {};
-  int64_t p = 0;
-  for (; p + kLanes <= len; p += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) lanes[j] += t[p + j];
-  }
-  for (; p < len; ++p) lanes[0] += t[p];
-  double total = 0.0;
-  for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
-  return total;
-}
-
 // dw[ch] = the sum over threads of their partial sums (threads x C, row-major): a fixed
 // order, so the result does not depend on timing.
 inline void sum_partials(const std::vector<double>& partial, int threads, int64_t C,
@@ -424,7 +411,7 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
     KeepSubnormals keep;
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < blocks_of(s); ++b) {
-    double n2[kBlock], ip[kBlock], inv_d[kBlock], k[kBlock], t[kBlock];
+    double n2[kBlock], ip[kBlock], inv_d[kBlock], k[kBlock];
     double* dw_part = partial.data() + static_cast<size_t>(thread_id()) * C;
     const Block blk = block_at(b, s);
     std::fill(n2, n2 + blk.len, 0.0);
@@ -458,24 +445,33 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
       const typename E::T* gr = g + blk.base + ch * inner;
       typename E::T* out = dx + blk.base + ch * inner;
       const double wc = w[ch];
+      // The scale's gradient in kLanes independent partial sums, kept in registers.
+      double lanes[kLanes] = {};
       if (!any_inf) {
-        for (int64_t p = 0; p < blk.len; ++p) {
+        int64_t p = 0;
+        for (; p + kLanes <= blk.len; p += kLanes) {
+          for (int64_t j = 0; j < kLanes; ++j) {
+            const double gv = E::load(gr[p + j]), xv = E::load(xr[p + j]);
+            lanes[j] += gv * xv * inv_d[p + j];
+            out[p + j] = saturate<E>((wc * gv - k[p + j] * xv) * inv_d[p + j]);
+          }
+        }
+        for (; p < blk.len; ++p) {
           const double gv = E::load(gr[p]), xv = E::load(xr[p]);
-          t[p] = gv * xv * inv_d[p];
+          lanes[0] += gv * xv * inv_d[p];
           out[p] = saturate<E>((wc * gv - k[p] * xv) * inv_d[p]);
         }
-      } else {
+      } else {  // skip the Inf slices: backward_limit wrote their dx and share of dw
         for (int64_t p = 0; p < blk.len; ++p) {
-          if (std::isinf(n2[p])) {
-            t[p] = 0.0;  // written by backward_limit above
-            continue;
-          }
+          if (std::isinf(n2[p])) continue;
           const double gv = E::load(gr[p]), xv = E::load(xr[p]);
-          t[p] = gv * xv * inv_d[p];
+          lanes[0] += gv * xv * inv_d[p];
           out[p] = saturate<E>((wc * gv - k[p] * xv) * inv_d[p]);
         }
       }
-      dw_part[ch] += lane_sum(t, blk.len);
+      double total = 0.0;
+      for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+      dw_part[ch] += total;
     }
   }
   }
