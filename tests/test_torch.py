@@ -341,6 +341,24 @@ def test_use_cpu_kernel_turns_it_off_and_on_again():
     assert lowering_for(x) == "cpu-kernel"
 
 
+def test_the_kernel_installed_with_the_package_needs_no_compiler(tmp_path):
+    # scripts/setup installs the package with its build hook, which compiles the kernel
+    # into it: a process with no compiler and an empty cache still loads it, silently.
+    code = """
+import warnings, torch
+warnings.simplefilter("error")
+import l2norm.torch as t
+from l2norm import _native
+x = torch.ones(1, 8, 4, 4)
+print(_native.installed_capi() is not None, t.cpu_kernel_available(), t.lowering_for(x))
+"""
+    out = _run_in_child(code, L2NORM_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True", "cpu-kernel"], (
+        out.stdout + out.stderr
+    )
+    assert not any(tmp_path.iterdir())  # nothing compiled at run time
+
+
 def test_without_a_compiler_the_layer_warns_once_and_computes_with_ops(tmp_path):
     # A fresh extension cache and no C++ compiler: the build fails, the layer says so once
     # and gives the reference's answer through the ops lowering.
@@ -359,7 +377,12 @@ messages = [str(w.message) for w in caught if "native CPU kernel" in str(w.messa
 want = reference.forward(x.numpy(), np.full(16, 20.0, np.float32), Spec.create(axis=1))
 print(len(messages), t.cpu_kernel_available(), t.lowering_for(x), np.abs(y.numpy() - want).max())
 """
-    out = _run_in_child(code, L2NORM_CACHE_DIR=str(tmp_path), CXX="/nonexistent/c++")
+    no_kernel = {
+        "L2NORM_CACHE_DIR": str(tmp_path),  # nothing built here yet
+        "L2NORM_KERNEL_PREBUILT": "0",  # as if installed without a compiler
+        "CXX": "/nonexistent/c++",
+    }
+    out = _run_in_child(code, **no_kernel)
     assert out.returncode == 0, out.stderr
     count, available, route, error = out.stdout.split()
     assert (count, available, route) == ("1", "False", "ops"), out.stdout
@@ -371,8 +394,7 @@ print(len(messages), t.cpu_kernel_available(), t.lowering_for(x), np.abs(y.numpy
         "        t.l2_normalize(torch.randn(2, 16, 4, 4))\n"
         "except RuntimeError as err:\n"
         "    print(err)\n",
-        L2NORM_CACHE_DIR=str(tmp_path),
-        CXX="/nonexistent/c++",
+        **no_kernel,
     )
     assert "native CPU kernel is not available" in forced.stdout, forced.stderr
 

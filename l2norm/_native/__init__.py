@@ -12,8 +12,9 @@ Otherwise each is compiled the first time it is needed (a few seconds, one line 
 for this machine's CPU (``-march=native``) and with OpenMP where the compiler has it, and
 cached under ``$L2NORM_CACHE_DIR`` (default ``~/.cache/l2norm``) by a hash of its sources,
 the compiler and the CPU, so a cache shared between machines never runs code built for
-another. ``bash scripts/setup`` builds both at install. Where no compiler works, the
-callers fall back to their framework's ops after one warning.
+another. ``bash scripts/setup`` builds both at install. ``L2NORM_KERNEL_PREBUILT=0``
+ignores the library built at install (and builds one for this exact CPU instead). Where no
+compiler works, the callers fall back to their framework's ops after one warning.
 
 Example:
     >>> from l2norm import _native
@@ -166,16 +167,32 @@ def _warn_once(name: str, err: Exception) -> None:
     )
 
 
+#: What each x86-64 level needs of the CPU (its /proc/cpuinfo flags), best first.
+_X86_LEVELS = (
+    ("v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
+    ("v3", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}),
+    ("v1", set()),
+)
+
+
 def installed_capi() -> Path | None:
-    """The C-ABI library built at install (``hatch_build.py``), if it was and its sources
-    are the ones next to it (an editable install edited since is rebuilt, not trusted)."""
-    library, stamp = HERE / "libl2norm_capi_portable.so", HERE / "libl2norm_capi_portable.sha256"
-    if not (library.exists() and stamp.exists()):
+    """The C-ABI library built at install (``hatch_build.py``) for the best level this CPU
+    runs, if it was built and its sources are the ones next to it (an editable install
+    edited since is rebuilt here, not trusted)."""
+    stamp = HERE / "libl2norm_capi_portable.sha256"
+    if os.environ.get("L2NORM_KERNEL_PREBUILT", "1") == "0" or not stamp.exists():
         return None
     digest = hashlib.sha256()
     for name in ("capi.cpp", "kernel.h"):
         digest.update((HERE / name).read_bytes())
-    return library if stamp.read_text().strip() == digest.hexdigest() else None
+    if stamp.read_text().strip() != digest.hexdigest():
+        return None
+    flags = set(_cpu_flags().split())
+    for level, needs in _X86_LEVELS:
+        library = HERE / f"libl2norm_capi_portable_{level}.so"
+        if library.exists() and needs <= flags:
+            return library
+    return None
 
 
 @functools.cache

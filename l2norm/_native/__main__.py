@@ -1,22 +1,27 @@
-"""``python -m l2norm._native``: build the native CPU kernel now (``scripts/setup`` runs it),
-the C-ABI library and, where JAX is installed, its XLA custom calls; exit status 1 if a
-build fails."""
+"""``python -m l2norm._native``: make the native CPU kernel ready now (``scripts/setup`` runs
+it): the C-ABI library (the one built at install, else one built here) and, where JAX is
+installed, its XLA custom calls; exit status 1 if a build fails."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 
-from l2norm._native import BuildError, build
+from l2norm._native import BuildError, build, installed_capi
 
 
 def main() -> int:
-    wanted = [("capi", ())]
+    status = 0
+    wanted: list[tuple[str, tuple[str, ...]]] = []
+    prebuilt = installed_capi()
+    if prebuilt is not None:
+        print(f"l2norm native kernel (capi): {prebuilt} (built at install)")
+    else:
+        wanted.append(("capi", ()))
     if importlib.util.find_spec("jax") is not None:
         import jax.ffi
 
         wanted.append(("xla", (jax.ffi.include_dir(),)))
-    status = 0
     for name, includes in wanted:
         try:
             print(f"l2norm native kernel ({name}): {build(name, includes)}")

@@ -1,18 +1,9 @@
 // A plain C ABI over kernel.h, for callers that hand over raw pointers (PyTorch through
 // ctypes): not tied to any framework's headers or version.
 //
-// Built two ways: for this machine's CPU at first use (-march=native, l2norm/_native), or
-// at install for any CPU of the architecture (-DL2NORM_PORTABLE, hatch_build.py): then GCC
-// clones each entry point, with everything it calls inlined, for AVX-512, AVX2 + FMA and
-// the baseline, and the loader picks the clone this CPU runs.
+// Built for this machine's CPU at first use (-march=native, l2norm/_native), or at install
+// once per x86-64 level (hatch_build.py), the loader taking the best level the CPU runs.
 #include "kernel.h"
-
-#if defined(L2NORM_PORTABLE) && defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define L2NORM_ENTRY \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define L2NORM_ENTRY
-#endif
 
 namespace {
 
@@ -32,7 +23,7 @@ int l2norm_abi_version(void) { return 1; }
 
 // y = w * x / d(||x||) over the middle axis of (outer, C, inner); returns 0, or -1 for
 // arguments it does not take.
-L2NORM_ENTRY int l2norm_forward(int dtype, const void* x, void* y, int64_t outer, int64_t C, int64_t inner,
+int l2norm_forward(int dtype, const void* x, void* y, int64_t outer, int64_t C, int64_t inner,
                    const double* w, int64_t w_len, int is_add, int power, double eps,
                    int threads) {
   if (!valid(outer, C, inner, w_len, power, threads)) return -1;
@@ -56,7 +47,7 @@ L2NORM_ENTRY int l2norm_forward(int dtype, const void* x, void* y, int64_t outer
 }
 
 // dx and dw (C doubles: the scale's gradient per channel) for the cotangent g.
-L2NORM_ENTRY int l2norm_backward(int dtype, const void* x, const void* g, void* dx, double* dw,
+int l2norm_backward(int dtype, const void* x, const void* g, void* dx, double* dw,
                     int64_t outer, int64_t C, int64_t inner, const double* w, int64_t w_len,
                     int is_add, int power, double eps, int threads) {
   if (!valid(outer, C, inner, w_len, power, threads)) return -1;
