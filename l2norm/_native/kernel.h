@@ -80,6 +80,7 @@ struct Float32 {
   using T = float;
   static double load(T v) { return static_cast<double>(v); }
   static T store(double v) { return static_cast<T>(v); }
+  static T store_float(float v) { return v; }
   static constexpr double kMax = FLT_MAX;
 };
 
@@ -87,8 +88,9 @@ struct Float32 {
 struct BFloat16 {
   using T = uint16_t;
   static double load(T v) { return static_cast<double>(bits_to_float(uint32_t(v) << 16)); }
-  static T store(double v) {
-    const uint32_t bits = float_to_bits(static_cast<float>(v));
+  static T store(double v) { return store_float(static_cast<float>(v)); }
+  static T store_float(float v) {
+    const uint32_t bits = float_to_bits(v);
     const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
     const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;  // kept quiet, not rounded to Inf
     return static_cast<T>(nan ? (bits >> 16) | 0x40u : rounded);
@@ -96,46 +98,32 @@ struct BFloat16 {
   static constexpr double kMax = 3.3895313892515355e38;  // (2 - 2**-7) * 2**127
 };
 
-// float16: the compiler's _Float16 where it has one (hardware conversions with F16C /
-// AVX512-FP16 under -march=native), IEEE bit manipulation otherwise.
+// float16 by IEEE bit manipulation, written without branches so that the loops vectorize
+// (a compiler's _Float16 conversions may be library calls per element). Exact both ways:
+// half to float is exact (a subnormal half becomes a subnormal-free float through one
+// multiplication by 2**112, exact with subnormals kept, see KeepSubnormals); float to half
+// rounds to nearest even, Inf and NaN kept.
 struct Float16 {
   using T = uint16_t;
-#ifdef __FLT16_MAX__
   static double load(T v) {
-    _Float16 h;
-    std::memcpy(&h, &v, sizeof h);
-    return static_cast<double>(static_cast<float>(h));
+    const uint32_t h = v, sign = (h & 0x8000u) << 16, magnitude = h & 0x7fffu;
+    const float scaled = bits_to_float(magnitude << 13) * 5.192296858534828e33f;  // * 2**112
+    const uint32_t special = 0x7f800000u | ((magnitude & 0x3ffu) << 13);           // Inf, NaN
+    const uint32_t bits = magnitude >= 0x7c00u ? special : float_to_bits(scaled);
+    return static_cast<double>(bits_to_float(sign | bits));
   }
-  static T store(double v) {
-    const _Float16 h = static_cast<_Float16>(static_cast<float>(v));
-    T bits;
-    std::memcpy(&bits, &h, sizeof bits);
-    return bits;
+  static T store(double v) { return store_float(static_cast<float>(v)); }
+  static T store_float(float v) {
+    const uint32_t f = float_to_bits(v);
+    const uint32_t sign = (f >> 16) & 0x8000u, a = f & 0x7fffffffu;
+    // Below 2**-14 (half subnormals): adding 0.5 lines the half's last bit up with the
+    // float's, so the float addition itself rounds to nearest even.
+    const uint32_t tiny = float_to_bits(bits_to_float(a) + 0.5f) - 0x3f000000u;
+    const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // rebias, round
+    const uint32_t big = a > 0x7f800000u ? 0x7e00u : 0x7c00u;           // NaN or Inf
+    const uint32_t h = a >= 0x47800000u ? big : (a < 0x38800000u ? tiny : normal);
+    return static_cast<T>(sign | h);
   }
-#else
-  static double load(T v) {
-    const uint32_t sign = uint32_t(v & 0x8000u) << 16, exp = (v >> 10) & 0x1fu, man = v & 0x3ffu;
-    if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));  // Inf / NaN
-    if (exp == 0) {  // zero or subnormal: man * 2**-24, exact in float
-      const float f = static_cast<float>(man) * 5.9604644775390625e-08f;
-      return sign ? -f : f;
-    }
-    return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
-  }
-  static T store(double v) {
-    const float f = static_cast<float>(v);
-    const uint32_t bits = float_to_bits(f), sign = (bits >> 16) & 0x8000u;
-    const float a = std::fabs(f);
-    if (std::isnan(a)) return static_cast<T>(sign | 0x7e00u);
-    if (a >= 65520.0f) return static_cast<T>(sign | 0x7c00u);  // rounds to Inf
-    if (a < 6.103515625e-05f) {  // subnormal: round a * 2**24 to an integer, ties to even
-      return static_cast<T>(sign | static_cast<uint32_t>(std::nearbyint(a * 16777216.0f)));
-    }
-    const uint32_t b = float_to_bits(a);
-    const uint32_t rounded = b + 0xfffu + ((b >> 13) & 1u);
-    return static_cast<T>(sign | ((rounded - (112u << 23)) >> 13));
-  }
-#endif
   static constexpr double kMax = 65504.0;
 };
 
@@ -143,8 +131,13 @@ struct Float16 {
 // where the exact one exceeds it (an all-zero float16 pixel: w * g / eps); NaN stays.
 // std::min / std::max keep a NaN first operand and vectorize (an if-else chain does not).
 template <typename E>
+inline double clamp(double v) {
+  return std::min(std::max(v, -E::kMax), E::kMax);
+}
+
+template <typename E>
 inline typename E::T saturate(double v) {
-  return E::store(std::min(std::max(v, -E::kMax), E::kMax));
+  return E::store(clamp<E>(v));
 }
 
 // ------------------------------------------------------------------ the per-slice formula
@@ -320,7 +313,14 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
       const typename E::T* row = x + blk.base + ch * inner;
       typename E::T* out = y + blk.base + ch * inner;
       const double wc = w[ch];
-      for (int64_t p = 0; p < blk.len; ++p) out[p] = E::store(E::load(row[p]) * inv_d[p] * wc);
+      if constexpr (sizeof(typename E::T) == 2) {
+        // Two loops: GCC does not vectorize 16- to 64- to 16-bit conversions in one.
+        double r[kBlock];
+        for (int64_t p = 0; p < blk.len; ++p) r[p] = E::load(row[p]) * inv_d[p] * wc;
+        for (int64_t p = 0; p < blk.len; ++p) out[p] = E::store(r[p]);
+      } else {
+        for (int64_t p = 0; p < blk.len; ++p) out[p] = E::store(E::load(row[p]) * inv_d[p] * wc);
+      }
     }
     if (any_inf) {  // rewrite the few Inf slices with their limit
       for (int64_t p = 0; p < blk.len; ++p) {
@@ -447,7 +447,23 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
       const double wc = w[ch];
       // The scale's gradient in kLanes independent partial sums, kept in registers.
       double lanes[kLanes] = {};
-      if (!any_inf) {
+      if (!any_inf && sizeof(typename E::T) == 2) {
+        // Three loops, each of one element width change, which GCC vectorizes (it does not
+        // vectorize 16- to 64- to 16-bit conversions in one loop).
+        double t[kBlock];
+        float r[kBlock];
+        for (int64_t p = 0; p < blk.len; ++p) {
+          const double gv = E::load(gr[p]), xv = E::load(xr[p]);
+          t[p] = gv * xv * inv_d[p];
+          r[p] = static_cast<float>(clamp<E>((wc * gv - k[p] * xv) * inv_d[p]));
+        }
+        int64_t p = 0;
+        for (; p + kLanes <= blk.len; p += kLanes) {
+          for (int64_t j = 0; j < kLanes; ++j) lanes[j] += t[p + j];
+        }
+        for (; p < blk.len; ++p) lanes[0] += t[p];
+        for (p = 0; p < blk.len; ++p) out[p] = E::store_float(r[p]);
+      } else if (!any_inf) {
         int64_t p = 0;
         for (; p + kLanes <= blk.len; p += kLanes) {
           for (int64_t j = 0; j < kLanes; ++j) {
