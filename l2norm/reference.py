@@ -21,6 +21,9 @@ Backward (vector-Jacobian product) for a cotangent ``g``. Write ``\hat x = x / n
 which is ``(s g)/d - x <s g, x> d'(n) / (n d**2)`` rearranged so that every factor is
 bounded: ``\hat x`` is a unit vector and ``r`` lies in ``[0, 1]``:
 
+The placements come from the table in :mod:`l2norm._modes` (``d**power = n**power + eps``
+or ``max(n**power, eps)``):
+
 =============== ================== ===============================
 eps_mode        ``d(n)``           ``r``
 =============== ================== ===============================
@@ -40,6 +43,9 @@ Numerics:
 * Each slice is first divided by the power of two just below its largest magnitude,
   so the sum of squares can neither overflow nor underflow whatever the input's range;
   eps is divided by the same power, so it keeps its meaning on the true norm.
+* An input gradient whose exact value exceeds its dtype (float16 at an all-zero slice:
+  ``scale * g / eps``) is returned as the dtype's largest finite value (:func:`saturate`),
+  not Inf.
 * A slice holding a NaN is NaN throughout (forward and gradient).
 * A slice holding ±Inf (and no NaN) takes the limit direction: its infinite entries map
   to ``±s / sqrt(k)`` (``k`` the number of infinite entries), its finite entries to 0,
