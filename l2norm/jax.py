@@ -54,7 +54,6 @@ from l2norm._spec import (
     Spec,
     check_float_dtype,
     check_scale_shape,
-    scale_init_values,
 )
 
 __all__ = ["LOWERINGS", "l2_normalize", "lowering_for", "normalize", "use_lowering"]
@@ -401,62 +400,3 @@ def _l2norm(plan: _Plan, x: jax.Array, s: jax.Array) -> jax.Array:
 
 
 _l2norm.defvjp(_forward, _backward)
-
-
-# --------------------------------------------------------------------------- Flax layers
-# What l2norm.nnx and l2norm.linen share, here so that the two cannot drift apart.
-
-
-def _layer_scale_shape(num_features: int, channel_shared: bool) -> tuple[int, ...]:
-    return (1,) if channel_shared else (num_features,)
-
-
-def _layer_initial_scale(
-    scale_init: Any,
-    num_features: int,
-    channel_shared: bool,
-    param_dtype: Any,
-    key: jax.Array | None,
-) -> jax.Array:
-    """The initial scale: a number, one value per channel, or a Flax initializer."""
-    check_float_dtype(jnp.dtype(param_dtype).name, what="param_dtype")
-    shape = _layer_scale_shape(num_features, channel_shared)
-    if callable(scale_init):
-        if key is None:
-            raise ValueError(
-                "scale_init is an initializer, which needs a random key: pass rngs=nnx.Rngs(...)"
-            )
-        value = jnp.asarray(scale_init(key, shape, param_dtype))
-        if value.shape != shape:
-            raise ValueError(
-                f"scale_init returned shape {value.shape}, expected {shape} "
-                f"(num_features={num_features}, channel_shared={channel_shared})"
-            )
-        return value.astype(param_dtype)
-    values = scale_init_values(scale_init, num_features, channel_shared)
-    return jnp.asarray(values.astype(np.float64), dtype=param_dtype)
-
-
-def _layer_check_dtype(dtype: Any) -> None:
-    if dtype is not None:
-        check_float_dtype(jnp.dtype(dtype).name, what="dtype")
-
-
-def _layer_apply(
-    x: Any, scale: jax.Array, spec: Spec, num_features: int | None, dtype: Any
-) -> jax.Array:
-    """Check ``x`` against the layer and normalize it (errors raise at trace time)."""
-    x = jnp.asarray(x)
-    check_float_dtype(jnp.dtype(x.dtype).name, what="the input")
-    axes = spec.resolve(x.ndim)
-    channels = x.shape[axes.channel]
-    if num_features is not None and channels != num_features:
-        raise ValueError(
-            f"the input has {channels} features on its channel axis {axes.channel} "
-            f"(shape {tuple(x.shape)}), but the layer was built with "
-            f"num_features={num_features}"
-        )
-    if dtype is not None:
-        x = x.astype(dtype)
-        scale = scale.astype(dtype)
-    return normalize(x, scale, spec)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from l2norm import jax as _l2jax
+from l2norm import _flax
 from l2norm._spec import Spec
 
 __all__ = ["L2Norm"]
@@ -72,12 +72,12 @@ class L2Norm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x``; the result has ``x``'s shape and ``dtype`` (or ``x``'s)."""
         spec = self.spec
-        _l2jax._layer_check_dtype(self.dtype)
+        _flax.layer_check_dtype(self.dtype)
         x = jnp.asarray(x)
         features = x.shape[spec.resolve(x.ndim).channel]
 
         def init(key: jax.Array | None) -> jax.Array:
-            return _l2jax._layer_initial_scale(
+            return _flax.layer_initial_scale(
                 self.scale_init, features, self.channel_shared, self.param_dtype, key
             )
 
@@ -89,10 +89,10 @@ class L2Norm(nn.Module):
                 "scale",
                 lambda: init(self.make_rng("params") if callable(self.scale_init) else None),
             ).value
-        expected = _l2jax._layer_scale_shape(features, self.channel_shared)
+        expected = _flax.layer_scale_shape(features, self.channel_shared)
         if scale.shape != expected:
             raise ValueError(
                 f"the stored scale has shape {scale.shape}, but an input with {features} "
                 f"features needs {expected}"
             )
-        return _l2jax._layer_apply(x, scale, spec, None, self.dtype)
+        return _flax.layer_apply(x, scale, spec, None, self.dtype)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from l2norm import jax as _l2jax
+from l2norm import _flax
 from l2norm._spec import Spec
 
 __all__ = ["L2Norm", "Constant"]
@@ -74,9 +74,9 @@ class L2Norm(nnx.Module):
         self.spec = Spec.create(
             axis=axis, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
         )
-        _l2jax._layer_check_dtype(dtype)
+        _flax.layer_check_dtype(dtype)
         key = rngs.params() if (rngs is not None and callable(scale_init)) else None
-        value = _l2jax._layer_initial_scale(
+        value = _flax.layer_initial_scale(
             scale_init, num_features, channel_shared, param_dtype, key
         )
         self.scale = nnx.Param(value) if learnable else Constant(value)
@@ -88,4 +88,4 @@ class L2Norm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Normalize ``x``; the result has ``x``'s shape and ``dtype`` (or ``x``'s)."""
-        return _l2jax._layer_apply(x, self.scale[...], self.spec, self.num_features, self.dtype)
+        return _flax.layer_apply(x, self.scale[...], self.spec, self.num_features, self.dtype)
