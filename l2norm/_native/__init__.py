@@ -13,7 +13,8 @@ for this machine's CPU (``-march=native``) and with OpenMP where the compiler ha
 cached under ``$L2NORM_CACHE_DIR`` (default ``~/.cache/l2norm``) by a hash of its sources,
 the compiler and the CPU, so a cache shared between machines never runs code built for
 another. ``bash scripts/setup`` builds both at install. ``L2NORM_KERNEL_PREBUILT=0``
-ignores the library built at install (and builds one for this exact CPU instead). Where no
+ignores the library built at install (and builds one for this exact CPU instead);
+``L2NORM_KERNEL_LEVEL=v3`` (or ``v1``) caps the x86-64 level it loads. Where no
 compiler works, the callers fall back to their framework's ops after one warning.
 
 Example:
@@ -188,9 +189,13 @@ def installed_capi() -> Path | None:
     if stamp.read_text().strip() != digest.hexdigest():
         return None
     flags = set(_cpu_flags().split())
+    # L2NORM_KERNEL_LEVEL=v3 caps the level (e.g. to time the AVX2 build on an AVX-512 CPU).
+    cap = os.environ.get("L2NORM_KERNEL_LEVEL")
+    levels = [level for level, _ in _X86_LEVELS]
+    allowed = levels[levels.index(cap) :] if cap in levels else levels
     for level, needs in _X86_LEVELS:
         library = HERE / f"libl2norm_capi_portable_{level}.so"
-        if library.exists() and needs <= flags:
+        if level in allowed and library.exists() and needs <= flags:
             return library
     return None
 
