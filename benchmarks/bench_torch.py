@@ -205,6 +205,9 @@ def suites(
     )
 
     if not quick or shape == HEADLINE:
+        # One compiled graph per (shape, dtype, grad mode): start afresh for each suite set
+        # so that a run over several sizes and dtypes stays under dynamo's recompile limit.
+        torch._dynamo.reset()
         c_ours = torch.compile(lambda x, w: l2_normalize(x, w), fullgraph=True, dynamic=False)
         c_tv = torch.compile(torchvision_idiom, fullgraph=True, dynamic=False)
         out.append(
