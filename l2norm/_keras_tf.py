@@ -35,6 +35,9 @@ import functools
 import math
 from typing import Any
 
+from l2norm import _preload  # noqa: F401  (before TensorFlow: see there)
+
+# isort: split
 import tensorflow as tf
 
 try:  # XLA's own operations, reachable inside jit_compile functions (as jax2tf uses them)

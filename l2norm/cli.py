@@ -52,6 +52,7 @@ from l2norm.conformance._report import (
     run_backend,
 )
 from l2norm.conformance._runner import ChildRuns, Progress, use_jax_compilation_cache
+from l2norm.testing.frameworks import triton_interpreter_without_gpu
 
 # Kept importable from here for older callers; they live in l2norm.conformance now.
 cross_inputs = conformance.cross_inputs
@@ -134,6 +135,9 @@ def check(argv: Sequence[str]) -> int:
     else:
         selected = list(conformance.cases()) if args.full else conformance.default_cases()
     use_jax_compilation_cache()
+    # Before any backend loads triton: without a GPU the torch-triton row runs the Triton
+    # kernels in Triton's interpreter, which must be on when triton is first imported.
+    triton_interpreter_without_gpu()
     names, missing = _select_backends(parser, args.backends)
     start = time.perf_counter()
 

@@ -26,6 +26,9 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+from l2norm import _preload  # noqa: F401  (before Keras loads TensorFlow: see there)
+
+# isort: split
 import keras
 import numpy as np
 from keras import ops

@@ -21,6 +21,7 @@ NAMES = (
     "torch",
     "torch-ops",
     "torch-cuda",
+    "torch-triton",
     "jax",
     "jax-ops",
     "nnx",

@@ -106,7 +106,10 @@ def test_cli_lists_missing_frameworks_with_their_extra_and_passes():
     result = run_cli(hide=HIDDEN)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert 'not installed: torch, torch-ops, torch-cuda (pip install "l2norm[torch]")' in out
+    assert (
+        'not installed: torch, torch-ops, torch-cuda, torch-triton (pip install "l2norm[torch]")'
+        in out
+    )
     assert 'not installed: jax, jax-ops, nnx, linen (pip install "l2norm[jax]")' in out
     assert 'not installed: keras-tensorflow (pip install "l2norm[tensorflow]")' in out
     assert 'keras-jax (pip install "l2norm[tensorflow,jax]")' in out

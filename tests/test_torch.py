@@ -11,9 +11,9 @@ The tests run on CUDA too when it is present (``DEVICES``).
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -35,8 +35,13 @@ from l2norm.torch import L2Norm, l2_normalize, lowering_for, use_lowering
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 #: The conformance backends: the default CPU route (the native kernel where it applies),
-#: the pure-torch lowering forced on the CPU, and CUDA where present.
-BACKEND_NAMES = ["torch", "torch-ops"] + (["torch-cuda"] if torch.cuda.is_available() else [])
+#: the pure-torch lowering forced on the CPU, the Triton lowering forced (on CUDA where
+#: present, else in Triton's interpreter: tests/conftest.py switches it on), and CUDA.
+BACKEND_NAMES = ["torch", "torch-ops", "torch-triton"] + (
+    ["torch-cuda"] if torch.cuda.is_available() else []
+)
+#: Where the Triton lowering runs here.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MODES = list(EPS_MODES)
 
 
@@ -286,30 +291,40 @@ def test_memory_saved_for_backward_is_about_the_input(lowering, dtype, kwargs):
 
 
 @pytest.mark.parametrize(
-    ("make", "kwargs", "want"),
+    ("make", "kwargs", "want", "want_triton"),
     [
-        (lambda: torch.randn(2, 16, 4, 4), {}, "cpu-kernel"),  # NCHW, 16 slices after C
-        (lambda: torch.randn(2, 16, 4, 4).bfloat16(), {}, "cpu-kernel"),
-        (lambda: torch.randn(2, 4, 4, 16).half(), {"dim": -1}, "cpu-kernel"),  # rows
-        (lambda: torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last), {}, "cpu-kernel"),
-        (lambda: torch.randn(2, 16, 4, 4).double(), {}, "ops"),  # float64: no wider sums
-        (lambda: torch.randn(2, 16, 4, 4), {"dim": (1, 2)}, "ops"),  # several axes
-        (lambda: torch.randn(2, 16, 4, 4), {"across_spatial": True}, "ops"),
-        (lambda: torch.randn(2, 16, 2, 2), {}, "ops"),  # 4 slices after C: blocks too short
-        (lambda: torch.randn(2, 16, 8, 8)[:, :, ::2], {}, "ops"),  # not dense
+        (lambda: torch.randn(2, 16, 4, 4), {}, "cpu-kernel", "triton"),  # NCHW, 16 after C
+        (lambda: torch.randn(2, 16, 4, 4).bfloat16(), {}, "cpu-kernel", "triton"),
+        (lambda: torch.randn(2, 4, 4, 16).half(), {"dim": -1}, "cpu-kernel", "triton"),  # rows
+        (
+            lambda: torch.randn(2, 16, 4, 4).to(memory_format=torch.channels_last),
+            {},
+            "cpu-kernel",
+            "triton",
+        ),
+        (lambda: torch.randn(2, 16, 4, 4).double(), {}, "ops", "ops"),  # no wider sums
+        (lambda: torch.randn(2, 16, 4, 4), {"dim": (1, 2)}, "ops", "ops"),  # several axes
+        (lambda: torch.randn(2, 16, 4, 4), {"across_spatial": True}, "ops", "ops"),
+        # 4 slices after C: too short for the CPU kernel's blocks, fine for Triton's tiles
+        (lambda: torch.randn(2, 16, 2, 2), {}, "ops", "triton"),
+        (lambda: torch.randn(2, 16, 8, 8)[:, :, ::2], {}, "ops", "ops"),  # not dense
     ],
 )
-def test_dispatch_picks_the_kernel_where_it_applies(make, kwargs, want):
+def test_dispatch_picks_the_kernel_where_it_applies(make, kwargs, want, want_triton):
     x = make()
     assert lowering_for(x, **kwargs) == want
     with use_lowering("ops"):
         assert lowering_for(x, **kwargs) == "ops"
     with use_lowering("cpu-kernel"):
         assert lowering_for(x, **kwargs) == want
+    with use_lowering("triton"):
+        assert lowering_for(x.to(TRITON_DEVICE), **kwargs) == want_triton
+    if torch.cuda.is_available():  # CUDA tensors take the Triton kernels by default
+        assert lowering_for(x.cuda(), **kwargs) == want_triton
 
 
 def test_use_lowering_refuses_an_unknown_name():
-    with pytest.raises(ValueError, match="unknown lowering"), use_lowering("triton"):
+    with pytest.raises(ValueError, match="unknown lowering"), use_lowering("cuda"):
         pass
 
 
@@ -433,7 +448,7 @@ def _run_route(route: str, x, w, g, dim):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("route", ["default", "ops", "compiled"])
+@pytest.mark.parametrize("route", ["default", "ops", "triton", "compiled"])
 def test_batch_invariance_bitwise(route, layout):
     """One sample's output and input gradient do not depend on the rest of the batch."""
     x, g, w, batches = _neighbourhood(layout)
@@ -472,11 +487,11 @@ class _HostSyncs(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("lowering", [None, "ops"])
+@pytest.mark.parametrize("lowering", [None, "ops", "triton"])
 @pytest.mark.parametrize("hostile", [False, True], ids=["ordinary", "hostile"])
 def test_no_host_synchronisation(device, lowering, hostile):
-    # The lowering CUDA uses (ops) and the CPU default: forward and backward make no call
-    # that reads a value back to the host, whatever the data.
+    # Every lowering (on the CPU the Triton one runs in Triton's interpreter): forward and
+    # backward make no call that reads a value back to the host, whatever the data.
     x = torch.randn(4, 16, 5, 5, device=device)
     if hostile:
         x[0, :, 0, 0] = 0.0
@@ -497,18 +512,123 @@ def test_no_host_synchronisation(device, lowering, hostile):
     assert control.seen
 
 
+# --------------------------------------------------------------------------- Triton kernels
+
+
+def test_triton_forced_where_it_cannot_run_says_why():
+    # Without the interpreter switched on before triton is imported, a CPU tensor cannot
+    # take the Triton kernels: a clear error naming the switch, not a crash inside Triton.
+    code = (
+        "import torch, l2norm.torch as t\n"
+        "try:\n"
+        "    with t.use_lowering('triton'):\n"
+        "        t.l2_normalize(torch.randn(2, 8, 4, 4))\n"
+        "except RuntimeError as e:\n"
+        "    print('refused:', e)\n"
+    )
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the Triton lowering runs; this is the CPU-only refusal")
+    out = _run_in_child(code, TRITON_INTERPRET="0")
+    assert out.returncode == 0, out.stderr
+    assert "refused:" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_triton_forced_without_triton_names_the_package(monkeypatch):
+    from l2norm.torch import _triton
+
+    monkeypatch.setattr(_triton, "installed", lambda: False)
+    with pytest.raises(RuntimeError, match="needs the triton package"), use_lowering("triton"):
+        l2_normalize(torch.randn(2, 8, 4, 4, device=TRITON_DEVICE))
+    # and the default dispatch falls back to the ops lowering rather than failing
+    assert lowering_for(torch.randn(2, 8, 4, 4, device=TRITON_DEVICE)) != "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_op_is_one_graph_node_with_its_backward(dtype):
+    # torch.compile keeps the registered op whole (fullgraph: no graph break), forward and
+    # backward, and gives the eager kernels' bits.
+    x = (torch.randn(2, 16, 5, 5) * 3).to(dtype).to(TRITON_DEVICE).requires_grad_(True)
+    w = (torch.rand(16) * 20).to(TRITON_DEVICE).requires_grad_(True)
+    g = torch.randn(2, 16, 5, 5).to(dtype).to(TRITON_DEVICE)
+
+    def op(a, b):
+        return torch.ops.l2norm.kernel_forward(a, b, 1, "add_sumsq", 1e-10, "triton")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(op, fullgraph=True, dynamic=False)
+    y = compiled(x, w)
+    dx, dw = torch.autograd.grad(y, (x, w), g)
+    with use_lowering("triton"):
+        y_eager = l2_normalize(x, w, preset="caffe")
+        dx_eager, dw_eager = torch.autograd.grad(y_eager, (x, w), g)
+    assert torch.equal(y, y_eager) and torch.equal(dx, dx_eager) and torch.equal(dw, dw_eager)
+
+
+def test_triton_keeps_channels_last_and_deterministic_scale_gradient():
+    x = (torch.randn(3, 24, 5, 7) * 3).to(memory_format=torch.channels_last)
+    x[0, :, 1, 1] = 0.0
+    x[1, :3, 0, 0] = 3e38  # squares overflow float32
+    x[1, 5, 4, 6] = float("-inf")
+    x = x.to(TRITON_DEVICE).requires_grad_(True)
+    w = (torch.rand(24) + 0.5).to(TRITON_DEVICE).requires_grad_(True)
+    g = torch.randn(3, 24, 5, 7, device=TRITON_DEVICE)  # NCHW: the lowering copies it
+    runs = []
+    for _ in range(2):
+        with use_lowering("triton"):
+            y = l2_normalize(x, w)
+            runs.append((y, *torch.autograd.grad(y, (x, w), g)))
+    (y, dx, dw), (y2, dx2, dw2) = runs
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, y2) and torch.equal(dx, dx2) and torch.equal(dw, dw2)  # run to run
+    want = ref_forward(x.detach().cpu(), w.detach().cpu(), axis=1)
+    assert_close_ulps(y.cpu(), want, 1)
+    # the Inf pixel: its limit direction, and no gradient through it
+    assert torch.all(dx[1, :, 4, 6] == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_and_no_sync_in_forward_and_backward():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 1), L2Norm(64)).cuda()
+    x = torch.randn(4, 3, 19, 19, device="cuda")
+    g = torch.randn(4, 64, 19, 19, device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = model(x)
+        y.backward(g)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert lowering_for(y.detach()) == "triton"
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm up: compile the kernels outside the capture
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = model(static_x)
+    static_x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(static_y, model(static_x), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- native CPU kernel
 
 
+@pytest.mark.parametrize(
+    ("lowering", "backend_name"), [("cpu-kernel", "torch"), ("triton", "torch-triton")]
+)
 @given(
     data=st.data(),
     dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
     mode=st.sampled_from(MODES),
     scale_kind=st.sampled_from(["per_channel", "shared", "none"]),
 )
-def test_cpu_kernel_matches_the_reference(data, dtype, mode, scale_kind):
-    # Shapes the kernel takes: channel axis 1 with at least 8 slices after it (its block
-    # loops), or the channel axis last (its row loops); hostile slices: zeros, huge, tiny,
+def test_kernels_match_the_reference(lowering, backend_name, data, dtype, mode, scale_kind):
+    # Shapes the kernels take: channel axis 1 with at least 8 slices after it (their block
+    # layout), or the channel axis last (rows); hostile slices: zeros, huge, tiny,
     # subnormal, NaN, Inf.
     c = data.draw(st.integers(1, 40), "channels")
     spatial = data.draw(st.sampled_from([(8,), (3, 5), (2, 3, 4), (37,)]), "spatial")
@@ -521,11 +641,15 @@ def test_cpu_kernel_matches_the_reference(data, dtype, mode, scale_kind):
     scale = conformance.scale_values(scale_kind, c, rng)
     scale = None if scale is None else scale.astype(npdt)
     g = rng.standard_normal(shape).astype(npdt)
-    backend = conformance.get_backend("torch")
+    backend = conformance.get_backend(backend_name)
     options = {"axis": axis, "eps_mode": mode}
     spec = Spec.create(**options)
     xt = torch.from_numpy(x.view(np.uint16)).view(torch.bfloat16) if dtype == "bfloat16" else None
-    assert lowering_for(torch.from_numpy(x) if xt is None else xt, dim=axis) == "cpu-kernel"
+    xt = (torch.from_numpy(x) if xt is None else xt).to(
+        TRITON_DEVICE if lowering == "triton" else "cpu"
+    )
+    with use_lowering(lowering):
+        assert lowering_for(xt, dim=axis) == lowering
     y = backend.forward(x, scale, options)
     fwd = conformance.forward_error(y, reference.forward(x, scale, spec), npdt, False)
     # Sums in float64, each output rounded once: at most one rounding from the reference.
@@ -965,17 +1089,14 @@ def test_bad_input_raises_a_clear_error(make, error, match):
 # --------------------------------------------------------------------------- DDP
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+def _ddp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    # A hang shows where it is: each worker prints its stack and exits before the test's
+    # deadline. One thread each: two workers share the CI machine's two cores.
+    faulthandler.dump_traceback_later(100, exit=True)
+    torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store}",  # no TCP port to pick and race for
         rank=rank,
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
@@ -996,7 +1117,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 def test_distributed_data_parallel_gradients_equal_single_process(tmp_path):
     import torch.multiprocessing as mp
 
-    context = mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    store = str(tmp_path / "store")
+    context = mp.spawn(_ddp_worker, args=(2, store, str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 120
     # join() returns False while some worker is still running; it raises if one failed.
     while not context.join(timeout=max(0.1, deadline - time.monotonic())):

@@ -17,6 +17,8 @@ torch              :func:`l2norm.torch.l2_normalize`, default dispatch (the     
                    native CPU kernel wherever it applies)
 torch-ops          the same, pure-torch lowering forced                         torch
 torch-cuda         the same on CUDA (only with a CUDA device)                   torch
+torch-triton       the Triton lowering forced: on CUDA where there is a GPU,    torch
+                   else on CPU tensors in Triton's interpreter (slow)
 jax                :func:`l2norm.jax.l2_normalize`, jitted                      jax
 nnx, linen         the Flax layers, jitted                                      jax
 keras-tensorflow   :func:`l2norm.keras.l2_normalize` on each Keras backend;     tensorflow

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from l2norm._preload import triton_before_tensorflow
 from l2norm._spec import FLOAT_DTYPES
 from l2norm.conformance._registry import Backend, BackendUnavailable
 
@@ -23,6 +24,7 @@ def _select(name: str, wanted: str) -> None:
     """Make sure this process's Keras runs on ``wanted``, or raise."""
     if "keras" not in sys.modules and os.environ.get("KERAS_BACKEND") in (None, wanted):
         os.environ["KERAS_BACKEND"] = wanted
+    triton_before_tensorflow()
     import keras
 
     current = keras.backend.backend()

@@ -152,6 +152,13 @@ _TABLE: dict[str, LazyBackend] = {
         LazyBackend(
             "torch-cuda", ("torch",), "torch", f"{_PKG}._torch:build", probe=f"{_PKG}._torch:probe"
         ),
+        LazyBackend(
+            "torch-triton",
+            ("torch", "triton"),
+            "torch",
+            f"{_PKG}._torch:build",
+            probe=f"{_PKG}._torch:probe",
+        ),
         LazyBackend("jax", ("jax",), "jax", f"{_PKG}._jax:build"),
         LazyBackend("jax-ops", ("jax",), "jax", f"{_PKG}._jax:build"),
         LazyBackend("nnx", ("jax", "flax"), "jax", f"{_PKG}._jax:build"),

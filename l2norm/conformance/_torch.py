@@ -1,5 +1,6 @@
 """The PyTorch backends: ``torch`` (the default dispatch: the native CPU kernel wherever it
-applies), ``torch-ops`` (the pure-torch lowering, forced) and ``torch-cuda``.
+applies), ``torch-ops`` (the pure-torch lowering, forced), ``torch-cuda`` and
+``torch-triton`` (the Triton lowering, forced; without a GPU in Triton's interpreter).
 
 Only the public API of :mod:`l2norm.torch` is used: :func:`~l2norm.torch.l2_normalize`,
 :func:`~l2norm.torch.use_lowering` and :func:`~l2norm.torch.cpu_kernel_available`.
@@ -15,14 +16,38 @@ import torch
 
 import l2norm.torch as l2torch
 from l2norm.conformance._registry import Backend, BackendUnavailable
-from l2norm.testing.frameworks import numpy_to_torch, torch_kwargs, torch_to_numpy
+from l2norm.testing.frameworks import (
+    numpy_to_torch,
+    torch_kwargs,
+    torch_to_numpy,
+    triton_interpreter_without_gpu,
+)
 
 
 def probe(name: str) -> str | None:
-    """Why ``name`` cannot run here: only ``torch-cuda`` can't, without a CUDA device."""
+    """Why ``name`` cannot run here: ``torch-cuda`` without a CUDA device, ``torch-triton``
+    where Triton's kernels cannot run (see :func:`_triton_device`)."""
     if name == "torch-cuda" and not torch.cuda.is_available():
         return "no CUDA device"
+    if name == "torch-triton":
+        return _triton_device()[1]
     return None
+
+
+def _triton_device() -> tuple[str, str | None]:
+    """``(device, why not)`` for the Triton lowering: CUDA where present, else the CPU in
+    Triton's interpreter, which must be switched on before the kernels are first loaded."""
+    from l2norm.torch import _triton
+
+    if torch.cuda.is_available():
+        return "cuda", None
+    triton_interpreter_without_gpu()
+    if not _triton.available(torch.device("cpu")):
+        return "cpu", (
+            "no CUDA device, and Triton's interpreter is off (TRITON_INTERPRET=1 must be set "
+            "before triton is first imported)"
+        )
+    return "cpu", None
 
 
 def build(name: str) -> Backend:
@@ -31,7 +56,9 @@ def build(name: str) -> Backend:
     if reason is not None:
         raise BackendUnavailable(name, reason)
     device = "cuda" if name == "torch-cuda" else "cpu"
-    lowering = "ops" if name == "torch-ops" else None
+    lowering = {"torch-ops": "ops", "torch-triton": "triton"}.get(name)
+    if name == "torch-triton":
+        device = _triton_device()[0]
     notes: tuple[str, ...] = ()
     if name == "torch":
         # Load (on the first run ever: build, about a minute) the kernel now rather than

@@ -13,6 +13,9 @@ module itself imports none.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 __all__ = [
+    "triton_interpreter_without_gpu",
     "keras_to_numpy",
     "keras_vjp",
     "numpy_to_keras",
@@ -27,6 +31,19 @@ __all__ = [
     "torch_kwargs",
     "torch_to_numpy",
 ]
+
+
+def triton_interpreter_without_gpu() -> bool:
+    """Switch Triton's interpreter on (``TRITON_INTERPRET=1``) where Triton is installed and
+    no CUDA device is, so that the Triton lowering runs on CPU tensors; it must happen
+    before anything imports ``triton``. Returns whether the interpreter is on."""
+    if "triton" not in sys.modules and importlib.util.find_spec("triton") is not None:
+        if importlib.util.find_spec("torch") is not None:
+            import torch
+
+            if not torch.cuda.is_available():
+                os.environ.setdefault("TRITON_INTERPRET", "1")
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def numpy_to_torch(a: np.ndarray) -> Any:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,9 +21,9 @@ from torch import Tensor
 
 from l2norm import _native
 from l2norm._modes import EpsMode
+from l2norm.torch._layout import KERNEL_DTYPES, Layout, dense_layout
 
 __all__ = [
-    "Layout",
     "available",
     "backward",
     "enabled",
@@ -36,7 +35,6 @@ __all__ = [
     "use_cpu_kernel",
 ]
 
-DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 #: Slices after the channel axis (in memory) below which the kernel's blocks are too short
 #: to pay off; 1 (channels innermost) runs the kernel's row loops instead.
 MIN_INNER = 8
@@ -101,46 +99,16 @@ def require() -> Any:
     return lib
 
 
-@dataclass(frozen=True)
-class Layout:
-    """How the kernel sees a tensor: ``t.permute(order)`` is contiguous and viewed as
-    ``rows = (outer, C, inner)``; NCHW is the identity order, channels-last memory puts
-    the channel last (inner = 1)."""
-
-    order: tuple[int, ...]
-    rows: tuple[int, int, int]
-
-    def to_kernel(self, t: Tensor) -> Tensor:
-        """``t`` (like the input) in the kernel's layout; a copy only if ``t``'s memory
-        is laid out otherwise (a cotangent in another memory format, a broadcast)."""
-        return t.permute(self.order).contiguous().view(self.rows)
-
-    def from_kernel(self, t3: Tensor, shape: Sequence[int]) -> Tensor:
-        """The kernel's output back in the input's dimension order: a view with the
-        input's memory format."""
-        permuted = t3.view([shape[d] for d in self.order])
-        return permuted.permute([self.order.index(d) for d in range(len(shape))])
-
-
 def layout(x: Tensor, norm: tuple[int, ...], channel: int) -> Layout | None:
     """The kernel's view of ``x``, or None where the kernel does not apply: not CPU, not
-    float32 / float16 / bfloat16, more than one normalized axis, not dense in memory, or
-    fewer than :data:`MIN_INNER` slices after the channel (except channels innermost)."""
-    if x.device.type != "cpu" or x.dtype not in DTYPES or norm != (channel,):
+    dense or not one axis (:func:`~l2norm.torch._layout.dense_layout`), or fewer than
+    :data:`MIN_INNER` slices after the channel (except channels innermost)."""
+    if x.device.type != "cpu":
         return None
-    strides = x.stride()
-    order = tuple(sorted(range(x.dim()), key=lambda d: -strides[d]))  # stable on ties
-    if not x.permute(order).is_contiguous():
-        return None  # a slice of a larger tensor, expanded, ...
-    at = order.index(channel)
-    outer = inner = 1  # plain loops: torch.compile traces this function
-    for d in order[:at]:
-        outer *= int(x.shape[d])
-    for d in order[at + 1 :]:
-        inner *= int(x.shape[d])
-    if 1 < inner < MIN_INNER:
+    view = dense_layout(x, norm, channel)
+    if view is None or 1 < view.rows[2] < MIN_INNER:
         return None
-    return Layout(order, (outer, int(x.shape[channel]), inner))
+    return view
 
 
 def _scale(weight: Tensor | None) -> Tensor:
@@ -168,7 +136,7 @@ def forward(x: Tensor, weight: Tensor | None, view: Layout, mode: EpsMode, eps: 
     outer, channels, inner = view.rows
     _check(
         require().l2norm_forward(
-            _native.DTYPE_CODES[DTYPES[x.dtype]],
+            _native.DTYPE_CODES[KERNEL_DTYPES[x.dtype]],
             x3.data_ptr(),
             y3.data_ptr(),
             outer,
@@ -198,7 +166,7 @@ def backward(
     w = _scale(weight)
     _check(
         require().l2norm_backward(
-            _native.DTYPE_CODES[DTYPES[x.dtype]],
+            _native.DTYPE_CODES[KERNEL_DTYPES[x.dtype]],
             x3.data_ptr(),
             g3.data_ptr(),
             dx3.data_ptr(),

@@ -1,15 +1,19 @@
 """Which lowering computes a call: one function, :func:`choose`.
 
-Two lowerings compute the layer, and the autograd graph of traced forms is a third route:
+Three lowerings compute the layer, and the autograd graph of traced forms is a fourth
+route:
 
 * ``cpu-kernel`` (:mod:`l2norm.torch._cpu`): the native kernel for CPU tensors of float32
   / float16 / bfloat16, one normalized axis, dense memory; sums in float64 (a one-rung
   ladder). A registered op (:mod:`l2norm.torch._function`), so ``torch.compile`` keeps
   it as one node of the graph.
+* ``triton`` (:mod:`l2norm.torch._triton`): fused Triton kernels for CUDA tensors of the
+  same dtypes and layouts, the same arithmetic (sums in float64); a registered op too.
+  Without a GPU it runs on CPU tensors in Triton's interpreter when forced (tests).
 * ``ops`` (:mod:`l2norm.torch._ops`): plain torch ops on the ladder of
-  :mod:`l2norm._ladder`, any device, dtype, axes and layout; what ``torch.compile`` fuses
-  on CUDA, what double backward differentiates, and the fallback wherever the kernel does
-  not apply.
+  :mod:`l2norm._ladder`, any device, dtype, axes and layout; what double backward
+  differentiates, and the fallback wherever no kernel applies (float64, several axes,
+  strided views, no compiler, no Triton).
 * ``traced``: the ``ops`` forward recorded op by op for ``torch.jit.trace``,
   ``torch.export`` and ONNX, differentiated by autograd (they cannot record a Python
   ``autograd.Function``).
@@ -25,18 +29,20 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from l2norm._modes import EpsMode, get_mode
 from l2norm._spec import Axes, Spec
-from l2norm.torch import _cpu
+from l2norm.torch import _cpu, _triton
+from l2norm.torch._layout import Layout
 
-__all__ = ["LOWERINGS", "Plan", "choose", "use_lowering"]
+__all__ = ["LOWERINGS", "Plan", "Route", "choose", "use_lowering"]
 
 #: The lowerings :func:`use_lowering` can force.
-LOWERINGS: tuple[str, ...] = ("cpu-kernel", "ops")
+LOWERINGS: tuple[str, ...] = ("cpu-kernel", "triton", "ops")
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "l2norm_lowering", default=None
@@ -70,6 +76,17 @@ class Plan:
         return tuple(a for a in range(self.ndim) if a != self.channel)
 
 
+class Route(NamedTuple):
+    """A call's lowering (``"cpu-kernel"``, ``"triton"``, ``"ops"`` or ``"traced"``) and,
+    for a kernel, how it sees the input."""
+
+    lowering: str
+    layout: Layout | None = None
+
+
+OPS, TRACED = Route("ops"), Route("traced")
+
+
 @contextlib.contextmanager
 def use_lowering(name: str | None) -> Iterator[None]:
     """Force a lowering inside the block (for tests, benchmarks and comparisons).
@@ -77,7 +94,9 @@ def use_lowering(name: str | None) -> Iterator[None]:
     Args:
         name: ``"ops"`` (plain torch ops everywhere), ``"cpu-kernel"`` (the native CPU
             kernel wherever it applies; :class:`RuntimeError` on a call it should take if
-            it cannot be loaded), or None (the default choice).
+            it cannot be loaded), ``"triton"`` (the Triton kernels wherever they apply, CPU
+            tensors included when ``TRITON_INTERPRET=1`` runs Triton's interpreter;
+            :class:`RuntimeError` where Triton cannot run them), or None (the default).
 
     Example::
 
@@ -94,19 +113,41 @@ def use_lowering(name: str | None) -> Iterator[None]:
         _FORCED.reset(token)
 
 
-def choose(x: Tensor, plan: Plan) -> str | _cpu.Layout:
-    """``"traced"``, ``"ops"`` or the CPU kernel's view of ``x`` (a :class:`_cpu.Layout`)."""
+@torch.compiler.assume_constant_result
+def _triton_ready() -> bool:
+    """Whether Triton is installed (a constant to ``torch.compile``)."""
+    return _triton.installed()
+
+
+def choose(x: Tensor, plan: Plan) -> Route:
+    """The lowering for ``x``: from its device, dtype, memory layout and the normalized
+    axes, the compile / trace / export state and :func:`use_lowering`; never its values."""
     if torch.jit.is_tracing() or (
         torch.compiler.is_exporting() and not torch.compiler.is_compiling()
     ):
-        return "traced"
-    layout = _cpu.layout(x, plan.norm, plan.channel)
-    if torch.compiler.is_compiling():  # the kernel is one registered op in the graph
-        return layout if layout is not None and _cpu.ready() else "ops"
+        return TRACED
+    on_cpu = x.device.type == "cpu"
+    if torch.compiler.is_compiling():  # a kernel is one registered op in the graph
+        if on_cpu:
+            view = _cpu.layout(x, plan.norm, plan.channel)
+            return Route("cpu-kernel", view) if view is not None and _cpu.ready() else OPS
+        view = _triton.layout(x, plan.norm, plan.channel) if x.device.type == "cuda" else None
+        return Route("triton", view) if view is not None and _triton_ready() else OPS
     forced = _FORCED.get()
-    if forced == "ops" or layout is None:
-        return "ops"
+    if forced == "ops":
+        return OPS
+    if forced == "triton" or (forced is None and x.device.type == "cuda"):
+        view = _triton.layout(x, plan.norm, plan.channel)
+        if view is None:
+            return OPS
+        if forced == "triton":
+            _triton.require(x.device)
+            return Route("triton", view)
+        return Route("triton", view) if _triton.available(x.device) else OPS
+    view = _cpu.layout(x, plan.norm, plan.channel) if on_cpu else None
+    if view is None:
+        return OPS
     if forced == "cpu-kernel":
         _cpu.require()
-        return layout
-    return layout if _cpu.ready() else "ops"
+        return Route("cpu-kernel", view)
+    return Route("cpu-kernel", view) if _cpu.ready() else OPS

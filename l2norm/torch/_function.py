@@ -1,9 +1,9 @@
-"""Autograd for the lowerings: registered ops for the CPU kernel (so ``torch.compile``
-keeps it as one node), an ``autograd.Function`` for the ops lowering, and a registered op
-for TorchScript.
+"""Autograd for the lowerings: registered ops for the kernels (the native CPU one and the
+Triton one, so that ``torch.compile`` keeps each as one node), an ``autograd.Function``
+for the ops lowering, and a registered op for TorchScript.
 
 The hand-derived backward (:mod:`l2norm.reference`'s docstring states it) runs in the
-lowering that ran the forward: the CPU kernel, or the ops lowering reusing the forward's
+lowering that ran the forward: the kernel, or the ops lowering reusing the forward's
 per-slice sums. Under ``create_graph=True`` it runs the ops lowering, whose ops autograd
 can differentiate again (double backward).
 """
@@ -16,8 +16,12 @@ import torch
 from torch import Tensor
 
 from l2norm._spec import Spec
-from l2norm.torch import _cpu, _ops
-from l2norm.torch._dispatch import Plan, choose
+from l2norm.torch import _cpu, _ops, _triton
+from l2norm.torch._dispatch import Plan, Route, choose
+from l2norm.torch._layout import Layout
+
+#: The kernel lowerings: each has ``layout``, ``forward`` and ``backward`` alike.
+KERNELS = {"cpu-kernel": _cpu, "triton": _triton}
 
 __all__ = ["apply", "scripted_l2_normalize"]
 
@@ -43,14 +47,14 @@ class _OpsFunction(torch.autograd.Function):
 
 
 class _KernelFunction(torch.autograd.Function):
-    """The CPU kernel in eager mode: the registered op's autograd without the dispatcher's
-    cost (about 60 us a call), which only ``torch.compile`` needs."""
+    """A kernel in eager mode: the registered op's autograd without the dispatcher's cost
+    (about 60 us a call), which only ``torch.compile`` needs."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor | None, plan: Plan, view: Any) -> Tensor:
-        ctx.plan, ctx.view = plan, view
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, plan: Plan, route: Route) -> Tensor:
+        ctx.plan, ctx.route = plan, route
         ctx.save_for_backward(x, weight)
-        return _cpu.forward(x, weight, view, plan.mode, plan.spec.eps)
+        return KERNELS[route.lowering].forward(x, weight, route.layout, plan.mode, plan.spec.eps)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
@@ -58,15 +62,16 @@ class _KernelFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: differentiable ops
             dx, dw = _ops.vjp(x, weight, g, ctx.plan)
         else:
-            dx, per_channel = _cpu.backward(
-                x, weight, g, ctx.view, ctx.plan.mode, ctx.plan.spec.eps
+            kernel, route = KERNELS[ctx.route.lowering], ctx.route
+            dx, per_channel = kernel.backward(
+                x, weight, g, route.layout, ctx.plan.mode, ctx.plan.spec.eps
             )
             dw = _weight_grad(weight, per_channel) if ctx.needs_input_grad[1] else None
         return dx, dw, None, None
 
 
 def _weight_grad(weight: Tensor | None, per_channel: Tensor) -> Tensor | None:
-    """The scale's gradient from the kernel's per-channel sums (float64)."""
+    """The scale's gradient from a kernel's per-channel sums (float64)."""
     if weight is None:
         return None
     total = per_channel.sum() if weight.numel() == 1 else per_channel
@@ -76,18 +81,20 @@ def _weight_grad(weight: Tensor | None, per_channel: Tensor) -> Tensor | None:
 def apply(x: Tensor, weight: Tensor | None, plan: Plan) -> Tensor:
     """The layer's forward through the lowering :func:`choose` picks."""
     route = choose(x, plan)
-    if route == "traced":
+    if route.lowering == "traced":
         return _ops.forward(x, weight, plan)[0]
-    if isinstance(route, _cpu.Layout):
-        if torch.compiler.is_compiling():  # one registered op in the graph
-            return cpu_kernel_forward(x, weight, plan.channel, plan.spec.eps_mode, plan.spec.eps)
-        return _KernelFunction.apply(x, weight, plan, route)
-    return _OpsFunction.apply(x, weight, plan)
+    if route.lowering == "ops":
+        return _OpsFunction.apply(x, weight, plan)
+    if torch.compiler.is_compiling():  # one registered op in the graph
+        return kernel_forward(
+            x, weight, plan.channel, plan.spec.eps_mode, plan.spec.eps, route.lowering
+        )
+    return _KernelFunction.apply(x, weight, plan, route)
 
 
-# --------------------------------------------------------------------------- the CPU kernel
-# The kernel reads the tensors' memory as it lies (_cpu.layout), so the ops take the
-# channel axis and the placement, and find the layout themselves.
+# --------------------------------------------------------------------------- the kernels
+# The kernels read the tensors' memory as it lies (_layout), so the ops take the channel
+# axis, the placement and the lowering, and find the layout themselves.
 
 
 def _kernel_plan(x: Tensor, channel: int, eps_mode: str, eps: float) -> Plan:
@@ -95,59 +102,68 @@ def _kernel_plan(x: Tensor, channel: int, eps_mode: str, eps: float) -> Plan:
     return Plan.of(spec, spec.resolve(x.dim()), x.shape)
 
 
-def _kernel_view(x: Tensor, channel: int) -> _cpu.Layout:
-    view = _cpu.layout(x, (channel,), channel)
+def _kernel_view(x: Tensor, channel: int, lowering: str) -> Layout:
+    view = KERNELS[lowering].layout(x, (channel,), channel)
     if view is None:  # callers check first; this would be a dispatch bug
-        raise RuntimeError("the l2norm CPU kernel got a tensor it does not apply to")
+        raise RuntimeError(f"the l2norm {lowering} lowering got a tensor it does not apply to")
     return view
 
 
-@torch.library.custom_op("l2norm::cpu_kernel_forward", mutates_args=())
-def cpu_kernel_forward(
-    x: Tensor, weight: Tensor | None, channel: int, eps_mode: str, eps: float
+@torch.library.custom_op("l2norm::kernel_forward", mutates_args=())
+def kernel_forward(
+    x: Tensor, weight: Tensor | None, channel: int, eps_mode: str, eps: float, lowering: str
 ) -> Tensor:
-    """``y = weight * x / d(n)`` over ``channel`` by the native CPU kernel."""
+    """``y = weight * x / d(n)`` over ``channel`` by a kernel (``"cpu-kernel"`` or
+    ``"triton"``)."""
     plan = _kernel_plan(x, channel, eps_mode, eps)
-    return _cpu.forward(x, weight, _kernel_view(x, channel), plan.mode, eps)
+    view = _kernel_view(x, channel, lowering)
+    return KERNELS[lowering].forward(x, weight, view, plan.mode, eps)
 
 
-@cpu_kernel_forward.register_fake
-def _(x, weight, channel, eps_mode, eps):
-    return torch.empty_like(x)  # same strides: the kernel keeps the memory format
+@kernel_forward.register_fake
+def _(x, weight, channel, eps_mode, eps, lowering):
+    return torch.empty_like(x)  # same strides: the kernels keep the memory format
 
 
-@torch.library.custom_op("l2norm::cpu_kernel_backward", mutates_args=())
-def cpu_kernel_backward(
-    x: Tensor, weight: Tensor | None, g: Tensor, channel: int, eps_mode: str, eps: float
+@torch.library.custom_op("l2norm::kernel_backward", mutates_args=())
+def kernel_backward(
+    x: Tensor,
+    weight: Tensor | None,
+    g: Tensor,
+    channel: int,
+    eps_mode: str,
+    eps: float,
+    lowering: str,
 ) -> tuple[Tensor, Tensor]:
-    """``(dx, dweight per channel in float64)`` by the native CPU kernel."""
+    """``(dx, dweight per channel in float64)`` by a kernel."""
     plan = _kernel_plan(x, channel, eps_mode, eps)
-    return _cpu.backward(x, weight, g, _kernel_view(x, channel), plan.mode, eps)
+    view = _kernel_view(x, channel, lowering)
+    return KERNELS[lowering].backward(x, weight, g, view, plan.mode, eps)
 
 
-@cpu_kernel_backward.register_fake
-def _(x, weight, g, channel, eps_mode, eps):
+@kernel_backward.register_fake
+def _(x, weight, g, channel, eps_mode, eps, lowering):
     return torch.empty_like(x), x.new_empty((x.shape[channel],), dtype=torch.float64)
 
 
 def _kernel_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
-    x, weight, channel, eps_mode, eps = inputs
+    x, weight, channel, eps_mode, eps, lowering = inputs
     ctx.save_for_backward(x, weight)
-    ctx.options = (channel, eps_mode, eps)
+    ctx.options = (channel, eps_mode, eps, lowering)
 
 
 def _kernel_grad(ctx: Any, g: Tensor) -> tuple:
     x, weight = ctx.saved_tensors
-    channel, eps_mode, eps = ctx.options
+    channel, eps_mode, eps, lowering = ctx.options
     if torch.is_grad_enabled():  # create_graph: differentiable ops
         dx, dw = _ops.vjp(x, weight, g, _kernel_plan(x, channel, eps_mode, eps))
     else:
-        dx, per_channel = cpu_kernel_backward(x, weight, g, channel, eps_mode, eps)
+        dx, per_channel = kernel_backward(x, weight, g, channel, eps_mode, eps, lowering)
         dw = _weight_grad(weight, per_channel) if ctx.needs_input_grad[1] else None
-    return dx, dw, None, None, None
+    return dx, dw, None, None, None, None
 
 
-cpu_kernel_forward.register_autograd(_kernel_grad, setup_context=_kernel_setup)
+kernel_forward.register_autograd(_kernel_grad, setup_context=_kernel_setup)
 
 
 # --------------------------------------------------------------------------- TorchScript
@@ -173,8 +189,8 @@ def scripted_l2_normalize(
     """The layer as a registered op (what a scripted :class:`~l2norm.torch.L2Norm` calls)."""
     plan = _plan_of(x, dims, across_spatial, eps_mode, eps)
     route = choose(x, plan)
-    if isinstance(route, _cpu.Layout):
-        return _cpu.forward(x, weight, route, plan.mode, eps)
+    if route.lowering in KERNELS:
+        return KERNELS[route.lowering].forward(x, weight, route.layout, plan.mode, eps)
     return _ops.forward(x, weight, plan)[0]
 
 

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from l2norm._spec import Axes, Spec, check_scale_shape, scale_init_values
-from l2norm.torch import _cpu
 from l2norm.torch._dispatch import Plan, choose
 from l2norm.torch._function import apply
 
@@ -131,8 +130,9 @@ def lowering_for(
     """Which lowering :func:`l2_normalize` would use for ``x`` here and now.
 
     Returns:
-        ``"cpu-kernel"`` (the native CPU kernel), ``"ops"`` (plain torch ops) or
-        ``"traced"`` (plain ops recorded for ``torch.jit.trace`` / ``torch.export``).
+        ``"cpu-kernel"`` (the native CPU kernel), ``"triton"`` (the Triton kernels, CUDA),
+        ``"ops"`` (plain torch ops) or ``"traced"`` (plain ops recorded for
+        ``torch.jit.trace`` / ``torch.export``).
 
     Example:
         >>> import torch
@@ -145,8 +145,7 @@ def lowering_for(
         axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
     )
     _check_tensor(x)
-    route = choose(x, Plan.of(spec, spec.resolve(x.dim()), x.shape))
-    return "cpu-kernel" if isinstance(route, _cpu.Layout) else route
+    return choose(x, Plan.of(spec, spec.resolve(x.dim()), x.shape)).lowering
 
 
 def _layer_forward(x: Tensor, weight: Tensor, spec: Spec, num_channels: int) -> Tensor:

@@ -1,0 +1,57 @@
+"""How the kernels (the native CPU one, the Triton one) see a tensor: ``(outer, C, inner)``.
+
+Both read the memory of a dense tensor as it lies, normalized over one axis: NCHW
+(``inner`` = the pixels after the channel) or channels innermost in memory
+(``channels_last``, NHWC with ``dim=-1``, ``(N, C)``: ``inner == 1``, one row per slice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["KERNEL_DTYPES", "Layout", "dense_layout"]
+
+#: The dtypes the kernels take (float64 goes to the ops lowering: no wider sums there).
+KERNEL_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``t.permute(order)`` is contiguous and viewed as ``rows = (outer, C, inner)``; NCHW
+    is the identity order, channels-last memory puts the channel last (``inner == 1``)."""
+
+    order: tuple[int, ...]
+    rows: tuple[int, int, int]
+
+    def to_kernel(self, t: Tensor) -> Tensor:
+        """``t`` (like the input) in the kernel's layout; a copy only if ``t``'s memory
+        is laid out otherwise (a cotangent in another memory format, a broadcast)."""
+        return t.permute(self.order).contiguous().view(self.rows)
+
+    def from_kernel(self, t3: Tensor, shape: Sequence[int]) -> Tensor:
+        """The kernel's output back in the input's dimension order: a view with the
+        input's memory format."""
+        permuted = t3.view([shape[d] for d in self.order])
+        return permuted.permute([self.order.index(d) for d in range(len(shape))])
+
+
+def dense_layout(x: Tensor, norm: tuple[int, ...], channel: int) -> Layout | None:
+    """The kernels' view of ``x``, or None where they do not apply: not float32 / float16 /
+    bfloat16, more than one normalized axis, or not dense in memory."""
+    if x.dtype not in KERNEL_DTYPES or norm != (channel,):
+        return None
+    strides = x.stride()
+    order = tuple(sorted(range(x.dim()), key=lambda d: -strides[d]))  # stable on ties
+    if not x.permute(order).is_contiguous():
+        return None  # a slice of a larger tensor, expanded, ...
+    at = order.index(channel)
+    outer = inner = 1  # plain loops: torch.compile traces this function
+    for d in order[:at]:
+        outer *= int(x.shape[d])
+    for d in order[at + 1 :]:
+        inner *= int(x.shape[d])
+    return Layout(order, (outer, int(x.shape[channel]), inner))

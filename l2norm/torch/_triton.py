@@ -1,0 +1,205 @@
+"""The Triton lowering: fused forward and backward kernels for CUDA tensors.
+
+One launch computes a forward (``x`` read once from memory, ``y`` written once), one a
+backward (``x`` and ``g`` read, ``dx`` written, the scale's gradient as one row of
+per-channel sums per program, summed in a fixed order afterwards). No value is read back
+to the host and no second launch handles special slices, so the lowering runs inside CUDA
+graphs and under ``torch.cuda.set_sync_debug_mode("error")``. The kernels
+(:mod:`l2norm.torch._triton_kernels`) compute as the native CPU kernel does: sums in
+float64, the per-mode terms of :mod:`l2norm._modes`.
+
+Triton is an optional dependency (the ``torch`` extra brings it on Linux; CUDA builds of
+torch bring it too). Without a GPU, Triton's interpreter runs the same kernels on CPU
+tensors when ``TRITON_INTERPRET=1`` is set before this module is first used: that is how
+the tests and ``l2norm check --backends torch-triton`` exercise them on a CPU machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from l2norm._modes import EpsMode
+from l2norm.torch._layout import Layout, dense_layout
+
+__all__ = ["available", "backward", "forward", "layout", "require"]
+
+#: Entries per tile the launch configuration aims at (channels x slices).
+TILE = 8192
+#: Channels held in one tile at most; wider slices are walked in chunks of this many.
+MAX_BLOCK_C = 1024
+
+
+def installed() -> bool:
+    """Whether the ``triton`` package can be imported here."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the lowering can run on ``device``: Triton installed, and a CUDA device or
+    (on the CPU) Triton's interpreter switched on before the kernels were loaded."""
+    if not installed():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _kernels_interpreted()
+
+
+def require(device: torch.device) -> None:
+    """RuntimeError unless :func:`available`, saying what is missing."""
+    if available(device):
+        return
+    if not installed():
+        raise RuntimeError(
+            "the l2norm Triton lowering needs the triton package "
+            '(pip install "l2norm[torch]" on Linux, or a CUDA build of torch)'
+        )
+    raise RuntimeError(
+        f"the l2norm Triton lowering runs on CUDA tensors, got a {device.type} tensor; on "
+        "the CPU it runs in Triton's interpreter only, which TRITON_INTERPRET=1 in the "
+        "environment switches on (set before triton is first imported)"
+    )
+
+
+def layout(x: Tensor, norm: tuple[int, ...], channel: int) -> Layout | None:
+    """The kernels' view of ``x`` (dense float32 / float16 / bfloat16, one axis), or None."""
+    return dense_layout(x, norm, channel)
+
+
+@functools.cache
+def _kernel_module() -> Any:
+    from l2norm.torch import _triton_kernels
+
+    return _triton_kernels
+
+
+@functools.cache
+def _kernels_interpreted() -> bool:
+    """Whether the kernels, and Triton's own language functions they call, run in the
+    interpreter: Triton decides that for each function when it is defined, so
+    ``TRITON_INTERPRET=1`` must be set before ``triton`` is first imported."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    kernels = _kernel_module()
+    return all(isinstance(f, InterpretedFunction) for f in (tl.zeros, kernels.forward_kernel))
+
+
+@functools.cache
+def _eps_tensor(eps: float, device: torch.device) -> Tensor:
+    # eps reaches the kernel in float64 through memory: Triton passes a Python float as
+    # float32, which would change eps (1e-10 is not a float32).
+    return torch.tensor([eps], dtype=torch.float64, device=device)
+
+
+def _config(channels: int, rows: bool) -> tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_S, num_warps)``, a function of the channel count (and the
+    layout) only: a slice's reduction order never depends on the batch."""
+    import triton
+
+    block_c = min(triton.next_power_of_2(channels), MAX_BLOCK_C)
+    block_s = max(1, TILE // block_c) if rows else max(16, TILE // block_c)
+    num_warps = 8 if block_c * block_s >= 4096 else 4
+    return block_c, block_s, num_warps
+
+
+def _launch_args(view: Layout, block_s: int) -> tuple[tuple[int, int], int, int]:
+    """``(grid, channel stride, slices along the tile's axis)``."""
+    import triton
+
+    outer, _, inner = view.rows
+    if inner == 1:
+        return (triton.cdiv(outer, block_s), 1), 1, outer
+    return (outer, triton.cdiv(inner, block_s)), inner, inner
+
+
+def _scale_args(weight: Tensor | None, dummy: Tensor) -> tuple[Tensor, int]:
+    """``(pointer, W_MODE)``: 0 no scale, 1 one shared value, 2 one per channel."""
+    if weight is None:
+        return dummy, 0
+    w = weight.detach().reshape(-1).contiguous()
+    return w, (1 if w.numel() == 1 else 2)
+
+
+def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float, **meta) -> int:
+    """Launch ``kernel`` over ``view``'s tiles with the arguments every kernel shares
+    (``tensors`` first: inputs, outputs, the scale last); returns the number of programs."""
+    channels = view.rows[1]
+    rows = view.rows[2] == 1
+    block_c, block_s, num_warps = _config(channels, rows)
+    grid, stride_c, count = _launch_args(view, block_s)
+    *arrays, weight = tensors
+    w, w_mode = _scale_args(weight, arrays[0])
+    is_add, power = mode.kernel_code
+    kernel[grid](
+        *arrays,
+        w,
+        channels,
+        stride_c,
+        count,
+        _eps_tensor(eps, arrays[0].device),
+        IS_ADD=is_add,
+        POWER=power,
+        W_MODE=w_mode,
+        ROWS=rows,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=num_warps,
+        **meta,
+    )
+    return grid[0] * grid[1]
+
+
+def programs(view: Layout) -> int:
+    """How many programs (tiles) a launch over ``view`` runs."""
+    _, block_s, _ = _config(view.rows[1], view.rows[2] == 1)
+    grid, _, _ = _launch_args(view, block_s)
+    return grid[0] * grid[1]
+
+
+def forward(x: Tensor, weight: Tensor | None, view: Layout, mode: EpsMode, eps: float) -> Tensor:
+    """``y = weight * x / d(n)`` by one kernel launch."""
+    x3 = view.to_kernel(x)
+    y3 = torch.empty_like(x3)
+    _launch(_kernel_module().forward_kernel, view, [x3, y3, weight], mode, eps)
+    return view.from_kernel(y3, x.shape)
+
+
+def backward(
+    x: Tensor, weight: Tensor | None, g: Tensor, view: Layout, mode: EpsMode, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(dx, the scale's gradient per channel in float64)`` by one kernel launch and a
+    sum of its per-program rows (zeros without a scale)."""
+    x3, g3 = view.to_kernel(x), view.to_kernel(g.to(x.dtype))
+    dx3 = torch.empty_like(x3)
+    channels = view.rows[1]
+    need_dw = weight is not None
+    shares = (
+        torch.empty((programs(view), channels), dtype=torch.float64, device=x.device)
+        if need_dw
+        else x3  # not written
+    )
+    _launch(
+        _kernel_module().backward_kernel,
+        view,
+        [x3, g3, dx3, shares, weight],
+        mode,
+        eps,
+        NEED_DW=need_dw,
+        OUT_MAX=float(torch.finfo(x.dtype).max),
+    )
+    if not need_dw:
+        return view.from_kernel(dx3, x.shape), torch.zeros(
+            channels, dtype=torch.float64, device=x.device
+        )
+    return view.from_kernel(dx3, x.shape), shares.sum(0)
