@@ -70,6 +70,19 @@ def run_framework(framework: str, sizes, dtypes, quick: bool, device: str = "cpu
     return rows
 
 
+#: Bytes per entry, for the achieved bandwidth.
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+#: Tensor-sized transfers a call cannot avoid: forward reads x and writes y; forward and
+#: backward add reading x and g and writing dx.
+PASSES = {"forward": 2, "forward+backward": 5}
+
+
+def achieved_gbps(row: dict) -> float:
+    """l2norm's compulsory traffic over its median time, in GB/s (10**9 bytes)."""
+    traffic = _numel(row["shape"]) * ITEMSIZE[row["dtype"]] * PASSES[row["mode"]]
+    return traffic / row["median_s"]["l2norm"] / 1e9
+
+
 def _row(framework: str, timing: Timing, nchw: tuple[int, ...]) -> dict:
     suite = timing.suite
     return {
@@ -148,8 +161,8 @@ def _run_child(framework: str, args, sizes, dtypes) -> list[dict] | None:
 def markdown(rows: list[dict], info: dict) -> str:
     lines = [
         "| framework | device | shape | dtype | mode | compiled | l2norm (ms) | best peer | "
-        "l2norm / best peer | l2norm / copy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "l2norm / best peer | l2norm / copy | l2norm GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ratios = row["ratios"]
@@ -158,7 +171,7 @@ def markdown(rows: list[dict], info: dict) -> str:
             f"{row['mode']} | {'yes' if row['compiled'] else 'no'} | "
             f"{row['median_s']['l2norm'] * 1e3:.3f} | {ratios.get('best_peer', '-')} | "
             f"{ratios.get('vs_best_peer', float('nan')):.2f} | "
-            f"{ratios.get('vs_copy', float('nan')):.1f} |"
+            f"{ratios.get('vs_copy', float('nan')):.1f} | {achieved_gbps(row):.0f} |"
         )
     memory = [r for r in rows if r["memory_bytes"]]
     if memory:
