@@ -21,8 +21,11 @@ Every slice goes through the same selects whatever its neighbours hold: there is
 depend on the rest of the batch, and the same code runs eagerly, inside ``tf.function``
 graphs (``model.fit``) and inside an outer ``jit_compile=True`` function.
 
-float16, bfloat16 and float32 inputs are summed in float32, float64 in float64; the
-output has the input's dtype, the scale's gradient the scale's dtype.
+float16 and bfloat16 inputs are summed in float32, float32 and float64 in float64 (every
+float32 square is exact there: one rung, each output rounded once); float64 in
+double-word pairs (:class:`l2norm._ladder.PairSums`: a variadic XLA reduction of
+error-free additions), each output rounded once. The output has the input's dtype, the
+scale's gradient the scale's dtype.
 
 TensorFlow's and XLA's CPU kernels read subnormal operands as zero, so the ladder's top
 rung (the one that serves slices of subnormals) builds ``x * 2**s`` from the bits of
@@ -47,6 +50,7 @@ except ImportError:  # pragma: no cover - a TensorFlow without them: plain reduc
     _barrier = _tfxla = None
 
 from l2norm import _ladder
+from l2norm._compensated import Pair, two_sum
 from l2norm._ladder import FORMATS, Ladder, SliceFactors
 from l2norm._spec import Axes, Spec
 
@@ -133,6 +137,14 @@ def _widen(x: tf.Tensor, acc: tf.DType) -> tf.Tensor:
         # (bfloat16 is the upper half of a float32).
         bits = tf.cast(tf.bitcast(x, tf.uint16), tf.uint32)
         return tf.bitcast(tf.bitwise.left_shift(bits, tf.constant(16, tf.uint32)), tf.float32)
+    if x.dtype == tf.float32 and acc == tf.float64:
+        # The conversion reads a float32 subnormal as 0 on a flushing CPU; its integer
+        # significand times 2**-149 is exact and normal in float64.
+        bits = tf.bitcast(x, tf.int32)
+        magnitude = tf.bitwise.bitwise_and(bits, tf.constant(0x7FFFFFFF, tf.int32))
+        rebuilt = tf.cast(magnitude, tf.float64) * tf.constant(2.0**-149, tf.float64)
+        rebuilt = tf.where(bits < 0, -rebuilt, rebuilt)
+        return tf.where(magnitude < (1 << 23), rebuilt, tf.cast(x, tf.float64))
     return tf.cast(x, acc)
 
 
@@ -145,7 +157,7 @@ def _saturate(v: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 
 
 def _acc_dtype(dtype: tf.DType) -> tf.DType:
-    return tf.float64 if dtype == tf.float64 else tf.float32
+    return tf.float64 if dtype in (tf.float32, tf.float64) else tf.float32
 
 
 #: A reduction plan: the normalized axes in the order they are summed, each with the
@@ -194,25 +206,34 @@ def sum_plan(shape: tf.TensorShape, axes: Axes) -> Plan:
 
 
 @functools.cache
-def _adder(count: int, dtype: tf.DType) -> Any:
-    """The reducer of a ``count``-output sum: ``(a_1..a_n, b_1..b_n) -> (a_i + b_i)``."""
+def _adder(count: int, dtype: tf.DType, pairs: int = 0) -> Any:
+    """The reducer of a ``count``-output sum: ``(a_1..a_n, b_1..b_n) -> (a_i + b_i)``,
+    the first ``2 * pairs`` outputs being ``(hi, lo)`` pairs added without error
+    (:func:`l2norm._compensated.two_sum`, the error carried into ``lo``)."""
     with tf.init_scope():  # a graph-independent function, also when built during a trace
 
         def add(*args: tf.Tensor) -> tuple[tf.Tensor, ...]:
-            return tuple(args[i] + args[i + count] for i in range(count))
+            out = []
+            for i in range(0, 2 * pairs, 2):
+                hi, err = two_sum(args[i], args[i + count])
+                out += [hi, (args[i + 1] + args[i + 1 + count]) + err]
+            return (*out, *(args[i] + args[i + count] for i in range(2 * pairs, count)))
 
         signature = [tf.TensorSpec([], dtype)] * (2 * count)
         return tf.function(add, input_signature=signature, autograph=False).get_concrete_function()
 
 
-def _sum_over(terms: list[tf.Tensor], dim: int) -> list[tf.Tensor]:
-    """Each of ``terms`` (one shape) summed over ``dim``, in one pass over them.
+def _sum_over(terms: list[tf.Tensor], dim: int, pairs: int = 0) -> list[tf.Tensor]:
+    """Each of ``terms`` (one shape) summed over ``dim``, in one pass over them; the
+    first ``2 * pairs`` terms are ``(hi, lo)`` pairs summed as pairs (XLA only).
 
     One multi-output reduction where XLA is reachable: XLA on CPU does not fuse sibling
     reductions, and separate ones read the input once per rung. The barrier keeps XLA
     from merging the stages of :func:`staged_sums` back into one long chain.
     """
-    if _tfxla is None or len(terms) == 1:
+    if pairs and _tfxla is None:
+        raise RuntimeError("pair sums need TensorFlow's XLA operations")
+    if _tfxla is None or (len(terms) == 1 and not pairs):
         sums = [tf.reduce_sum(t, axis=dim) for t in terms]
     else:
         zero = tf.zeros([], terms[0].dtype)
@@ -221,21 +242,37 @@ def _sum_over(terms: list[tf.Tensor], dim: int) -> list[tf.Tensor]:
                 terms,
                 [zero] * len(terms),
                 dimensions_to_reduce=[dim],
-                reducer=_adder(len(terms), terms[0].dtype),
+                reducer=_adder(len(terms), terms[0].dtype, pairs),
             )
         )
     return sums if _barrier is None else list(_barrier(sums))
 
 
-def staged_sums(terms: list[tf.Tensor], plan: Plan) -> list[tf.Tensor]:
-    """Each of ``terms`` (arrays of one shape) summed over the planned axes (kept)."""
+def staged_sums(terms: list[tf.Tensor], plan: Plan, pairs: int = 0) -> list[tf.Tensor]:
+    """Each of ``terms`` (arrays of one shape) summed over the planned axes (kept); the
+    first ``2 * pairs`` are ``(hi, lo)`` pairs, summed as pairs."""
     for axis, stages in plan:
         for k in stages[:-1]:  # all but the last stage: split the axis, sum the inner part
             shape = tf.shape(terms[0])
             split = tf.concat([shape[:axis], [shape[axis] // k, k], shape[axis + 1 :]], 0)
-            terms = _sum_over([tf.reshape(t, split) for t in terms], axis + 1)
-        terms = [tf.expand_dims(t, axis) for t in _sum_over(terms, axis)]
+            terms = _sum_over([tf.reshape(t, split) for t in terms], axis + 1, pairs)
+        terms = [tf.expand_dims(t, axis) for t in _sum_over(terms, axis, pairs)]
     return terms
+
+
+def _split(v: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``v = hi + lo`` exactly (float64), each with half the significand: the bits
+    rounded at the middle (half away from zero), so that products of halves are exact."""
+    bits = tf.bitcast(v, tf.int64)
+    rounded = tf.bitwise.bitwise_and(
+        bits + tf.constant(1 << 26, tf.int64), tf.constant(~((1 << 27) - 1), tf.int64)
+    )
+    hi = tf.bitcast(rounded, tf.float64)
+    return hi, v - hi
+
+
+#: float64 data: squares summed in pairs (the reduction is :func:`staged_sums`').
+_PAIRS = _ladder.PairSums(_split, lambda hi, lo: (hi, lo))
 
 
 def _sum_to_scale(v: tf.Tensor, scale_axes: tuple[int, ...]) -> tf.Tensor:
@@ -252,6 +289,15 @@ def _forward_program(
     xw = _widen(x, _acc_dtype(x.dtype))
 
     # The ladder's full-size terms (``reduce`` left as the identity), summed together.
+    if x.dtype == tf.float64:  # as wide as the accumulator: pairs, each output rounded once
+        terms, infinite = _ladder.sums(XP, xw, ladder, lambda v: v, exact_upscale, _PAIRS)
+        flat = [t for pair in terms for t in (pair.hi, pair.lo)]
+        *sums, n_inf = staged_sums([*flat, infinite], plan, pairs=len(terms))
+        rung_sums = [Pair(h, lo, _split) for h, lo in zip(sums[::2], sums[1::2], strict=True)]
+        f = _ladder.slice_factors(XP, ladder, rung_sums, n_inf)
+        fmt = FORMATS["float64"]
+        y = _ladder.faithful_normalized(XP, xw, s, f, ladder, exact_upscale, _split, fmt)
+        return y, f
     terms, infinite = _ladder.sums(XP, xw, ladder, lambda v: v, exact_upscale)
     *rung_sums, n_inf = staged_sums([*terms, infinite], plan)
     f = _ladder.slice_factors(XP, ladder, rung_sums, n_inf)

@@ -39,6 +39,13 @@ multiplication would not do: backends whose CPU kernels read subnormal operands 
 slices made of subnormals), and torch multiplies by a tensor constant (see
 :func:`slice_factors` on the TorchScript tracer).
 
+Where the accumulator is the data's own dtype (float64 everywhere, float32 in JAX), a
+plain sum, square root and division leave up to 3 ULP. A lowering then passes
+:class:`PairSums` hooks: each square is split into two floats without error and summed
+as a double-word pair (:mod:`l2norm._compensated`), the slice's factors are computed in
+double-word arithmetic (the table of :mod:`l2norm._modes` unchanged), and each output is
+rounded once (:func:`faithful_output`): within 1 ULP of the exact result.
+
 This module is framework-free: it takes an array namespace ``xp`` (NumPy, torch,
 jax.numpy, TensorFlow) and the lowering's own reduction; :mod:`l2norm._modes` supplies
 the per-placement formulas.
@@ -52,9 +59,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from l2norm._compensated import Pair, PairNamespace, Split, two_prod
 from l2norm._modes import EpsMode, get_mode
 
-__all__ = ["FORMATS", "FloatFormat", "Ladder", "SliceFactors", "make_ladder"]
+__all__ = ["FORMATS", "FloatFormat", "Ladder", "PairSums", "SliceFactors", "make_ladder"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,21 @@ class SliceFactors(NamedTuple):
     post: Any  # 2**s for s < 0, else 1
     unit: Any  # 2**s
     top: Any  # the slice uses the top rung (only where the ladder needs exact scaling)
+    inv_d_lo: Any = None  # with PairSums: 1 / d = inv_d + inv_d_lo to twice the precision
+
+
+class PairSums(NamedTuple):
+    """The hooks of a lowering that sums in double-word pairs.
+
+    Attributes:
+        split: :data:`l2norm._compensated.Split` for the accumulator dtype.
+        reduce: ``(hi_terms, lo_terms) -> (hi, lo)``: both summed over the normalized
+            axes (kept) into one pair per slice, each addition error-free
+            (:func:`l2norm._compensated.two_sum`), the errors carried in ``lo``.
+    """
+
+    split: Split
+    reduce: Callable[[Any, Any], tuple[Any, Any]]
 
 
 Upscale = Callable[[Any, int], Any]
@@ -205,20 +228,33 @@ def plain_upscale(x: Any, shift: int) -> Any:
 
 
 def sums(
-    xp: Any, x: Any, ladder: Ladder, reduce: Callable[[Any], Any], upscale: Upscale = plain_upscale
+    xp: Any,
+    x: Any,
+    ladder: Ladder,
+    reduce: Callable[[Any], Any],
+    upscale: Upscale = plain_upscale,
+    pairs: PairSums | None = None,
 ) -> tuple[list[Any], Any]:
     """``([A_j], n_inf)``: each rung's sum of squares and the count of infinities per slice.
 
     ``x`` is in the accumulator dtype; ``reduce`` sums over the normalized axes (kept).
     Written as independent reductions over the same input: XLA and Inductor fuse them
-    into one pass.
+    into one pass. With ``pairs``, each ``A_j`` is a :class:`~l2norm._compensated.Pair`
+    (:func:`square_sum_pair`).
     """
     rung_sums = []
     for s in ladder.shifts:
         xs = upscale(x, s) if s else x
-        rung_sums.append(reduce(xs * xs))
+        rung_sums.append(reduce(xs * xs) if pairs is None else square_sum_pair(xs, pairs))
     infinite = xp.where(_infinite(xp, x), xp.ones_like(x), xp.zeros_like(x))
     return rung_sums, reduce(infinite)
+
+
+def square_sum_pair(xs: Any, pairs: PairSums) -> Pair:
+    """The sum of squares of each slice of ``xs`` as a pair: every square split exactly
+    into ``p + e`` (:func:`~l2norm._compensated.two_prod`), both summed by ``pairs``."""
+    p, e = two_prod(xs, xs, pairs.split)
+    return Pair(*pairs.reduce(p, e), pairs.split)
 
 
 def _infinite(xp: Any, x: Any) -> Any:
@@ -236,7 +272,8 @@ def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> 
     overflowed, and NaN and Inf slices get their factors by explicit selects.
     """
     mode = ladder.mode
-    bottom = rung_sums[-1]
+    compensated = isinstance(rung_sums[-1], Pair)
+    bottom = rung_sums[-1].hi if compensated else rung_sums[-1]
     # Constants through full_like, never a Python number next to a tensor: the TorchScript
     # tracer (torch.jit.trace, the ONNX exporter) can record such a number as a constant
     # of an earlier, freed one.
@@ -258,20 +295,27 @@ def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> 
         if chosen is None:
             chosen = fields
             continue
-        finite = xp.isfinite(raw)  # False where it overflowed (and for NaN)
-        a = xp.where(finite, raw, ones)
+        raw_hi = raw.hi if compensated else raw
+        finite = xp.isfinite(raw_hi)  # False where it overflowed (and for NaN)
+        a = xp.where(finite, raw_hi, ones)
         usable = finite & xp.isfinite(mode.denominator(xp, a, xp.sqrt(a), fields[1]))
-        chosen = tuple(xp.where(usable, new, old) for new, old in zip(fields, chosen, strict=True))
+        chosen = tuple(
+            _select(xp, usable, new, old) for new, old in zip(fields, chosen, strict=True)
+        )
     sumsq, eps, pre, post, unit, top = chosen
 
-    a = xp.where(xp.isfinite(sumsq), sumsq, ones)  # NaN and Inf slices: see below
-    positive = a > zeros
-    n = xp.where(positive, xp.sqrt(xp.where(positive, a, ones)), zeros)
-    d = mode.denominator(xp, a, n, eps)
-    r, _ = mode.ratio(xp, a, n, d, eps)
-    inv_d = ones / d
-    inv_n = xp.where(positive, ones / xp.where(positive, n, ones), zeros)
-    ratio = n / d
+    if compensated:
+        inv_d, inv_n, r, ratio, inv_d_lo = _pair_terms(xp, mode, sumsq, eps)
+    else:
+        a = xp.where(xp.isfinite(sumsq), sumsq, ones)  # NaN and Inf slices: see below
+        positive = a > zeros
+        n = xp.where(positive, xp.sqrt(xp.where(positive, a, ones)), zeros)
+        d = mode.denominator(xp, a, n, eps)
+        r, _ = mode.ratio(xp, a, n, d, eps)
+        inv_d = ones / d
+        inv_n = xp.where(positive, ones / xp.where(positive, n, ones), zeros)
+        ratio = n / d
+        inv_d_lo = None
     # NaN slices: NaN throughout (``bottom`` is NaN exactly there). Inf slices (every rung
     # overflowed, and infinities counted): the reference's limit, direction sign(x) on
     # the infinite entries over sqrt(their count), 0 elsewhere, input gradient 0.
@@ -284,10 +328,37 @@ def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> 
     ratio = xp.where(nan_slice, nan, xp.where(inf_slice, ones, ratio))
     count = xp.where(inf_slice, n_inf, ones)
     rinf = xp.where(nan_slice, nan, xp.where(inf_slice, ones / xp.sqrt(count), zeros))
+    if inv_d_lo is not None:
+        inv_d_lo = xp.where(nan_slice | inf_slice, zeros, inv_d_lo)
     if ladder.single:
-        return SliceFactors(inv_d, inv_n, r, ratio, rinf, None, None, None, None)
+        return SliceFactors(inv_d, inv_n, r, ratio, rinf, None, None, None, None, inv_d_lo)
     top = top > zeros if ladder.exact_top else None
-    return SliceFactors(inv_d, inv_n, r, ratio, rinf, pre, post, unit, top)
+    return SliceFactors(inv_d, inv_n, r, ratio, rinf, pre, post, unit, top, inv_d_lo)
+
+
+def _select(xp: Any, cond: Any, a: Any, b: Any) -> Any:
+    if isinstance(a, Pair):
+        return Pair(xp.where(cond, a.hi, b.hi), xp.where(cond, a.lo, b.lo), a.split)
+    return xp.where(cond, a, b)
+
+
+def _pair_terms(xp: Any, mode: EpsMode, sumsq: Pair, eps: Any) -> tuple[Any, ...]:
+    """``(1 / d, 1 / n, r, n / d, the low word of 1 / d)`` from a pair sum, computed in
+    double-word arithmetic (the table of :mod:`l2norm._modes` run on pairs); NaN and Inf
+    slices are left to the caller (their pair is replaced by 1 here)."""
+    pxp = PairNamespace(xp, sumsq.split)
+    ones, zeros = xp.ones_like(sumsq.hi), xp.zeros_like(sumsq.hi)
+    finite = xp.isfinite(sumsq.hi) & xp.isfinite(sumsq.lo)
+    a = Pair(xp.where(finite, sumsq.hi, ones), xp.where(finite, sumsq.lo, zeros), sumsq.split)
+    positive = a.hi > zeros
+    n = pxp.sqrt(a)
+    e = pxp.pair(eps)
+    d = mode.denominator(pxp, a, n, e)
+    r, _ = mode.ratio(pxp, a, n, d, e)
+    inv_d = 1.0 / d
+    inv_n = xp.where(positive, ones / xp.where(positive, n.hi + n.lo, ones), zeros)
+    ratio = n / d
+    return inv_d.hi, inv_n, r.hi + r.lo, ratio.hi + ratio.lo, inv_d.lo
 
 
 def _through(xp: Any, x: Any, factor: Any, f: SliceFactors, ladder: Ladder, upscale: Upscale):
@@ -303,6 +374,29 @@ def _through(xp: Any, x: Any, factor: Any, f: SliceFactors, ladder: Ladder, upsc
             xin = xp.where(f.top, upscale(finite_x, ladder.shifts[0]), xin)
         v = (xin * factor) * f.post
     return xp.where(infinite, xp.sign(x) * f.rinf, v)
+
+
+def faithful_normalized(
+    xp: Any,
+    x: Any,
+    scale: Any,
+    f: SliceFactors,
+    ladder: Ladder,
+    upscale: Upscale,
+    split: Split,
+    fmt: FloatFormat,
+) -> Any:
+    """``y = scale * x / d`` elementwise from pair factors (:class:`PairSums`), each
+    output rounded once (:func:`faithful_output`); ``scale`` None means 1."""
+    infinite = _infinite(xp, x)
+    finite_x = xp.where(infinite, xp.zeros_like(x), x)
+    xin = finite_x if ladder.single else finite_x * f.pre
+    if not ladder.single and f.top is not None:
+        xin = xp.where(f.top, upscale(finite_x, ladder.shifts[0]), xin)
+    below = None if ladder.single else f.post < xp.ones_like(f.post)
+    y = faithful_output(xp, xin, scale, f, split, fmt, below)
+    limit = xp.sign(x) * f.rinf
+    return xp.where(infinite, limit if scale is None else limit * scale, y)
 
 
 def normalized(
@@ -324,3 +418,58 @@ def input_grad(sigma: Any, xhat: Any, inner: Any, f: SliceFactors) -> Any:
     slice; every factor is bounded (``|xhat| <= 1``, ``0 <= r <= 1``)."""
     dx = (sigma - (f.r * inner) * xhat) * f.inv_d
     return dx if f.unit is None else dx * f.unit
+
+
+def faithful_output(
+    xp: Any,
+    xin: Any,
+    scale: Any,
+    f: SliceFactors,
+    split: Split,
+    fmt: FloatFormat,
+    below: Any = None,
+) -> Any:
+    """``y = scale * xin * (inv_d + inv_d_lo)`` rounded once (``xin``: ``x`` read into its
+    rung, finite), then ``* post``: within 1 ULP of the exact ``scale * x / d``.
+
+    On rungs ``s >= 0`` the scale multiplies first (a slice of subnormals keeps a normal
+    ``y`` on a flushing CPU even where ``x / d`` is subnormal); where ``below`` (rungs
+    ``s < 0``: huge slices, where ``xin * scale`` could overflow) ``x / d`` comes first.
+    ``scale`` None means 1. ``fmt``: the accumulator's format.
+    """
+    inv = (f.inv_d, f.inv_d_lo)
+    if scale is None:
+        y = _rounded_product(xp, (xin, xp.zeros_like(xin)), inv, split, fmt)
+    else:
+        y = _rounded_product(xp, two_prod(xin, scale, split), inv, split, fmt)
+        if below is not None:
+            u = _rounded_product(xp, (xin, xp.zeros_like(xin)), inv, split, fmt, keep_pair=True)
+            v = _rounded_product(xp, u, (scale, xp.zeros_like(scale)), split, fmt)
+            y = xp.where(below, v, y)
+    return y if f.post is None else y * f.post
+
+
+def _rounded_product(
+    xp: Any, a: tuple, c: tuple, split: Split, fmt: FloatFormat, keep_pair: bool = False
+) -> Any:
+    """``(a_hi + a_lo) * (c_hi + c_lo)`` rounded once (or as a pair, ``keep_pair``).
+
+    Where the product is small enough for its error terms to leave the normal range (a
+    CPU that flushes subnormals would turn them into garbage, not zeros), ``a`` is
+    lifted by an exact power of two first and the result brought back down: one more
+    rounding, into the subnormal range only.
+    """
+    lift_exp = 2 * (fmt.mant + 1) + 4
+    tiny = 2.0 ** (fmt.min_exp + lift_exp)
+    a_hi, a_lo = a
+    c_hi, c_lo = c
+    small = xp.abs(a_hi * c_hi) < xp.full_like(a_hi, tiny)
+    lift = xp.where(small, xp.full_like(a_hi, 2.0**lift_exp), xp.ones_like(a_hi))
+    a_hi, a_lo = a_hi * lift, a_lo * lift
+    q, q_err = two_prod(a_hi, c_hi, split)
+    rest = q_err + (a_hi * c_lo + a_lo * c_hi)
+    drop = xp.where(small, xp.full_like(a_hi, 2.0**-lift_exp), xp.ones_like(a_hi))
+    if keep_pair:
+        s = q + rest
+        return s * drop, (rest - (s - q)) * drop
+    return (q + rest) * drop

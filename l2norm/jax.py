@@ -25,7 +25,10 @@ few ``lax.optimization_barrier`` calls keep CSE from sharing a value between two
 them, which would make XLA write it out in full.
 
 float16, bfloat16 and float32 are computed in float32 and float64 in float64, whatever
-``jax_enable_x64`` says.
+``jax_enable_x64`` says. float32 and float64 data, summed in their own dtype, are summed
+in double-word pairs (each square split without error, a variadic reduction of
+error-free additions: :func:`_pair_sum`) and each output is rounded once from pair
+factors (:func:`l2norm._ladder.faithful_output`): within 1 ULP of the exact result.
 
 XLA on CPU runs with flush-to-zero and denormals-are-zero: every float operation reads
 a subnormal input as 0. The elementwise passes read the top rung's slices from the bits
@@ -47,6 +50,7 @@ import numpy as np
 from jax import lax
 
 from l2norm import _jax_kernel, _ladder
+from l2norm._compensated import Pair, two_prod, two_sum
 from l2norm._jax_kernel import LOWERINGS, use_lowering
 from l2norm._ladder import FORMATS, FloatFormat, Ladder, SliceFactors
 from l2norm._spec import (
@@ -245,6 +249,45 @@ def _sum(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return lax.slice_in_dim(jnp.sum(padded, axis=axes, keepdims=True), 0, v.shape[a], axis=a)
 
 
+_HALF_MANTISSA = {"float32": (8, 11), "float64": (11, 25)}
+
+
+def _split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v = hi + lo`` exactly, each with half the significand (rounded at the middle
+    bit), so that products of halves are exact; no multiply-add for XLA to fuse."""
+    exponent_bits, mantissa_bits = _HALF_MANTISSA[jnp.dtype(v.dtype).name]
+    hi = lax.reduce_precision(v, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits)
+    return hi, v - hi
+
+
+def _add_pairs(a: tuple, b: tuple) -> tuple:
+    s, e = two_sum(a[0], b[0])
+    return s, (a[1] + b[1]) + e
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _pair_sum(hi: jax.Array, lo: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``(hi, lo)`` summed over ``axes`` (kept) as one pair per slice: one variadic
+    reduction whose every addition is error-free, the errors carried in the low word.
+    Its derivative is the plain sum's (the low word's is 0)."""
+    zero = jnp.zeros((), hi.dtype)
+    s, c = lax.reduce((hi, lo), (zero, zero), _add_pairs, axes)
+    shape = [1 if d in axes else hi.shape[d] for d in range(hi.ndim)]
+    return s.reshape(shape), c.reshape(shape)
+
+
+@_pair_sum.defjvp
+def _pair_sum_jvp(axes: tuple[int, ...], primals: tuple, tangents: tuple) -> tuple:
+    out = _pair_sum(*primals, axes)
+    dsum = jnp.sum(tangents[0] + tangents[1], axis=axes, keepdims=True)
+    return out, (dsum, jnp.zeros_like(dsum))
+
+
+def _compensated(acc: Any, x: jax.Array) -> bool:
+    """Whether the data is as wide as the accumulator: then pairs (float32, float64)."""
+    return jnp.dtype(x.dtype) == jnp.dtype(acc)
+
+
 class _Plan(NamedTuple):
     """Everything static about one call (a ``custom_vjp`` non-differentiable argument).
 
@@ -293,7 +336,11 @@ def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:
             xs = jnp.minimum(jnp.abs(lax.optimization_barrier(plain)), clip) * 2.0**shift
         else:
             xs = plain * 2.0**shift if shift else plain
-        rung_sums.append(_sum(xs * xs, axes.norm))
+        if _compensated(acc, x):
+            p, e = two_prod(xs, xs, _split)
+            rung_sums.append(Pair(*_pair_sum(p, e, axes.norm), _split))
+        else:
+            rung_sums.append(_sum(xs * xs, axes.norm))
     # (Not -big: that is the input gradient's saturation bound, and a constant shared
     # with that pass makes XLA write its broadcast out in full.)
     big = float(jnp.finfo(acc).max)
@@ -326,7 +373,10 @@ def _output(x: jax.Array, s: jax.Array, f: SliceFactors, ladder: Ladder) -> jax.
     ``y`` is not keeps its value on a flushing CPU; on the rung ``s < 0`` (huge slices,
     where ``x s`` could overflow) after it, then ``2**s``."""
     xin, infinite = _rung_input(x, f, ladder, f.pre)
-    if ladder.single:
+    if f.inv_d_lo is not None:
+        below = None if ladder.single else f.post < 1
+        y = _ladder.faithful_output(jnp, xin, s, f, _split, FORMATS[s.dtype.name], below)
+    elif ladder.single:
         y = (xin * s) * f.inv_d
     else:
         below = f.post < 1

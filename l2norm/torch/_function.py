@@ -82,7 +82,7 @@ def apply(x: Tensor, weight: Tensor | None, plan: Plan) -> Tensor:
     """The layer's forward through the lowering :func:`choose` picks."""
     route = choose(x, plan)
     if route.lowering == "traced":
-        return _ops.forward(x, weight, plan)[0]
+        return _ops.forward(x, weight, plan, differentiable=True)[0]
     if route.lowering == "ops":
         return _OpsFunction.apply(x, weight, plan)
     if torch.compiler.is_compiling():  # one registered op in the graph

@@ -2,10 +2,14 @@
 
 Accumulates in float64 where the device has it: every float32 or half square is exact
 there, so the ladder has one rung (the plain sum of squares) for those inputs and three
-for float64 inputs; elsewhere (MPS) in float32. The forward returns the per-slice rung
-sums for the backward (slice-sized), and every op is differentiable without ``0 * Inf``,
-so the same functions serve ``torch.compile`` (which fuses them), double backward and the
-traced forms (``torch.jit.trace``, ``torch.export``, ONNX), differentiated by autograd.
+for float64 inputs; elsewhere (MPS) in float32. Where the data is as wide as the
+accumulator (float64), the sums are double-word pairs (:class:`l2norm._ladder.PairSums`:
+squares split by their bits, a pairwise tree of error-free additions) and each output is
+rounded once. The forward returns the per-slice rung sums for the backward (slice-sized),
+and every op is differentiable without ``0 * Inf``, so the same functions serve
+``torch.compile``, double backward and the traced forms (``torch.jit.trace``,
+``torch.export``, ONNX), differentiated by autograd: those (``differentiable=True``) use
+plain sums, since autograd cannot go through a float's bits.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 from torch import Tensor
 
 from l2norm import _ladder
+from l2norm._compensated import Pair, two_sum
 from l2norm.torch._dispatch import Plan
 
 __all__ = ["forward", "vjp"]
@@ -52,35 +57,106 @@ def _upscale(x: Tensor, shift: int) -> Tensor:
     return x * torch.full((), 2.0**shift, dtype=x.dtype, device=x.device)
 
 
-def _sums(xw: Tensor, plan: Plan, ladder: _ladder.Ladder) -> tuple[list[Tensor], Tensor]:
-    return _ladder.sums(torch, xw, ladder, lambda v: v.sum(plan.norm, keepdim=True), _upscale)
+_HALF_BITS = {torch.float64: (torch.int64, 26), torch.float32: (torch.int32, 11)}
 
 
-def _pack(rung_sums: list[Tensor], n_inf: Tensor) -> Tensor:
-    """The rung sums in one tensor; an Inf slice's bottom sum (Inf, no information) holds
-    minus its count of infinities instead, so nothing else is saved."""
-    bottom = torch.where(n_inf > torch.zeros_like(n_inf), -n_inf, rung_sums[-1])
-    return torch.stack([*rung_sums[:-1], bottom])
+def _split(v: Tensor) -> tuple[Tensor, Tensor]:
+    """``v = hi + lo`` exactly, each of at most half the significand (the bits rounded at
+    the middle, half away from zero): their products are exact."""
+    int_type, half = _HALF_BITS[v.dtype]
+    bits = v.view(int_type)
+    hi = ((bits + (1 << half)) & ~((2 << half) - 1)).view(v.dtype)
+    return hi, v - hi
 
 
-def _unpack(packed: Tensor) -> tuple[list[Tensor], Tensor]:
-    bottom = packed[-1]
+def _pair_reduce(plan: Plan):
+    """Sums of pairs over the normalized axes (kept): a pairwise tree of error-free
+    additions (torch has no reduction with a custom combiner), the same tree for every
+    slice whatever the batch."""
+    norm = plan.norm
+
+    def reduce(hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
+        kept = [d for d in range(hi.dim()) if d not in norm]
+        order = kept + list(norm)
+        lead = [hi.shape[d] for d in kept]
+        h = hi.permute(order).reshape(*lead, -1)
+        low = lo.permute(order).reshape(*lead, -1)
+        width = 1 << max(0, (h.shape[-1] - 1).bit_length())
+        pad = width - h.shape[-1]
+        if pad:
+            h = torch.nn.functional.pad(h, (0, pad))
+            low = torch.nn.functional.pad(low, (0, pad))
+        while h.shape[-1] > 1:
+            half = h.shape[-1] // 2
+            h, err = two_sum(h[..., :half], h[..., half:])
+            low = (low[..., :half] + low[..., half:]) + err
+        shape = [1 if d in norm else hi.shape[d] for d in range(hi.dim())]
+        return h.reshape(shape), low.reshape(shape)
+
+    return reduce
+
+
+def _pairs(x: Tensor, plan: Plan, acc: torch.dtype, differentiable: bool):
+    """The double-word hooks where the data is as wide as the accumulator, unless autograd
+    is to differentiate these ops (``differentiable``, or an export or trace recording
+    them: an exported graph's gradient is autograd's of the recorded ops)."""
+    recording = torch.compiler.is_exporting() or torch.jit.is_tracing()
+    if differentiable or recording or x.dtype != acc or acc not in _HALF_BITS:
+        return None
+    return _ladder.PairSums(_split, _pair_reduce(plan))
+
+
+def _sums(
+    xw: Tensor, plan: Plan, ladder: _ladder.Ladder, pairs: _ladder.PairSums | None = None
+) -> tuple[list, Tensor]:
+    return _ladder.sums(
+        torch, xw, ladder, lambda v: v.sum(plan.norm, keepdim=True), _upscale, pairs
+    )
+
+
+def _pack(rung_sums: list, n_inf: Tensor) -> Tensor:
+    """The rung sums in one tensor (pairs: their high words, then their low words); an
+    Inf slice's bottom sum (Inf, no information) holds minus its count of infinities
+    instead, so nothing else is saved."""
+    pairs = isinstance(rung_sums[-1], Pair)
+    highs = [p.hi for p in rung_sums] if pairs else rung_sums
+    bottom = torch.where(n_inf > torch.zeros_like(n_inf), -n_inf, highs[-1])
+    lows = [p.lo for p in rung_sums] if pairs else []
+    return torch.stack([*highs[:-1], bottom, *lows])
+
+
+def _unpack(packed: Tensor, rungs: int) -> tuple[list, Tensor]:
+    """:func:`_pack`'s sums back: pairs where it holds two rows per rung."""
+    rows = list(packed.unbind(0))
+    pairs = len(rows) == 2 * rungs
+    highs, lows = (rows[:rungs], rows[rungs:]) if pairs else (rows, [])
+    bottom = highs[-1]
     inf_slice = bottom < torch.zeros_like(bottom)
     n_inf = torch.where(inf_slice, -bottom, torch.zeros_like(bottom))
-    bottom = torch.where(inf_slice, torch.full_like(bottom, torch.inf), bottom)
-    return [*packed[:-1].unbind(0), bottom], n_inf
+    highs[-1] = torch.where(inf_slice, torch.full_like(bottom, torch.inf), bottom)
+    if not pairs:
+        return highs, n_inf
+    return [Pair(h, lo, _split) for h, lo in zip(highs, lows, strict=True)], n_inf
 
 
-def forward(x: Tensor, weight: Tensor | None, plan: Plan) -> tuple[Tensor, Tensor]:
-    """``(y, saved)``: the output in ``x``'s dtype and what :func:`vjp` may reuse."""
+def forward(
+    x: Tensor, weight: Tensor | None, plan: Plan, differentiable: bool = False
+) -> tuple[Tensor, Tensor]:
+    """``(y, saved)``: the output in ``x``'s dtype and what :func:`vjp` may reuse.
+    ``differentiable``: only ops autograd can differentiate (traced and exported forms)."""
     acc = accumulator(x)
     ladder = _ladder_of(x, plan, acc)
     xw = x.to(acc)
-    rung_sums, n_inf = _sums(xw, plan, ladder)
+    pairs = _pairs(x, plan, acc, differentiable)
+    rung_sums, n_inf = _sums(xw, plan, ladder, pairs)
     f = _ladder.slice_factors(torch, ladder, rung_sums, n_inf)
-    u = _ladder.normalized(torch, xw, f, ladder, _upscale)
     w = _weight_view(weight, plan, acc)
-    y = u if w is None else u * w
+    if pairs is None:
+        u = _ladder.normalized(torch, xw, f, ladder, _upscale)
+        y = u if w is None else u * w
+    else:
+        fmt = _ladder.FORMATS[_NAMES[acc]]
+        y = _ladder.faithful_normalized(torch, xw, w, f, ladder, _upscale, pairs.split, fmt)
     return y.to(x.dtype), _pack(rung_sums, n_inf)
 
 
@@ -92,7 +168,11 @@ def vjp(
     acc = accumulator(x)
     ladder = _ladder_of(x, plan, acc)
     xw, gw = x.to(acc), g.to(acc)
-    rung_sums, n_inf = _sums(xw, plan, ladder) if saved is None else _unpack(saved)
+    if saved is None:
+        pairs = _pairs(x, plan, acc, differentiable=torch.is_grad_enabled())
+        rung_sums, n_inf = _sums(xw, plan, ladder, pairs)
+    else:
+        rung_sums, n_inf = _unpack(saved, len(ladder.shifts))
     f = _ladder.slice_factors(torch, ladder, rung_sums, n_inf)
     xhat = _ladder.direction(torch, xw, f, ladder, _upscale)
     w = _weight_view(weight, plan, acc)
