@@ -12,9 +12,9 @@ al., *Handbook of Floating-Point Arithmetic*, ch. 4), written with operators and
 functions only, so they run on NumPy, torch, jax.numpy and TensorFlow arrays alike:
 
 * :func:`two_sum`: ``s + e = a + b`` exactly (6 additions, any order of magnitudes);
-* :func:`two_prod`: ``p + e = a * b`` exactly, given a ``split`` of each factor into two
-  halves whose products are exact. No FMA: a backend may not fuse a multiply-add, and a
-  split by the bits (the lowering's hook) is immune to fusing.
+* :func:`two_prod`: ``p + e = a * b``, given a ``split`` of each factor into two halves
+  whose products are exact: built from those products only, so that a compiler fusing a
+  multiplication into the next addition (XLA does) changes no result.
 
 :class:`Pair` and :class:`PairNamespace` let :mod:`l2norm._modes`' formulas (written
 with ``+``, ``*``, ``/``, comparisons, ``xp.sqrt`` and ``xp.where``) run unchanged in
@@ -53,12 +53,20 @@ def _fast_two_sum(a: Any, b: Any) -> tuple[Any, Any]:
 
 
 def two_prod(a: Any, b: Any, split: Split) -> tuple[Any, Any]:
-    """``(p, e)`` with ``p = fl(a * b)`` and ``p + e = a * b`` exactly (Dekker), unless
-    the product underflows."""
-    p = a * b
+    """``(p, e)`` with ``p`` about ``fl(a * b)`` and ``p + e = a * b`` to about ``u**3``
+    (Dekker's product from the halves), unless it underflows.
+
+    Every multiplication is of two halves, so exact: a compiler that fuses one into the
+    addition that follows (XLA does, into a multiply-add) changes nothing. (Dekker's own
+    form starts from ``p = a * b``, which a fused ``p + e`` would turn into the exact
+    product plus ``e``: its error counted twice.)
+    """
     ah, al = split(a)
     bh, bl = split(b)
-    return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
+    high = ah * bh
+    cross = ah * bl + al * bh
+    p = high + cross
+    return p, ((high - p) + cross) + al * bl
 
 
 @dataclass(frozen=True)
@@ -81,12 +89,15 @@ class Pair:
             return other
         return Pair(other, other * 0, self.split)
 
+    def _new(self, hi: Any, lo: Any) -> Pair:
+        return Pair(*_fast_two_sum(hi, lo), self.split)
+
     def __add__(self, other: Any) -> Pair:
         o = self._lift(other)
         s, e = two_sum(self.hi, o.hi)
         t, f = two_sum(self.lo, o.lo)
         s, e = _fast_two_sum(s, e + t)
-        return Pair(*_fast_two_sum(s, e + f), self.split)
+        return self._new(s, e + f)
 
     __radd__ = __add__
 
@@ -102,8 +113,7 @@ class Pair:
     def __mul__(self, other: Any) -> Pair:
         o = self._lift(other)
         p, e = two_prod(self.hi, o.hi, self.split)
-        e = e + (self.hi * o.lo + self.lo * o.hi)
-        return Pair(*_fast_two_sum(p, e), self.split)
+        return self._new(p, e + (self.hi * o.lo + self.lo * o.hi))
 
     __rmul__ = __mul__
 
@@ -113,7 +123,7 @@ class Pair:
         # The remainder self - q * o, exactly enough: q * o.hi as a pair.
         p, e = two_prod(q, o.hi, self.split)
         r = ((self.hi - p) - e + self.lo) - q * o.lo
-        return Pair(*_fast_two_sum(q, r / o.hi), self.split)
+        return self._new(q, r / o.hi)
 
     def __rtruediv__(self, other: Any) -> Pair:
         return self._lift(other) / self
@@ -165,11 +175,12 @@ class PairNamespace:
         p, e = two_prod(safe, safe, self.split)
         correction = ((a.hi - p) - e + a.lo) / (safe + safe)
         correction = xp.where(positive, correction, xp.zeros_like(root))
-        return Pair(*_fast_two_sum(root, correction), self.split)
+        return self.pair(root)._new(root, correction)
 
     def where(self, cond: Any, a: Any, b: Any) -> Pair:
         a, b = self._lift(a), self._lift(b)
-        return Pair(self.xp.where(cond, a.hi, b.hi), self.xp.where(cond, a.lo, b.lo), self.split)
+        xp = self.xp
+        return Pair(xp.where(cond, a.hi, b.hi), xp.where(cond, a.lo, b.lo), self.split)
 
     def ones_like(self, v: Any) -> Pair:
         return self.pair(self.xp.ones_like(v.hi if isinstance(v, Pair) else v))

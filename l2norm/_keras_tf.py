@@ -23,9 +23,9 @@ graphs (``model.fit``) and inside an outer ``jit_compile=True`` function.
 
 float16 and bfloat16 inputs are summed in float32, float32 and float64 in float64 (every
 float32 square is exact there: one rung, each output rounded once); float64 in
-double-word pairs (:class:`l2norm._ladder.PairSums`: a variadic XLA reduction of
-error-free additions), each output rounded once. The output has the input's dtype, the
-scale's gradient the scale's dtype.
+a pair (:func:`l2norm._ladder.refined_pair`: the chosen rung summed again, split
+exactly around a power of two above the sum, two plain sums), each output rounded once.
+The output has the input's dtype, the scale's gradient the scale's dtype.
 
 TensorFlow's and XLA's CPU kernels read subnormal operands as zero, so the ladder's top
 rung (the one that serves slices of subnormals) builds ``x * 2**s`` from the bits of
@@ -50,7 +50,6 @@ except ImportError:  # pragma: no cover - a TensorFlow without them: plain reduc
     _barrier = _tfxla = None
 
 from l2norm import _ladder
-from l2norm._compensated import Pair, two_sum
 from l2norm._ladder import FORMATS, Ladder, SliceFactors
 from l2norm._spec import Axes, Spec
 
@@ -206,34 +205,25 @@ def sum_plan(shape: tf.TensorShape, axes: Axes) -> Plan:
 
 
 @functools.cache
-def _adder(count: int, dtype: tf.DType, pairs: int = 0) -> Any:
-    """The reducer of a ``count``-output sum: ``(a_1..a_n, b_1..b_n) -> (a_i + b_i)``,
-    the first ``2 * pairs`` outputs being ``(hi, lo)`` pairs added without error
-    (:func:`l2norm._compensated.two_sum`, the error carried into ``lo``)."""
+def _adder(count: int, dtype: tf.DType) -> Any:
+    """The reducer of a ``count``-output sum: ``(a_1..a_n, b_1..b_n) -> (a_i + b_i)``."""
     with tf.init_scope():  # a graph-independent function, also when built during a trace
 
         def add(*args: tf.Tensor) -> tuple[tf.Tensor, ...]:
-            out = []
-            for i in range(0, 2 * pairs, 2):
-                hi, err = two_sum(args[i], args[i + count])
-                out += [hi, (args[i + 1] + args[i + 1 + count]) + err]
-            return (*out, *(args[i] + args[i + count] for i in range(2 * pairs, count)))
+            return tuple(args[i] + args[i + count] for i in range(count))
 
         signature = [tf.TensorSpec([], dtype)] * (2 * count)
         return tf.function(add, input_signature=signature, autograph=False).get_concrete_function()
 
 
-def _sum_over(terms: list[tf.Tensor], dim: int, pairs: int = 0) -> list[tf.Tensor]:
-    """Each of ``terms`` (one shape) summed over ``dim``, in one pass over them; the
-    first ``2 * pairs`` terms are ``(hi, lo)`` pairs summed as pairs (XLA only).
+def _sum_over(terms: list[tf.Tensor], dim: int) -> list[tf.Tensor]:
+    """Each of ``terms`` (one shape) summed over ``dim``, in one pass over them.
 
     One multi-output reduction where XLA is reachable: XLA on CPU does not fuse sibling
     reductions, and separate ones read the input once per rung. The barrier keeps XLA
     from merging the stages of :func:`staged_sums` back into one long chain.
     """
-    if pairs and _tfxla is None:
-        raise RuntimeError("pair sums need TensorFlow's XLA operations")
-    if _tfxla is None or (len(terms) == 1 and not pairs):
+    if _tfxla is None or len(terms) == 1:
         sums = [tf.reduce_sum(t, axis=dim) for t in terms]
     else:
         zero = tf.zeros([], terms[0].dtype)
@@ -242,21 +232,20 @@ def _sum_over(terms: list[tf.Tensor], dim: int, pairs: int = 0) -> list[tf.Tenso
                 terms,
                 [zero] * len(terms),
                 dimensions_to_reduce=[dim],
-                reducer=_adder(len(terms), terms[0].dtype, pairs),
+                reducer=_adder(len(terms), terms[0].dtype),
             )
         )
     return sums if _barrier is None else list(_barrier(sums))
 
 
-def staged_sums(terms: list[tf.Tensor], plan: Plan, pairs: int = 0) -> list[tf.Tensor]:
-    """Each of ``terms`` (arrays of one shape) summed over the planned axes (kept); the
-    first ``2 * pairs`` are ``(hi, lo)`` pairs, summed as pairs."""
+def staged_sums(terms: list[tf.Tensor], plan: Plan) -> list[tf.Tensor]:
+    """Each of ``terms`` (arrays of one shape) summed over the planned axes (kept)."""
     for axis, stages in plan:
         for k in stages[:-1]:  # all but the last stage: split the axis, sum the inner part
             shape = tf.shape(terms[0])
             split = tf.concat([shape[:axis], [shape[axis] // k, k], shape[axis + 1 :]], 0)
-            terms = _sum_over([tf.reshape(t, split) for t in terms], axis + 1, pairs)
-        terms = [tf.expand_dims(t, axis) for t in _sum_over(terms, axis, pairs)]
+            terms = _sum_over([tf.reshape(t, split) for t in terms], axis + 1)
+        terms = [tf.expand_dims(t, axis) for t in _sum_over(terms, axis)]
     return terms
 
 
@@ -271,8 +260,15 @@ def _split(v: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return hi, v - hi
 
 
-#: float64 data: squares summed in pairs (the reduction is :func:`staged_sums`').
-_PAIRS = _ladder.PairSums(_split, lambda hi, lo: (hi, lo))
+def _pow2_floor(v: tf.Tensor) -> tf.Tensor:
+    """The power of two at or below each positive normal float64 entry: its exponent."""
+    bits = tf.bitcast(v, tf.int64)
+    exponent = tf.bitwise.bitwise_and(bits, tf.constant(~((1 << 52) - 1), tf.int64))
+    return tf.bitcast(exponent, tf.float64)
+
+
+#: float64 data: the chosen rung summed again as a pair (l2norm._ladder.refined_pair).
+_PAIRS = _ladder.PairSums(_split, _pow2_floor)
 
 
 def _sum_to_scale(v: tf.Tensor, scale_axes: tuple[int, ...]) -> tf.Tensor:
@@ -289,17 +285,16 @@ def _forward_program(
     xw = _widen(x, _acc_dtype(x.dtype))
 
     # The ladder's full-size terms (``reduce`` left as the identity), summed together.
-    if x.dtype == tf.float64:  # as wide as the accumulator: pairs, each output rounded once
-        terms, infinite = _ladder.sums(XP, xw, ladder, lambda v: v, exact_upscale, _PAIRS)
-        flat = [t for pair in terms for t in (pair.hi, pair.lo)]
-        *sums, n_inf = staged_sums([*flat, infinite], plan, pairs=len(terms))
-        rung_sums = [Pair(h, lo, _split) for h, lo in zip(sums[::2], sums[1::2], strict=True)]
-        f = _ladder.slice_factors(XP, ladder, rung_sums, n_inf)
-        fmt = FORMATS["float64"]
-        y = _ladder.faithful_normalized(XP, xw, s, f, ladder, exact_upscale, _split, fmt)
-        return y, f
     terms, infinite = _ladder.sums(XP, xw, ladder, lambda v: v, exact_upscale)
     *rung_sums, n_inf = staged_sums([*terms, infinite], plan)
+    if x.dtype == tf.float64:  # as wide as the accumulator: a pair, each output rounded once
+        chosen = _ladder.choose_rung(XP, ladder, rung_sums)
+        xs = _ladder.rung_values(XP, xw, chosen, ladder, exact_upscale)
+        reduce = lambda v: staged_sums([v], plan)[0]  # noqa: E731
+        pair = _ladder.refined_pair(XP, xs, chosen.sumsq, reduce, _PAIRS)
+        f = _ladder.factors(XP, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
+        fmt = FORMATS["float64"]
+        return _ladder.faithful_normalized(XP, xw, s, f, ladder, exact_upscale, _PAIRS, fmt), f
     f = _ladder.slice_factors(XP, ladder, rung_sums, n_inf)
     if s is None:
         return tf.cast(_ladder.normalized(XP, xw, f, ladder, exact_upscale), x.dtype), f

@@ -59,7 +59,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from l2norm._compensated import Pair, PairNamespace, Split, two_prod
+from l2norm._compensated import Pair, PairNamespace, Split, two_prod, two_sum
 from l2norm._modes import EpsMode, get_mode
 
 __all__ = ["FORMATS", "FloatFormat", "Ladder", "PairSums", "SliceFactors", "make_ladder"]
@@ -205,17 +205,16 @@ class SliceFactors(NamedTuple):
 
 
 class PairSums(NamedTuple):
-    """The hooks of a lowering that sums in double-word pairs.
+    """The hooks of a lowering that sums in double-word pairs (:func:`refined_pair`).
 
     Attributes:
         split: :data:`l2norm._compensated.Split` for the accumulator dtype.
-        reduce: ``(hi_terms, lo_terms) -> (hi, lo)``: both summed over the normalized
-            axes (kept) into one pair per slice, each addition error-free
-            (:func:`l2norm._compensated.two_sum`), the errors carried in ``lo``.
+        pow2_floor: the power of two at or below each (positive, normal) entry, from
+            its bits.
     """
 
     split: Split
-    reduce: Callable[[Any, Any], tuple[Any, Any]]
+    pow2_floor: Callable[[Any], Any]
 
 
 Upscale = Callable[[Any, int], Any]
@@ -228,38 +227,71 @@ def plain_upscale(x: Any, shift: int) -> Any:
 
 
 def sums(
-    xp: Any,
-    x: Any,
-    ladder: Ladder,
-    reduce: Callable[[Any], Any],
-    upscale: Upscale = plain_upscale,
-    pairs: PairSums | None = None,
+    xp: Any, x: Any, ladder: Ladder, reduce: Callable[[Any], Any], upscale: Upscale = plain_upscale
 ) -> tuple[list[Any], Any]:
     """``([A_j], n_inf)``: each rung's sum of squares and the count of infinities per slice.
 
     ``x`` is in the accumulator dtype; ``reduce`` sums over the normalized axes (kept).
     Written as independent reductions over the same input: XLA and Inductor fuse them
-    into one pass. With ``pairs``, each ``A_j`` is a :class:`~l2norm._compensated.Pair`
-    (:func:`square_sum_pair`).
+    into one pass.
     """
     rung_sums = []
     for s in ladder.shifts:
         xs = upscale(x, s) if s else x
-        rung_sums.append(reduce(xs * xs) if pairs is None else square_sum_pair(xs, pairs))
+        rung_sums.append(reduce(xs * xs))
     infinite = xp.where(_infinite(xp, x), xp.ones_like(x), xp.zeros_like(x))
     return rung_sums, reduce(infinite)
-
-
-def square_sum_pair(xs: Any, pairs: PairSums) -> Pair:
-    """The sum of squares of each slice of ``xs`` as a pair: every square split exactly
-    into ``p + e`` (:func:`~l2norm._compensated.two_prod`), both summed by ``pairs``."""
-    p, e = two_prod(xs, xs, pairs.split)
-    return Pair(*pairs.reduce(p, e), pairs.split)
 
 
 def _infinite(xp: Any, x: Any) -> Any:
     # Not xp.isinf: Inductor's CPU code generator does not vectorize isinf.
     return xp.abs(x) == math.inf
+
+
+class Chosen(NamedTuple):
+    """Each slice's rung (slice-shaped, in the accumulator dtype): its sum of squares (a
+    :class:`~l2norm._compensated.Pair` after :func:`refined_pair`), eps in its units,
+    ``2**s`` split in ``pre`` / ``post``, ``2**s``, and 1 where it is the top rung."""
+
+    sumsq: Any
+    eps: Any
+    pre: Any
+    post: Any
+    unit: Any
+    top: Any
+
+
+def choose_rung(xp: Any, ladder: Ladder, rung_sums: list[Any]) -> Chosen:
+    """The first rung, by decreasing shift, whose sum and ``d`` are finite (the bottom one
+    serves every finite slice). Slice-sized work only."""
+    mode = ladder.mode
+    bottom = rung_sums[-1]
+    # Constants through full_like, never a Python number next to a tensor: the TorchScript
+    # tracer (torch.jit.trace, the ONNX exporter) can record such a number as a constant
+    # of an earlier, freed one.
+    ones, zeros = xp.ones_like(bottom), xp.zeros_like(bottom)
+    chosen = None
+    for j in reversed(range(len(ladder.shifts))):
+        s = ladder.shifts[j]
+        raw = rung_sums[j]
+        fields = Chosen(
+            raw,
+            xp.full_like(bottom, ladder.eps[j]),
+            xp.full_like(bottom, 2.0 ** max(s, 0)),
+            xp.full_like(bottom, 2.0 ** min(s, 0)),
+            xp.full_like(bottom, 2.0**s),
+            ones if j == 0 else zeros,
+        )
+        if chosen is None:
+            chosen = fields
+            continue
+        finite = xp.isfinite(raw)  # False where it overflowed (and for NaN)
+        a = xp.where(finite, raw, ones)
+        usable = finite & xp.isfinite(mode.denominator(xp, a, xp.sqrt(a), fields.eps))
+        chosen = Chosen(
+            *(xp.where(usable, new, old) for new, old in zip(fields, chosen, strict=True))
+        )
+    return chosen
 
 
 def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> SliceFactors:
@@ -271,40 +303,18 @@ def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> 
     backward, JAX's higher-order gradients) then meets no ``0 * Inf`` from a rung that
     overflowed, and NaN and Inf slices get their factors by explicit selects.
     """
-    mode = ladder.mode
-    compensated = isinstance(rung_sums[-1], Pair)
-    bottom = rung_sums[-1].hi if compensated else rung_sums[-1]
-    # Constants through full_like, never a Python number next to a tensor: the TorchScript
-    # tracer (torch.jit.trace, the ONNX exporter) can record such a number as a constant
-    # of an earlier, freed one.
-    ones, zeros = xp.ones_like(bottom), xp.zeros_like(bottom)
-    # What each rung contributes: (its sum, eps in its units, 2**s split in pre / post,
-    # 2**s, whether it is the top rung); the bottom one serves every finite slice.
-    chosen = None
-    for j in reversed(range(len(ladder.shifts))):
-        s = ladder.shifts[j]
-        raw = rung_sums[j]
-        fields = (
-            raw,
-            xp.full_like(bottom, ladder.eps[j]),
-            xp.full_like(bottom, 2.0 ** max(s, 0)),
-            xp.full_like(bottom, 2.0 ** min(s, 0)),
-            xp.full_like(bottom, 2.0**s),
-            ones if j == 0 else zeros,
-        )
-        if chosen is None:
-            chosen = fields
-            continue
-        raw_hi = raw.hi if compensated else raw
-        finite = xp.isfinite(raw_hi)  # False where it overflowed (and for NaN)
-        a = xp.where(finite, raw_hi, ones)
-        usable = finite & xp.isfinite(mode.denominator(xp, a, xp.sqrt(a), fields[1]))
-        chosen = tuple(
-            _select(xp, usable, new, old) for new, old in zip(fields, chosen, strict=True)
-        )
-    sumsq, eps, pre, post, unit, top = chosen
+    return factors(xp, ladder, choose_rung(xp, ladder, rung_sums), rung_sums[-1], n_inf)
 
-    if compensated:
+
+def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) -> SliceFactors:
+    """The factors of the full-size passes from each slice's rung; ``bottom`` is the
+    bottom rung's plain sum (NaN exactly in NaN slices). With a pair sum
+    (:func:`refined_pair`) they are computed in double-word arithmetic and carry the
+    low word of ``1 / d``."""
+    mode = ladder.mode
+    ones, zeros = xp.ones_like(bottom), xp.zeros_like(bottom)
+    sumsq, eps, pre, post, unit, top = chosen
+    if isinstance(sumsq, Pair):
         inv_d, inv_n, r, ratio, inv_d_lo = _pair_terms(xp, mode, sumsq, eps)
     else:
         a = xp.where(xp.isfinite(sumsq), sumsq, ones)  # NaN and Inf slices: see below
@@ -336,10 +346,44 @@ def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> 
     return SliceFactors(inv_d, inv_n, r, ratio, rinf, pre, post, unit, top, inv_d_lo)
 
 
-def _select(xp: Any, cond: Any, a: Any, b: Any) -> Any:
-    if isinstance(a, Pair):
-        return Pair(xp.where(cond, a.hi, b.hi), xp.where(cond, a.lo, b.lo), a.split)
-    return xp.where(cond, a, b)
+def refined_pair(
+    xp: Any, xs: Any, plain: Any, reduce: Callable[[Any], Any], pairs: PairSums
+) -> Pair:
+    """Each slice's sum of squares of ``xs`` (its entries in its chosen rung, finite) as
+    a :class:`~l2norm._compensated.Pair`, from two plain sums: a second pass over the
+    slice that the framework's own fast reduction runs.
+
+    ``plain`` (the same sum, summed plainly) gives a power of two ``sigma`` above the
+    exact sum. Each square, split exactly into ``p + e``, is cut at ``sigma``'s last bit,
+    ``q = (sigma + p) - sigma`` and ``t = (p - q) + e`` (exact but the last addition):
+    every ``q`` and every partial sum of them is a multiple of ``ulp(sigma)`` below
+    ``2 sigma``, so the sum of the ``q`` is exact in any order, and the sum of the small
+    ``t`` adds a relative error of about ``n u**2`` (Rump, Ogita and Oishi's error-free
+    extraction, 2008).
+    """
+    ones = xp.ones_like(plain)
+    usable = xp.isfinite(plain) & (plain > xp.zeros_like(plain))
+    # 2 * (the power of two at or below plain * (1 + 2**-7)): above the exact sum, which
+    # the plain one misses by far less than 2**-7.
+    sigma = pairs.pow2_floor(xp.where(usable, plain * (1 + 2.0**-7), ones)) * 2
+    p, e = two_prod(xs, xs, pairs.split)
+    q = (sigma + p) - sigma
+    hi, lo = reduce(q), reduce((p - q) + e)
+    return Pair(*two_sum(hi, lo), pairs.split)
+
+
+def rung_values(xp: Any, x: Any, chosen: Chosen, ladder: Ladder, upscale: Upscale) -> Any:
+    """``x 2**s`` in each slice's chosen rung (what that rung summed), 0 at infinities:
+    the input of :func:`refined_pair`."""
+    finite_x = xp.where(_infinite(xp, x), xp.zeros_like(x), x)
+    if ladder.single:
+        return finite_x
+    xin = finite_x * chosen.pre
+    if ladder.exact_top:
+        xin = xp.where(
+            chosen.top > xp.zeros_like(chosen.top), upscale(finite_x, ladder.shifts[0]), xin
+        )
+    return xin * chosen.post
 
 
 def _pair_terms(xp: Any, mode: EpsMode, sumsq: Pair, eps: Any) -> tuple[Any, ...]:
@@ -349,7 +393,7 @@ def _pair_terms(xp: Any, mode: EpsMode, sumsq: Pair, eps: Any) -> tuple[Any, ...
     pxp = PairNamespace(xp, sumsq.split)
     ones, zeros = xp.ones_like(sumsq.hi), xp.zeros_like(sumsq.hi)
     finite = xp.isfinite(sumsq.hi) & xp.isfinite(sumsq.lo)
-    a = Pair(xp.where(finite, sumsq.hi, ones), xp.where(finite, sumsq.lo, zeros), sumsq.split)
+    a = pxp.pair(xp.where(finite, sumsq.hi, ones), xp.where(finite, sumsq.lo, zeros))
     positive = a.hi > zeros
     n = pxp.sqrt(a)
     e = pxp.pair(eps)
@@ -383,7 +427,7 @@ def faithful_normalized(
     f: SliceFactors,
     ladder: Ladder,
     upscale: Upscale,
-    split: Split,
+    pairs: PairSums,
     fmt: FloatFormat,
 ) -> Any:
     """``y = scale * x / d`` elementwise from pair factors (:class:`PairSums`), each
@@ -394,7 +438,7 @@ def faithful_normalized(
     if not ladder.single and f.top is not None:
         xin = xp.where(f.top, upscale(finite_x, ladder.shifts[0]), xin)
     below = None if ladder.single else f.post < xp.ones_like(f.post)
-    y = faithful_output(xp, xin, scale, f, split, fmt, below)
+    y = faithful_output(xp, xin, scale, f, pairs, fmt, below)
     limit = xp.sign(x) * f.rinf
     return xp.where(infinite, limit if scale is None else limit * scale, y)
 
@@ -425,7 +469,7 @@ def faithful_output(
     xin: Any,
     scale: Any,
     f: SliceFactors,
-    split: Split,
+    pairs: PairSums,
     fmt: FloatFormat,
     below: Any = None,
 ) -> Any:
@@ -439,18 +483,18 @@ def faithful_output(
     """
     inv = (f.inv_d, f.inv_d_lo)
     if scale is None:
-        y = _rounded_product(xp, (xin, xp.zeros_like(xin)), inv, split, fmt)
+        y = _rounded_product(xp, (xin, xp.zeros_like(xin)), inv, pairs, fmt)
     else:
-        y = _rounded_product(xp, two_prod(xin, scale, split), inv, split, fmt)
+        y = _rounded_product(xp, two_prod(xin, scale, pairs.split), inv, pairs, fmt)
         if below is not None:
-            u = _rounded_product(xp, (xin, xp.zeros_like(xin)), inv, split, fmt, keep_pair=True)
-            v = _rounded_product(xp, u, (scale, xp.zeros_like(scale)), split, fmt)
+            u = _rounded_product(xp, (xin, xp.zeros_like(xin)), inv, pairs, fmt, keep_pair=True)
+            v = _rounded_product(xp, u, (scale, xp.zeros_like(scale)), pairs, fmt)
             y = xp.where(below, v, y)
     return y if f.post is None else y * f.post
 
 
 def _rounded_product(
-    xp: Any, a: tuple, c: tuple, split: Split, fmt: FloatFormat, keep_pair: bool = False
+    xp: Any, a: tuple, c: tuple, pairs: PairSums, fmt: FloatFormat, keep_pair: bool = False
 ) -> Any:
     """``(a_hi + a_lo) * (c_hi + c_lo)`` rounded once (or as a pair, ``keep_pair``).
 
@@ -466,7 +510,7 @@ def _rounded_product(
     small = xp.abs(a_hi * c_hi) < xp.full_like(a_hi, tiny)
     lift = xp.where(small, xp.full_like(a_hi, 2.0**lift_exp), xp.ones_like(a_hi))
     a_hi, a_lo = a_hi * lift, a_lo * lift
-    q, q_err = two_prod(a_hi, c_hi, split)
+    q, q_err = two_prod(a_hi, c_hi, pairs.split)
     rest = q_err + (a_hi * c_lo + a_lo * c_hi)
     drop = xp.where(small, xp.full_like(a_hi, 2.0**-lift_exp), xp.ones_like(a_hi))
     if keep_pair:

@@ -25,10 +25,10 @@ few ``lax.optimization_barrier`` calls keep CSE from sharing a value between two
 them, which would make XLA write it out in full.
 
 float16, bfloat16 and float32 are computed in float32 and float64 in float64, whatever
-``jax_enable_x64`` says. float32 and float64 data, summed in their own dtype, are summed
-in double-word pairs (each square split without error, a variadic reduction of
-error-free additions: :func:`_pair_sum`) and each output is rounded once from pair
-factors (:func:`l2norm._ladder.faithful_output`): within 1 ULP of the exact result.
+``jax_enable_x64`` says. float32 and float64 data, summed in their own dtype, have the
+chosen rung summed again as a double-word pair (a second pass:
+:func:`l2norm._ladder.refined_pair`, two plain sums) and each output is rounded once from
+pair factors (:func:`l2norm._ladder.faithful_output`): within 1 ULP of the exact result.
 
 XLA on CPU runs with flush-to-zero and denormals-are-zero: every float operation reads
 a subnormal input as 0. The elementwise passes read the top rung's slices from the bits
@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 
 from l2norm import _jax_kernel, _ladder
-from l2norm._compensated import Pair, two_prod, two_sum
+from l2norm._compensated import Pair
 from l2norm._jax_kernel import LOWERINGS, use_lowering
 from l2norm._ladder import FORMATS, FloatFormat, Ladder, SliceFactors
 from l2norm._spec import (
@@ -260,27 +260,15 @@ def _split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     return hi, v - hi
 
 
-def _add_pairs(a: tuple, b: tuple) -> tuple:
-    s, e = two_sum(a[0], b[0])
-    return s, (a[1] + b[1]) + e
+def _pow2_floor(v: jax.Array) -> jax.Array:
+    """The power of two at or below each positive normal entry: its exponent bits."""
+    fmt = FORMATS[jnp.dtype(v.dtype).name]
+    int_type = jnp.int64 if fmt.mant > 23 else jnp.int32
+    bits = lax.bitcast_convert_type(v, int_type)
+    return lax.bitcast_convert_type(bits & ~((1 << fmt.mant) - 1), v.dtype)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _pair_sum(hi: jax.Array, lo: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """``(hi, lo)`` summed over ``axes`` (kept) as one pair per slice: one variadic
-    reduction whose every addition is error-free, the errors carried in the low word.
-    Its derivative is the plain sum's (the low word's is 0)."""
-    zero = jnp.zeros((), hi.dtype)
-    s, c = lax.reduce((hi, lo), (zero, zero), _add_pairs, axes)
-    shape = [1 if d in axes else hi.shape[d] for d in range(hi.ndim)]
-    return s.reshape(shape), c.reshape(shape)
-
-
-@_pair_sum.defjvp
-def _pair_sum_jvp(axes: tuple[int, ...], primals: tuple, tangents: tuple) -> tuple:
-    out = _pair_sum(*primals, axes)
-    dsum = jnp.sum(tangents[0] + tangents[1], axis=axes, keepdims=True)
-    return out, (dsum, jnp.zeros_like(dsum))
+_PAIRS = _ladder.PairSums(_split, _pow2_floor)
 
 
 def _compensated(acc: Any, x: jax.Array) -> bool:
@@ -336,11 +324,7 @@ def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:
             xs = jnp.minimum(jnp.abs(lax.optimization_barrier(plain)), clip) * 2.0**shift
         else:
             xs = plain * 2.0**shift if shift else plain
-        if _compensated(acc, x):
-            p, e = two_prod(xs, xs, _split)
-            rung_sums.append(Pair(*_pair_sum(p, e, axes.norm), _split))
-        else:
-            rung_sums.append(_sum(xs * xs, axes.norm))
+        rung_sums.append(_sum(xs * xs, axes.norm))
     # (Not -big: that is the input gradient's saturation bound, and a constant shared
     # with that pass makes XLA write its broadcast out in full.)
     big = float(jnp.finfo(acc).max)
@@ -375,7 +359,7 @@ def _output(x: jax.Array, s: jax.Array, f: SliceFactors, ladder: Ladder) -> jax.
     xin, infinite = _rung_input(x, f, ladder, f.pre)
     if f.inv_d_lo is not None:
         below = None if ladder.single else f.post < 1
-        y = _ladder.faithful_output(jnp, xin, s, f, _split, FORMATS[s.dtype.name], below)
+        y = _ladder.faithful_output(jnp, xin, s, f, _PAIRS, FORMATS[s.dtype.name], below)
     elif ladder.single:
         y = (xin * s) * f.inv_d
     else:
@@ -388,9 +372,22 @@ def _output(x: jax.Array, s: jax.Array, f: SliceFactors, ladder: Ladder) -> jax.
 
 
 def _factors(plan: _Plan, x: jax.Array, acc: Any) -> SliceFactors:
-    """The reduction pass and the slice-sized choice of rung."""
+    """The reduction pass and the slice-sized choice of rung; where the data is as wide
+    as the accumulator, a second pass sums the chosen rung again as a pair
+    (:func:`l2norm._ladder.refined_pair`), from which the factors are computed."""
+    ladder = plan.ladder
     rung_sums, n_inf = _sums(x, acc, plan)
-    return _ladder.slice_factors(jnp, plan.ladder, rung_sums, n_inf)
+    if not _compensated(acc, x):
+        return _ladder.slice_factors(jnp, ladder, rung_sums, n_inf)
+    chosen = _ladder.choose_rung(jnp, ladder, rung_sums)
+    top = chosen.top > 0 if ladder.exact_top else None
+    xin, _ = _rung_input(_exact(x, acc), chosen._replace(top=top), ladder, chosen.pre)
+    xs = lax.stop_gradient(xin * chosen.post)
+    pair = _ladder.refined_pair(jnp, xs, chosen.sumsq, lambda v: _sum(v, plan.axes.norm), _PAIRS)
+    # Differentiated (higher-order gradients) as the plain sum: its tangent, added as 0.
+    plain = chosen.sumsq
+    pair = Pair(pair.hi + (plain - lax.stop_gradient(plain)), pair.lo, pair.split)
+    return _ladder.factors(jnp, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
 
 
 def _forward(plan: _Plan, x: jax.Array, s: jax.Array):

@@ -3,13 +3,14 @@
 Accumulates in float64 where the device has it: every float32 or half square is exact
 there, so the ladder has one rung (the plain sum of squares) for those inputs and three
 for float64 inputs; elsewhere (MPS) in float32. Where the data is as wide as the
-accumulator (float64), the sums are double-word pairs (:class:`l2norm._ladder.PairSums`:
-squares split by their bits, a pairwise tree of error-free additions) and each output is
-rounded once. The forward returns the per-slice rung sums for the backward (slice-sized),
-and every op is differentiable without ``0 * Inf``, so the same functions serve
-``torch.compile``, double backward and the traced forms (``torch.jit.trace``,
-``torch.export``, ONNX), differentiated by autograd: those (``differentiable=True``) use
-plain sums, since autograd cannot go through a float's bits.
+accumulator (float64), the chosen rung's sum is taken again as a double-word pair
+(:func:`l2norm._ladder.refined_pair`: squares split by their bits, cut at a power of two
+above the sum, two plain sums) and each output is rounded once. The forward returns the
+per-slice sums for the backward (slice-sized), and every op is differentiable without
+``0 * Inf``, so the same functions serve ``torch.compile``, double backward and the
+traced forms (``torch.jit.trace``, ``torch.export``, ONNX), differentiated by autograd:
+those (``differentiable=True``) use plain sums, since autograd cannot go through a
+float's bits.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from l2norm import _ladder
-from l2norm._compensated import Pair, two_sum
+from l2norm._compensated import Pair
 from l2norm.torch._dispatch import Plan
 
 __all__ = ["forward", "vjp"]
@@ -69,31 +70,11 @@ def _split(v: Tensor) -> tuple[Tensor, Tensor]:
     return hi, v - hi
 
 
-def _pair_reduce(plan: Plan):
-    """Sums of pairs over the normalized axes (kept): a pairwise tree of error-free
-    additions (torch has no reduction with a custom combiner), the same tree for every
-    slice whatever the batch."""
-    norm = plan.norm
-
-    def reduce(hi: Tensor, lo: Tensor) -> tuple[Tensor, Tensor]:
-        kept = [d for d in range(hi.dim()) if d not in norm]
-        order = kept + list(norm)
-        lead = [hi.shape[d] for d in kept]
-        h = hi.permute(order).reshape(*lead, -1)
-        low = lo.permute(order).reshape(*lead, -1)
-        width = 1 << max(0, (h.shape[-1] - 1).bit_length())
-        pad = width - h.shape[-1]
-        if pad:
-            h = torch.nn.functional.pad(h, (0, pad))
-            low = torch.nn.functional.pad(low, (0, pad))
-        while h.shape[-1] > 1:
-            half = h.shape[-1] // 2
-            h, err = two_sum(h[..., :half], h[..., half:])
-            low = (low[..., :half] + low[..., half:]) + err
-        shape = [1 if d in norm else hi.shape[d] for d in range(hi.dim())]
-        return h.reshape(shape), low.reshape(shape)
-
-    return reduce
+def _pow2_floor(v: Tensor) -> Tensor:
+    """The power of two at or below each positive normal entry: its exponent bits."""
+    int_type, _ = _HALF_BITS[v.dtype]
+    mantissa = (1 << _ladder.FORMATS[_NAMES[v.dtype]].mant) - 1
+    return (v.view(int_type) & ~mantissa).view(v.dtype)
 
 
 def _pairs(x: Tensor, plan: Plan, acc: torch.dtype, differentiable: bool):
@@ -103,40 +84,58 @@ def _pairs(x: Tensor, plan: Plan, acc: torch.dtype, differentiable: bool):
     recording = torch.compiler.is_exporting() or torch.jit.is_tracing()
     if differentiable or recording or x.dtype != acc or acc not in _HALF_BITS:
         return None
-    return _ladder.PairSums(_split, _pair_reduce(plan))
+    return _ladder.PairSums(_split, _pow2_floor)
 
 
-def _sums(
-    xw: Tensor, plan: Plan, ladder: _ladder.Ladder, pairs: _ladder.PairSums | None = None
-) -> tuple[list, Tensor]:
-    return _ladder.sums(
-        torch, xw, ladder, lambda v: v.sum(plan.norm, keepdim=True), _upscale, pairs
-    )
+def _sum_over(plan: Plan):
+    return lambda v: v.sum(plan.norm, keepdim=True)
 
 
-def _pack(rung_sums: list, n_inf: Tensor) -> Tensor:
-    """The rung sums in one tensor (pairs: their high words, then their low words); an
-    Inf slice's bottom sum (Inf, no information) holds minus its count of infinities
+def _sums(xw: Tensor, plan: Plan, ladder: _ladder.Ladder) -> tuple[list, Tensor]:
+    return _ladder.sums(torch, xw, ladder, _sum_over(plan), _upscale)
+
+
+def _factors(
+    xw: Tensor,
+    plan: Plan,
+    ladder: _ladder.Ladder,
+    rung_sums: list,
+    n_inf: Tensor,
+    pairs: _ladder.PairSums | None,
+    pair: Pair | None = None,
+) -> tuple[_ladder.SliceFactors, Pair | None]:
+    """The slice factors; with ``pairs``, from the chosen rung's sum summed again as a
+    pair (:func:`l2norm._ladder.refined_pair`, a second pass over ``x``), or ``pair``
+    where the forward saved it."""
+    if pairs is None:
+        return _ladder.slice_factors(torch, ladder, rung_sums, n_inf), None
+    chosen = _ladder.choose_rung(torch, ladder, rung_sums)
+    if pair is None:
+        xs = _ladder.rung_values(torch, xw, chosen, ladder, _upscale)
+        pair = _ladder.refined_pair(torch, xs, chosen.sumsq, _sum_over(plan), pairs)
+    f = _ladder.factors(torch, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
+    return f, pair
+
+
+def _pack(rung_sums: list, n_inf: Tensor, pair: Pair | None) -> Tensor:
+    """The rung sums in one tensor (then the refined pair's two words, if any); an Inf
+    slice's bottom sum (Inf, no information) holds minus its count of infinities
     instead, so nothing else is saved."""
-    pairs = isinstance(rung_sums[-1], Pair)
-    highs = [p.hi for p in rung_sums] if pairs else rung_sums
-    bottom = torch.where(n_inf > torch.zeros_like(n_inf), -n_inf, highs[-1])
-    lows = [p.lo for p in rung_sums] if pairs else []
-    return torch.stack([*highs[:-1], bottom, *lows])
+    bottom = torch.where(n_inf > torch.zeros_like(n_inf), -n_inf, rung_sums[-1])
+    words = [] if pair is None else [pair.hi, pair.lo]
+    return torch.stack([*rung_sums[:-1], bottom, *words])
 
 
-def _unpack(packed: Tensor, rungs: int) -> tuple[list, Tensor]:
-    """:func:`_pack`'s sums back: pairs where it holds two rows per rung."""
+def _unpack(packed: Tensor, rungs: int) -> tuple[list, Tensor, Pair | None]:
+    """:func:`_pack`'s sums back, with the pair where it holds one."""
     rows = list(packed.unbind(0))
-    pairs = len(rows) == 2 * rungs
-    highs, lows = (rows[:rungs], rows[rungs:]) if pairs else (rows, [])
+    highs = rows[:rungs]
+    pair = Pair(rows[rungs], rows[rungs + 1], _split) if len(rows) == rungs + 2 else None
     bottom = highs[-1]
     inf_slice = bottom < torch.zeros_like(bottom)
     n_inf = torch.where(inf_slice, -bottom, torch.zeros_like(bottom))
     highs[-1] = torch.where(inf_slice, torch.full_like(bottom, torch.inf), bottom)
-    if not pairs:
-        return highs, n_inf
-    return [Pair(h, lo, _split) for h, lo in zip(highs, lows, strict=True)], n_inf
+    return highs, n_inf, pair
 
 
 def forward(
@@ -148,16 +147,16 @@ def forward(
     ladder = _ladder_of(x, plan, acc)
     xw = x.to(acc)
     pairs = _pairs(x, plan, acc, differentiable)
-    rung_sums, n_inf = _sums(xw, plan, ladder, pairs)
-    f = _ladder.slice_factors(torch, ladder, rung_sums, n_inf)
+    rung_sums, n_inf = _sums(xw, plan, ladder)
+    f, pair = _factors(xw, plan, ladder, rung_sums, n_inf, pairs)
     w = _weight_view(weight, plan, acc)
     if pairs is None:
         u = _ladder.normalized(torch, xw, f, ladder, _upscale)
         y = u if w is None else u * w
     else:
         fmt = _ladder.FORMATS[_NAMES[acc]]
-        y = _ladder.faithful_normalized(torch, xw, w, f, ladder, _upscale, pairs.split, fmt)
-    return y.to(x.dtype), _pack(rung_sums, n_inf)
+        y = _ladder.faithful_normalized(torch, xw, w, f, ladder, _upscale, pairs, fmt)
+    return y.to(x.dtype), _pack(rung_sums, n_inf, pair)
 
 
 def vjp(
@@ -170,10 +169,12 @@ def vjp(
     xw, gw = x.to(acc), g.to(acc)
     if saved is None:
         pairs = _pairs(x, plan, acc, differentiable=torch.is_grad_enabled())
-        rung_sums, n_inf = _sums(xw, plan, ladder, pairs)
+        rung_sums, n_inf = _sums(xw, plan, ladder)
+        f, _ = _factors(xw, plan, ladder, rung_sums, n_inf, pairs)
     else:
-        rung_sums, n_inf = _unpack(saved, len(ladder.shifts))
-    f = _ladder.slice_factors(torch, ladder, rung_sums, n_inf)
+        rung_sums, n_inf, pair = _unpack(saved, len(ladder.shifts))
+        pairs = None if pair is None else _ladder.PairSums(_split, _pow2_floor)
+        f, _ = _factors(xw, plan, ladder, rung_sums, n_inf, pairs, pair)
     xhat = _ladder.direction(torch, xw, f, ladder, _upscale)
     w = _weight_view(weight, plan, acc)
     sigma = gw if w is None else gw * w
