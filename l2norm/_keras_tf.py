@@ -290,8 +290,9 @@ def _forward_program(
     if x.dtype == tf.float64:  # as wide as the accumulator: a pair, each output rounded once
         chosen = _ladder.choose_rung(XP, ladder, rung_sums)
         xs = _ladder.rung_values(XP, xw, chosen, ladder, exact_upscale)
-        reduce = lambda v: staged_sums([v], plan)[0]  # noqa: E731
-        pair = _ladder.refined_pair(XP, xs, chosen.sumsq, reduce, _PAIRS)
+        # The pair's two sums in one multi-output reduction.
+        reduce2 = lambda a, b: tuple(staged_sums([a, b], plan))  # noqa: E731
+        pair = _ladder.refined_pair(XP, xs, chosen.sumsq, reduce2, _PAIRS)
         f = _ladder.factors(XP, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
         fmt = FORMATS["float64"]
         return _ladder.faithful_normalized(XP, xw, s, f, ladder, exact_upscale, _PAIRS, fmt), f

@@ -347,11 +347,12 @@ def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) ->
 
 
 def refined_pair(
-    xp: Any, xs: Any, plain: Any, reduce: Callable[[Any], Any], pairs: PairSums
+    xp: Any, xs: Any, plain: Any, reduce2: Callable[[Any, Any], tuple[Any, Any]], pairs: PairSums
 ) -> Pair:
     """Each slice's sum of squares of ``xs`` (its entries in its chosen rung, finite) as
     a :class:`~l2norm._compensated.Pair`, from two plain sums: a second pass over the
-    slice that the framework's own fast reduction runs.
+    slice; ``reduce2`` sums two arrays over the normalized axes (kept), in one pass where
+    the framework can.
 
     ``plain`` (the same sum, summed plainly) gives a power of two ``sigma`` above the
     exact sum. Each square, split exactly into ``p + e``, is cut at ``sigma``'s last bit,
@@ -368,7 +369,7 @@ def refined_pair(
     sigma = pairs.pow2_floor(xp.where(usable, plain * (1 + 2.0**-7), ones)) * 2
     p, e = two_prod(xs, xs, pairs.split)
     q = (sigma + p) - sigma
-    hi, lo = reduce(q), reduce((p - q) + e)
+    hi, lo = reduce2(q, (p - q) + e)
     return Pair(*two_sum(hi, lo), pairs.split)
 
 

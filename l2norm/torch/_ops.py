@@ -112,7 +112,10 @@ def _factors(
     chosen = _ladder.choose_rung(torch, ladder, rung_sums)
     if pair is None:
         xs = _ladder.rung_values(torch, xw, chosen, ladder, _upscale)
-        pair = _ladder.refined_pair(torch, xs, chosen.sumsq, _sum_over(plan), pairs)
+        total = _sum_over(plan)
+        pair = _ladder.refined_pair(
+            torch, xs, chosen.sumsq, lambda a, b: (total(a), total(b)), pairs
+        )
     f = _ladder.factors(torch, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
     return f, pair
 
