@@ -62,7 +62,7 @@ def two_prod(a: Any, b: Any, split: Split) -> tuple[Any, Any]:
     product plus ``e``: its error counted twice.)
     """
     ah, al = split(a)
-    bh, bl = split(b)
+    bh, bl = (ah, al) if b is a else split(b)  # a square: split once
     high = ah * bh
     cross = ah * bl + al * bh
     p = high + cross
