@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -47,7 +48,13 @@ def test_run_writes_json_markdown_and_plots(tmp_path):
         assert "l2norm" in row["median_s"] and row["median_s"]["l2norm"] > 0
         if row["mode"] in ("forward", "forward+backward"):
             assert "vs_copy" in row["ratios"] and "vs_best_peer" in row["ratios"]
-    assert "| numpy |" in (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results.md").read_text()
+    assert "| numpy |" in table and "l2norm GB/s" in table
+    # The achieved bandwidth is the compulsory traffic over the time: 2 tensor passes
+    # forward, 5 forward and backward (also for rows named after a lowering).
+    row = next(r for r in payload["rows"] if r["mode"].startswith("forward+backward"))
+    numel = math.prod(row["shape"])
+    assert run.achieved_gbps(row) == pytest.approx(numel * 4 * 5 / row["median_s"]["l2norm"] / 1e9)
     for framework in frameworks:
         assert (tmp_path / f"time_vs_size_{framework}.png").stat().st_size > 0
 
