@@ -30,9 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Pair", "PairNamespace", "Split", "two_prod", "two_sum"]
+if TYPE_CHECKING:
+    from l2norm._modes import EpsMode
+
+__all__ = ["Pair", "PairNamespace", "Split", "pair_slice_terms", "two_prod", "two_sum"]
 
 #: ``split(v) -> (hi, lo)``: ``v = hi + lo`` exactly, each with at most half the
 #: significand's bits (rounded at the middle bit), so that products of halves are exact.
@@ -187,3 +190,22 @@ class PairNamespace:
 
     def zeros_like(self, v: Any) -> Pair:
         return self.pair(self.xp.zeros_like(v.hi if isinstance(v, Pair) else v))
+
+
+def pair_slice_terms(xp: Any, mode: EpsMode, sumsq: Pair, eps: Any) -> tuple[Any, ...]:
+    """``(1 / d, 1 / n, r, n / d, the low word of 1 / d)`` from a pair sum, computed in
+    double-word arithmetic (the table of :mod:`l2norm._modes` run on pairs); NaN and Inf
+    slices are left to the caller (their pair is replaced by 1 here)."""
+    pxp = PairNamespace(xp, sumsq.split)
+    ones, zeros = xp.ones_like(sumsq.hi), xp.zeros_like(sumsq.hi)
+    finite = xp.isfinite(sumsq.hi) & xp.isfinite(sumsq.lo)
+    a = pxp.pair(xp.where(finite, sumsq.hi, ones), xp.where(finite, sumsq.lo, zeros))
+    positive = a.hi > zeros
+    n = pxp.sqrt(a)
+    e = pxp.pair(eps)
+    d = mode.denominator(pxp, a, n, e)
+    r, _ = mode.ratio(pxp, a, n, d, e)
+    inv_d = 1.0 / d
+    inv_n = xp.where(positive, ones / xp.where(positive, n.hi + n.lo, ones), zeros)
+    ratio = n / d
+    return inv_d.hi, inv_n, r.hi + r.lo, ratio.hi + ratio.lo, inv_d.lo

@@ -23,7 +23,7 @@ graphs (``model.fit``) and inside an outer ``jit_compile=True`` function.
 
 float16 and bfloat16 inputs are summed in float32, float32 and float64 in float64 (every
 float32 square is exact there: one rung, each output rounded once); float64 in
-a pair (:func:`l2norm._ladder.refined_pair`: the chosen rung summed again, split
+a pair (:func:`l2norm._faithful.refined_pair`: the chosen rung summed again, split
 exactly around a power of two above the sum, two plain sums), each output rounded once.
 The output has the input's dtype, the scale's gradient the scale's dtype.
 
@@ -49,7 +49,7 @@ try:  # XLA's own operations, reachable inside jit_compile functions (as jax2tf 
 except ImportError:  # pragma: no cover - a TensorFlow without them: plain reductions
     _barrier = _tfxla = None
 
-from l2norm import _ladder
+from l2norm import _faithful, _ladder
 from l2norm._ladder import FORMATS, Ladder, SliceFactors
 from l2norm._spec import Axes, Spec
 
@@ -267,8 +267,8 @@ def _pow2_floor(v: tf.Tensor) -> tf.Tensor:
     return tf.bitcast(exponent, tf.float64)
 
 
-#: float64 data: the chosen rung summed again as a pair (l2norm._ladder.refined_pair).
-_PAIRS = _ladder.PairSums(_split, _pow2_floor)
+#: float64 data: the chosen rung summed again as a pair (l2norm._faithful.refined_pair).
+_PAIRS = _faithful.PairSums(_split, _pow2_floor)
 
 
 def _sum_to_scale(v: tf.Tensor, scale_axes: tuple[int, ...]) -> tf.Tensor:
@@ -289,13 +289,13 @@ def _forward_program(
     *rung_sums, n_inf = staged_sums([*terms, infinite], plan)
     if x.dtype == tf.float64:  # as wide as the accumulator: a pair, each output rounded once
         chosen = _ladder.choose_rung(XP, ladder, rung_sums)
-        xs = _ladder.rung_values(XP, xw, chosen, ladder, exact_upscale)
+        xs = _faithful.rung_values(XP, xw, chosen, ladder, exact_upscale)
         # The pair's two sums in one multi-output reduction.
         reduce2 = lambda a, b: tuple(staged_sums([a, b], plan))  # noqa: E731
-        pair = _ladder.refined_pair(XP, xs, chosen.sumsq, reduce2, _PAIRS)
+        pair = _faithful.refined_pair(XP, xs, chosen.sumsq, reduce2, _PAIRS)
         f = _ladder.factors(XP, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
         fmt = FORMATS["float64"]
-        return _ladder.faithful_normalized(XP, xw, s, f, ladder, exact_upscale, _PAIRS, fmt), f
+        return _faithful.faithful_normalized(XP, xw, s, f, ladder, exact_upscale, _PAIRS, fmt), f
     f = _ladder.slice_factors(XP, ladder, rung_sums, n_inf)
     if s is None:
         return tf.cast(_ladder.normalized(XP, xw, f, ladder, exact_upscale), x.dtype), f

@@ -40,11 +40,9 @@ slices made of subnormals), and torch multiplies by a tensor constant (see
 :func:`slice_factors` on the TorchScript tracer).
 
 Where the accumulator is the data's own dtype (float64 everywhere, float32 in JAX), a
-plain sum, square root and division leave up to 3 ULP. A lowering then passes
-:class:`PairSums` hooks: each square is split into two floats without error and summed
-as a double-word pair (:mod:`l2norm._compensated`), the slice's factors are computed in
-double-word arithmetic (the table of :mod:`l2norm._modes` unchanged), and each output is
-rounded once (:func:`faithful_output`): within 1 ULP of the exact result.
+plain sum, square root and division leave up to 3 ULP; :mod:`l2norm._faithful` then sums
+the chosen rung again as a double-word pair, from which :func:`factors` computes in
+double-word arithmetic, and rounds each output once.
 
 This module is framework-free: it takes an array namespace ``xp`` (NumPy, torch,
 jax.numpy, TensorFlow) and the lowering's own reduction; :mod:`l2norm._modes` supplies
@@ -59,10 +57,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from l2norm._compensated import Pair, PairNamespace, Split, two_prod, two_sum
+from l2norm._compensated import Pair, pair_slice_terms
 from l2norm._modes import EpsMode, get_mode
 
-__all__ = ["FORMATS", "FloatFormat", "Ladder", "PairSums", "SliceFactors", "make_ladder"]
+__all__ = ["FORMATS", "Chosen", "FloatFormat", "Ladder", "SliceFactors", "make_ladder"]
 
 
 @dataclass(frozen=True)
@@ -201,20 +199,7 @@ class SliceFactors(NamedTuple):
     post: Any  # 2**s for s < 0, else 1
     unit: Any  # 2**s
     top: Any  # the slice uses the top rung (only where the ladder needs exact scaling)
-    inv_d_lo: Any = None  # with PairSums: 1 / d = inv_d + inv_d_lo to twice the precision
-
-
-class PairSums(NamedTuple):
-    """The hooks of a lowering that sums in double-word pairs (:func:`refined_pair`).
-
-    Attributes:
-        split: :data:`l2norm._compensated.Split` for the accumulator dtype.
-        pow2_floor: the power of two at or below each (positive, normal) entry, from
-            its bits.
-    """
-
-    split: Split
-    pow2_floor: Callable[[Any], Any]
+    inv_d_lo: Any = None  # with a pair sum: 1 / d = inv_d + inv_d_lo to twice the precision
 
 
 Upscale = Callable[[Any, int], Any]
@@ -250,8 +235,8 @@ def _infinite(xp: Any, x: Any) -> Any:
 
 class Chosen(NamedTuple):
     """Each slice's rung (slice-shaped, in the accumulator dtype): its sum of squares (a
-    :class:`~l2norm._compensated.Pair` after :func:`refined_pair`), eps in its units,
-    ``2**s`` split in ``pre`` / ``post``, ``2**s``, and 1 where it is the top rung."""
+    :class:`~l2norm._compensated.Pair` after :func:`l2norm._faithful.refined_pair`), eps
+    in its units, ``2**s`` split in ``pre`` / ``post``, ``2**s``, and 1 on the top rung."""
 
     sumsq: Any
     eps: Any
@@ -309,13 +294,13 @@ def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> 
 def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) -> SliceFactors:
     """The factors of the full-size passes from each slice's rung; ``bottom`` is the
     bottom rung's plain sum (NaN exactly in NaN slices). With a pair sum
-    (:func:`refined_pair`) they are computed in double-word arithmetic and carry the
-    low word of ``1 / d``."""
+    (:func:`l2norm._faithful.refined_pair`) they are computed in double-word arithmetic
+    and carry the low word of ``1 / d``."""
     mode = ladder.mode
     ones, zeros = xp.ones_like(bottom), xp.zeros_like(bottom)
     sumsq, eps, pre, post, unit, top = chosen
     if isinstance(sumsq, Pair):
-        inv_d, inv_n, r, ratio, inv_d_lo = _pair_terms(xp, mode, sumsq, eps)
+        inv_d, inv_n, r, ratio, inv_d_lo = pair_slice_terms(xp, mode, sumsq, eps)
     else:
         a = xp.where(xp.isfinite(sumsq), sumsq, ones)  # NaN and Inf slices: see below
         positive = a > zeros
@@ -346,66 +331,6 @@ def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) ->
     return SliceFactors(inv_d, inv_n, r, ratio, rinf, pre, post, unit, top, inv_d_lo)
 
 
-def refined_pair(
-    xp: Any, xs: Any, plain: Any, reduce2: Callable[[Any, Any], tuple[Any, Any]], pairs: PairSums
-) -> Pair:
-    """Each slice's sum of squares of ``xs`` (its entries in its chosen rung, finite) as
-    a :class:`~l2norm._compensated.Pair`, from two plain sums: a second pass over the
-    slice; ``reduce2`` sums two arrays over the normalized axes (kept), in one pass where
-    the framework can.
-
-    ``plain`` (the same sum, summed plainly) gives a power of two ``sigma`` above the
-    exact sum. Each square, split exactly into ``p + e``, is cut at ``sigma``'s last bit,
-    ``q = (sigma + p) - sigma`` and ``t = (p - q) + e`` (exact but the last addition):
-    every ``q`` and every partial sum of them is a multiple of ``ulp(sigma)`` below
-    ``2 sigma``, so the sum of the ``q`` is exact in any order, and the sum of the small
-    ``t`` adds a relative error of about ``n u**2`` (Rump, Ogita and Oishi's error-free
-    extraction, 2008).
-    """
-    ones = xp.ones_like(plain)
-    usable = xp.isfinite(plain) & (plain > xp.zeros_like(plain))
-    # 2 * (the power of two at or below plain * (1 + 2**-7)): above the exact sum, which
-    # the plain one misses by far less than 2**-7.
-    sigma = pairs.pow2_floor(xp.where(usable, plain * (1 + 2.0**-7), ones)) * 2
-    p, e = two_prod(xs, xs, pairs.split)
-    q = (sigma + p) - sigma
-    hi, lo = reduce2(q, (p - q) + e)
-    return Pair(*two_sum(hi, lo), pairs.split)
-
-
-def rung_values(xp: Any, x: Any, chosen: Chosen, ladder: Ladder, upscale: Upscale) -> Any:
-    """``x 2**s`` in each slice's chosen rung (what that rung summed), 0 at infinities:
-    the input of :func:`refined_pair`."""
-    finite_x = xp.where(_infinite(xp, x), xp.zeros_like(x), x)
-    if ladder.single:
-        return finite_x
-    xin = finite_x * chosen.pre
-    if ladder.exact_top:
-        xin = xp.where(
-            chosen.top > xp.zeros_like(chosen.top), upscale(finite_x, ladder.shifts[0]), xin
-        )
-    return xin * chosen.post
-
-
-def _pair_terms(xp: Any, mode: EpsMode, sumsq: Pair, eps: Any) -> tuple[Any, ...]:
-    """``(1 / d, 1 / n, r, n / d, the low word of 1 / d)`` from a pair sum, computed in
-    double-word arithmetic (the table of :mod:`l2norm._modes` run on pairs); NaN and Inf
-    slices are left to the caller (their pair is replaced by 1 here)."""
-    pxp = PairNamespace(xp, sumsq.split)
-    ones, zeros = xp.ones_like(sumsq.hi), xp.zeros_like(sumsq.hi)
-    finite = xp.isfinite(sumsq.hi) & xp.isfinite(sumsq.lo)
-    a = pxp.pair(xp.where(finite, sumsq.hi, ones), xp.where(finite, sumsq.lo, zeros))
-    positive = a.hi > zeros
-    n = pxp.sqrt(a)
-    e = pxp.pair(eps)
-    d = mode.denominator(pxp, a, n, e)
-    r, _ = mode.ratio(pxp, a, n, d, e)
-    inv_d = 1.0 / d
-    inv_n = xp.where(positive, ones / xp.where(positive, n.hi + n.lo, ones), zeros)
-    ratio = n / d
-    return inv_d.hi, inv_n, r.hi + r.lo, ratio.hi + ratio.lo, inv_d.lo
-
-
 def _through(xp: Any, x: Any, factor: Any, f: SliceFactors, ladder: Ladder, upscale: Upscale):
     """``x * factor * 2**s`` with the power of two on the side that keeps it in range,
     Inf slices at their limit direction (NaN slices NaN through ``rinf``)."""
@@ -419,29 +344,6 @@ def _through(xp: Any, x: Any, factor: Any, f: SliceFactors, ladder: Ladder, upsc
             xin = xp.where(f.top, upscale(finite_x, ladder.shifts[0]), xin)
         v = (xin * factor) * f.post
     return xp.where(infinite, xp.sign(x) * f.rinf, v)
-
-
-def faithful_normalized(
-    xp: Any,
-    x: Any,
-    scale: Any,
-    f: SliceFactors,
-    ladder: Ladder,
-    upscale: Upscale,
-    pairs: PairSums,
-    fmt: FloatFormat,
-) -> Any:
-    """``y = scale * x / d`` elementwise from pair factors (:class:`PairSums`), each
-    output rounded once (:func:`faithful_output`); ``scale`` None means 1."""
-    infinite = _infinite(xp, x)
-    finite_x = xp.where(infinite, xp.zeros_like(x), x)
-    xin = finite_x if ladder.single else finite_x * f.pre
-    if not ladder.single and f.top is not None:
-        xin = xp.where(f.top, upscale(finite_x, ladder.shifts[0]), xin)
-    below = None if ladder.single else f.post < xp.ones_like(f.post)
-    y = faithful_output(xp, xin, scale, f, pairs, fmt, below)
-    limit = xp.sign(x) * f.rinf
-    return xp.where(infinite, limit if scale is None else limit * scale, y)
 
 
 def normalized(
@@ -463,58 +365,3 @@ def input_grad(sigma: Any, xhat: Any, inner: Any, f: SliceFactors) -> Any:
     slice; every factor is bounded (``|xhat| <= 1``, ``0 <= r <= 1``)."""
     dx = (sigma - (f.r * inner) * xhat) * f.inv_d
     return dx if f.unit is None else dx * f.unit
-
-
-def faithful_output(
-    xp: Any,
-    xin: Any,
-    scale: Any,
-    f: SliceFactors,
-    pairs: PairSums,
-    fmt: FloatFormat,
-    below: Any = None,
-) -> Any:
-    """``y = scale * xin * (inv_d + inv_d_lo)`` rounded once (``xin``: ``x`` read into its
-    rung, finite), then ``* post``: within 1 ULP of the exact ``scale * x / d``.
-
-    On rungs ``s >= 0`` the scale multiplies first (a slice of subnormals keeps a normal
-    ``y`` on a flushing CPU even where ``x / d`` is subnormal); where ``below`` (rungs
-    ``s < 0``: huge slices, where ``xin * scale`` could overflow) ``x / d`` comes first.
-    ``scale`` None means 1. ``fmt``: the accumulator's format.
-    """
-    inv = (f.inv_d, f.inv_d_lo)
-    if scale is None:
-        y = _rounded_product(xp, (xin, xp.zeros_like(xin)), inv, pairs, fmt)
-    else:
-        y = _rounded_product(xp, two_prod(xin, scale, pairs.split), inv, pairs, fmt)
-        if below is not None:
-            u = _rounded_product(xp, (xin, xp.zeros_like(xin)), inv, pairs, fmt, keep_pair=True)
-            v = _rounded_product(xp, u, (scale, xp.zeros_like(scale)), pairs, fmt)
-            y = xp.where(below, v, y)
-    return y if f.post is None else y * f.post
-
-
-def _rounded_product(
-    xp: Any, a: tuple, c: tuple, pairs: PairSums, fmt: FloatFormat, keep_pair: bool = False
-) -> Any:
-    """``(a_hi + a_lo) * (c_hi + c_lo)`` rounded once (or as a pair, ``keep_pair``).
-
-    Where the product is small enough for its error terms to leave the normal range (a
-    CPU that flushes subnormals would turn them into garbage, not zeros), ``a`` is
-    lifted by an exact power of two first and the result brought back down: one more
-    rounding, into the subnormal range only.
-    """
-    lift_exp = 2 * (fmt.mant + 1) + 4
-    tiny = 2.0 ** (fmt.min_exp + lift_exp)
-    a_hi, a_lo = a
-    c_hi, c_lo = c
-    small = xp.abs(a_hi * c_hi) < xp.full_like(a_hi, tiny)
-    lift = xp.where(small, xp.full_like(a_hi, 2.0**lift_exp), xp.ones_like(a_hi))
-    a_hi, a_lo = a_hi * lift, a_lo * lift
-    q, q_err = two_prod(a_hi, c_hi, pairs.split)
-    rest = q_err + (a_hi * c_lo + a_lo * c_hi)
-    drop = xp.where(small, xp.full_like(a_hi, 2.0**-lift_exp), xp.ones_like(a_hi))
-    if keep_pair:
-        s = q + rest
-        return s * drop, (rest - (s - q)) * drop
-    return (q + rest) * drop

@@ -27,8 +27,8 @@ them, which would make XLA write it out in full.
 float16, bfloat16 and float32 are computed in float32 and float64 in float64, whatever
 ``jax_enable_x64`` says. float32 and float64 data, summed in their own dtype, have the
 chosen rung summed again as a double-word pair (a second pass:
-:func:`l2norm._ladder.refined_pair`, two plain sums) and each output is rounded once from
-pair factors (:func:`l2norm._ladder.faithful_output`): within 1 ULP of the exact result.
+:func:`l2norm._faithful.refined_pair`, two plain sums) and each output is rounded once from
+pair factors (:func:`l2norm._faithful.faithful_output`): within 1 ULP of the exact result.
 
 XLA on CPU runs with flush-to-zero and denormals-are-zero: every float operation reads
 a subnormal input as 0. The elementwise passes read the top rung's slices from the bits
@@ -49,10 +49,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from l2norm import _jax_kernel, _ladder
+from l2norm import _faithful, _jax_kernel, _ladder
+from l2norm import _jax_bits as _bits
 from l2norm._compensated import Pair
 from l2norm._jax_kernel import LOWERINGS, use_lowering
-from l2norm._ladder import FORMATS, FloatFormat, Ladder, SliceFactors
+from l2norm._ladder import FORMATS, Ladder, SliceFactors
 from l2norm._spec import (
     Axes,
     Spec,
@@ -176,57 +177,6 @@ def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
     return _l2norm(plan, x, s).astype(x.dtype)
 
 
-# --------------------------------------------------------------------------- reading bits
-
-
-@jax.custom_jvp
-def _bf16_to_f32(x: jax.Array) -> jax.Array:
-    # A float conversion flushes bfloat16 subnormals on CPU; moving the bits does not.
-    bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
-    return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-_bf16_to_f32.defjvp(
-    lambda primals, tangents: (_bf16_to_f32(*primals), tangents[0].astype(jnp.float32))
-)
-
-
-def _exact(x: jax.Array, acc: Any) -> jax.Array:
-    """``x`` in the accumulator dtype with its subnormals kept (bfloat16 by its bits)."""
-    return _bf16_to_f32(x) if x.dtype == jnp.bfloat16 else x.astype(acc)
-
-
-def _magnitude_bits(x: jax.Array) -> tuple[jax.Array, FloatFormat]:
-    fmt = FORMATS[jnp.dtype(x.dtype).name]
-    int_type = jnp.int64 if fmt.mant > 23 else jnp.int32
-    return lax.bitcast_convert_type(x, int_type) & jnp.iinfo(int_type).max, fmt
-
-
-def _subnormal(x: jax.Array) -> jax.Array:
-    """Where ``x`` is subnormal or zero, read from the bits (a flushing compare says 0)."""
-    magnitude, fmt = _magnitude_bits(x)
-    return magnitude < (1 << fmt.mant)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _subnormal_upscaled(x: jax.Array, shift: int) -> jax.Array:
-    """``x * 2**shift`` for a subnormal ``x`` (garbage elsewhere), built from its bits.
-
-    A subnormal is ``mant * 2**sub`` (``sub`` = -149 for float32): the integer ``mant``
-    converts exactly, and two normal power-of-two factors bring it up to a normal number.
-    The derivative is ``2**shift``, as for a multiplication.
-    """
-    magnitude, fmt = _magnitude_bits(x)
-    low = fmt.subnormal_exp // 2
-    value = magnitude.astype(x.dtype) * 2.0**low * 2.0 ** (fmt.subnormal_exp + shift - low)
-    return jnp.copysign(value, x)
-
-
-@_subnormal_upscaled.defjvp
-def _subnormal_upscaled_jvp(shift: int, primals: tuple, tangents: tuple) -> tuple:
-    return _subnormal_upscaled(primals[0], shift), tangents[0] * 2.0**shift
-
-
 # --------------------------------------------------------------------------- the passes
 
 
@@ -247,45 +197,6 @@ def _sum(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     rows = -(-_FEW * v.shape[a] // max(v.size, 1))
     padded = jnp.pad(v, [(0, rows - v.shape[a] if i == a else 0) for i in range(v.ndim)])
     return lax.slice_in_dim(jnp.sum(padded, axis=axes, keepdims=True), 0, v.shape[a], axis=a)
-
-
-_HALF_MANTISSA = {"float32": (8, 11), "float64": (11, 25)}
-
-
-def _split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``v = hi + lo`` exactly, each with half the significand (rounded at the middle
-    bit), so that products of halves are exact; no multiply-add for XLA to fuse."""
-    exponent_bits, mantissa_bits = _HALF_MANTISSA[jnp.dtype(v.dtype).name]
-    hi = lax.reduce_precision(v, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits)
-    return hi, v - hi
-
-
-def _pow2_floor(v: jax.Array) -> jax.Array:
-    """The power of two at or below each positive normal entry: its exponent bits."""
-    fmt = FORMATS[jnp.dtype(v.dtype).name]
-    int_type = jnp.int64 if fmt.mant > 23 else jnp.int32
-    bits = lax.bitcast_convert_type(v, int_type)
-    return lax.bitcast_convert_type(bits & ~((1 << fmt.mant) - 1), v.dtype)
-
-
-_PAIRS = _ladder.PairSums(_split, _pow2_floor)
-
-
-def _add_two(a: tuple, b: tuple) -> tuple:
-    return a[0] + b[0], a[1] + b[1]
-
-
-def _sum_two(axes: tuple[int, ...]) -> Any:
-    """Two arrays summed over ``axes`` (kept) in one multi-output reduction: XLA:CPU runs
-    two sibling reductions of shared producers several times slower."""
-
-    def reduce2(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-        zero = jnp.zeros((), a.dtype)
-        sa, sb = lax.reduce((a, b), (zero, zero), _add_two, axes)
-        shape = [1 if d in axes else a.shape[d] for d in range(a.ndim)]
-        return sa.reshape(shape), sb.reshape(shape)
-
-    return reduce2
 
 
 def _compensated(acc: Any, x: jax.Array) -> bool:
@@ -330,10 +241,10 @@ def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:
     rung_sums = []
     for j, shift in enumerate(ladder.shifts):
         if j == 0 and plan.bits_in_sums:
-            exact = _exact(x, acc)
+            exact = _bits.exact(x, acc)
             top = 2.0 ** (fmt.max_exp - 1)
             scaled = jnp.clip(exact * 2.0**shift, -top, top)
-            xs = jnp.where(_subnormal(exact), _subnormal_upscaled(exact, shift), scaled)
+            xs = jnp.where(_bits.subnormal(exact), _bits.subnormal_upscaled(exact, shift), scaled)
         elif j == 0 and shift > 0:
             clip = 2.0 ** (fmt.max_exp - 1 - shift)
             # The barrier keeps this |x| from being shared with the count's: XLA would
@@ -355,7 +266,7 @@ def _rung_input(
     """``(x pre, infinite)``: ``x`` read into its slice's rung (``pre = 2**s`` for
     ``s > 0``), from the bits on the top rung; 0 at the infinities (no ``Inf * 0`` for
     autodiff to meet)."""
-    magnitude, fmt = _magnitude_bits(x)
+    magnitude, fmt = _bits.magnitude_bits(x)
     # From the bits: a float compare here would be shared with the sums' |x| and make
     # XLA write |x| out in full.
     infinite = magnitude == ((2 * fmt.max_exp - 1) << fmt.mant)  # the bits of +Inf
@@ -364,7 +275,7 @@ def _rung_input(
         xin = xin * pre
     if f.top is not None:
         top = f.top & (magnitude < (1 << fmt.mant))
-        xin = jnp.where(top, _subnormal_upscaled(x, ladder.shifts[0]), xin)
+        xin = jnp.where(top, _bits.subnormal_upscaled(x, ladder.shifts[0]), xin)
     return xin, infinite
 
 
@@ -376,7 +287,7 @@ def _output(x: jax.Array, s: jax.Array, f: SliceFactors, ladder: Ladder) -> jax.
     xin, infinite = _rung_input(x, f, ladder, f.pre)
     if f.inv_d_lo is not None:
         below = None if ladder.single else f.post < 1
-        y = _ladder.faithful_output(jnp, xin, s, f, _PAIRS, FORMATS[s.dtype.name], below)
+        y = _faithful.faithful_output(jnp, xin, s, f, _bits.PAIRS, FORMATS[s.dtype.name], below)
     elif ladder.single:
         y = (xin * s) * f.inv_d
     else:
@@ -391,17 +302,19 @@ def _output(x: jax.Array, s: jax.Array, f: SliceFactors, ladder: Ladder) -> jax.
 def _factors(plan: _Plan, x: jax.Array, acc: Any) -> SliceFactors:
     """The reduction pass and the slice-sized choice of rung; where the data is as wide
     as the accumulator, a second pass sums the chosen rung again as a pair
-    (:func:`l2norm._ladder.refined_pair`), from which the factors are computed."""
+    (:func:`l2norm._faithful.refined_pair`), from which the factors are computed."""
     ladder = plan.ladder
     rung_sums, n_inf = _sums(x, acc, plan)
     if not _compensated(acc, x):
         return _ladder.slice_factors(jnp, ladder, rung_sums, n_inf)
     chosen = _ladder.choose_rung(jnp, ladder, rung_sums)
     top = chosen.top > 0 if ladder.exact_top else None
-    xin, _ = _rung_input(_exact(x, acc), chosen._replace(top=top), ladder, chosen.pre)
+    xin, _ = _rung_input(_bits.exact(x, acc), chosen._replace(top=top), ladder, chosen.pre)
     xs = lax.stop_gradient(xin * chosen.post)
     plain = chosen.sumsq
-    pair = _ladder.refined_pair(jnp, xs, lax.stop_gradient(plain), _sum_two(plan.axes.norm), _PAIRS)
+    pair = _faithful.refined_pair(
+        jnp, xs, lax.stop_gradient(plain), _bits.sum_two(plan.axes.norm), _bits.PAIRS
+    )
     # Differentiated (higher-order gradients) as the plain sum: its tangent, added as 0.
     pair = Pair(pair.hi + (plain - lax.stop_gradient(plain)), pair.lo, pair.split)
     return _ladder.factors(jnp, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
@@ -409,7 +322,7 @@ def _factors(plan: _Plan, x: jax.Array, acc: Any) -> SliceFactors:
 
 def _forward(plan: _Plan, x: jax.Array, s: jax.Array):
     f = _factors(plan, x, s.dtype)
-    return _output(_exact(x, s.dtype), s, f, plan.ladder), (x, s, f)
+    return _output(_bits.exact(x, s.dtype), s, f, plan.ladder), (x, s, f)
 
 
 def _reduce_like(v: jax.Array, s: jax.Array, axes: Axes) -> jax.Array:
@@ -434,7 +347,7 @@ def _backward(plan: _Plan, residuals: tuple, g: jax.Array):
     x, s, f = residuals
     inf_slice = f.rinf > 0
     keep = None if ladder.single else jnp.where(inf_slice, 0.0, f.pre)
-    xin, infinite = _rung_input(_exact(x, s.dtype), f, ladder, keep)
+    xin, infinite = _rung_input(_bits.exact(x, s.dtype), f, ladder, keep)
     if ladder.single:
         xin = jnp.where(inf_slice, 0.0, xin)
     v = jnp.where(infinite, jnp.sign(x) * f.rinf, xin)

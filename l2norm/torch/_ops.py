@@ -4,7 +4,7 @@ Accumulates in float64 where the device has it: every float32 or half square is 
 there, so the ladder has one rung (the plain sum of squares) for those inputs and three
 for float64 inputs; elsewhere (MPS) in float32. Where the data is as wide as the
 accumulator (float64), the chosen rung's sum is taken again as a double-word pair
-(:func:`l2norm._ladder.refined_pair`: squares split by their bits, cut at a power of two
+(:func:`l2norm._faithful.refined_pair`: squares split by their bits, cut at a power of two
 above the sum, two plain sums) and each output is rounded once. The forward returns the
 per-slice sums for the backward (slice-sized), and every op is differentiable without
 ``0 * Inf``, so the same functions serve ``torch.compile``, double backward and the
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from l2norm import _ladder
+from l2norm import _faithful, _ladder
 from l2norm._compensated import Pair
 from l2norm.torch._dispatch import Plan
 
@@ -84,7 +84,7 @@ def _pairs(x: Tensor, plan: Plan, acc: torch.dtype, differentiable: bool):
     recording = torch.compiler.is_exporting() or torch.jit.is_tracing()
     if differentiable or recording or x.dtype != acc or acc not in _HALF_BITS:
         return None
-    return _ladder.PairSums(_split, _pow2_floor)
+    return _faithful.PairSums(_split, _pow2_floor)
 
 
 def _sum_over(plan: Plan):
@@ -101,19 +101,19 @@ def _factors(
     ladder: _ladder.Ladder,
     rung_sums: list,
     n_inf: Tensor,
-    pairs: _ladder.PairSums | None,
+    pairs: _faithful.PairSums | None,
     pair: Pair | None = None,
 ) -> tuple[_ladder.SliceFactors, Pair | None]:
     """The slice factors; with ``pairs``, from the chosen rung's sum summed again as a
-    pair (:func:`l2norm._ladder.refined_pair`, a second pass over ``x``), or ``pair``
+    pair (:func:`l2norm._faithful.refined_pair`, a second pass over ``x``), or ``pair``
     where the forward saved it."""
     if pairs is None:
         return _ladder.slice_factors(torch, ladder, rung_sums, n_inf), None
     chosen = _ladder.choose_rung(torch, ladder, rung_sums)
     if pair is None:
-        xs = _ladder.rung_values(torch, xw, chosen, ladder, _upscale)
+        xs = _faithful.rung_values(torch, xw, chosen, ladder, _upscale)
         total = _sum_over(plan)
-        pair = _ladder.refined_pair(
+        pair = _faithful.refined_pair(
             torch, xs, chosen.sumsq, lambda a, b: (total(a), total(b)), pairs
         )
     f = _ladder.factors(torch, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
@@ -158,7 +158,7 @@ def forward(
         y = u if w is None else u * w
     else:
         fmt = _ladder.FORMATS[_NAMES[acc]]
-        y = _ladder.faithful_normalized(torch, xw, w, f, ladder, _upscale, pairs, fmt)
+        y = _faithful.faithful_normalized(torch, xw, w, f, ladder, _upscale, pairs, fmt)
     return y.to(x.dtype), _pack(rung_sums, n_inf, pair)
 
 
@@ -176,7 +176,7 @@ def vjp(
         f, _ = _factors(xw, plan, ladder, rung_sums, n_inf, pairs)
     else:
         rung_sums, n_inf, pair = _unpack(saved, len(ladder.shifts))
-        pairs = None if pair is None else _ladder.PairSums(_split, _pow2_floor)
+        pairs = None if pair is None else _faithful.PairSums(_split, _pow2_floor)
         f, _ = _factors(xw, plan, ladder, rung_sums, n_inf, pairs, pair)
     xhat = _ladder.direction(torch, xw, f, ladder, _upscale)
     w = _weight_view(weight, plan, acc)
