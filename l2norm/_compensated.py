@@ -35,7 +35,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from l2norm._modes import EpsMode
 
-__all__ = ["Pair", "PairNamespace", "Split", "pair_slice_terms", "two_prod", "two_sum"]
+__all__ = [
+    "Pair",
+    "PairNamespace",
+    "Split",
+    "fast_two_sum",
+    "pair_slice_terms",
+    "two_prod",
+    "two_sum",
+]
 
 #: ``split(v) -> (hi, lo)``: ``v = hi + lo`` exactly, each with at most half the
 #: significand's bits (rounded at the middle bit), so that products of halves are exact.
@@ -49,7 +57,7 @@ def two_sum(a: Any, b: Any) -> tuple[Any, Any]:
     return s, (a - (s - bb)) + (b - bb)
 
 
-def _fast_two_sum(a: Any, b: Any) -> tuple[Any, Any]:
+def fast_two_sum(a: Any, b: Any) -> tuple[Any, Any]:
     """:func:`two_sum` for ``|a| >= |b|`` (or ``a = 0``): 3 additions (Dekker)."""
     s = a + b
     return s, b - (s - a)
@@ -93,13 +101,13 @@ class Pair:
         return Pair(other, other * 0, self.split)
 
     def _new(self, hi: Any, lo: Any) -> Pair:
-        return Pair(*_fast_two_sum(hi, lo), self.split)
+        return Pair(*fast_two_sum(hi, lo), self.split)
 
     def __add__(self, other: Any) -> Pair:
         o = self._lift(other)
         s, e = two_sum(self.hi, o.hi)
         t, f = two_sum(self.lo, o.lo)
-        s, e = _fast_two_sum(s, e + t)
+        s, e = fast_two_sum(s, e + t)
         return self._new(s, e + f)
 
     __radd__ = __add__

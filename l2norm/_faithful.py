@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from l2norm._compensated import Pair, Split, two_prod, two_sum
-from l2norm._ladder import Chosen, FloatFormat, Ladder, SliceFactors, Upscale, _infinite
+from l2norm._compensated import Pair, Split, fast_two_sum, two_prod, two_sum
+from l2norm._ladder import Chosen, FloatFormat, Ladder, SliceFactors, Upscale, rung_input
 
 __all__ = ["PairSums", "faithful_normalized", "faithful_output", "refined_pair", "rung_values"]
 
@@ -60,15 +60,9 @@ def refined_pair(
 def rung_values(xp: Any, x: Any, chosen: Chosen, ladder: Ladder, upscale: Upscale) -> Any:
     """``x 2**s`` in each slice's chosen rung (what that rung summed), 0 at infinities:
     the input of :func:`refined_pair`."""
-    finite_x = xp.where(_infinite(xp, x), xp.zeros_like(x), x)
-    if ladder.single:
-        return finite_x
-    xin = finite_x * chosen.pre
-    if ladder.exact_top:
-        xin = xp.where(
-            chosen.top > xp.zeros_like(chosen.top), upscale(finite_x, ladder.shifts[0]), xin
-        )
-    return xin * chosen.post
+    top = chosen.top > xp.zeros_like(chosen.top) if ladder.exact_top else None
+    xin, _ = rung_input(xp, x, chosen.pre, top, ladder, upscale)
+    return xin if ladder.single else xin * chosen.post
 
 
 def faithful_normalized(
@@ -83,11 +77,7 @@ def faithful_normalized(
 ) -> Any:
     """``y = scale * x / d`` elementwise from pair factors (:class:`PairSums`), each
     output rounded once (:func:`faithful_output`); ``scale`` None means 1."""
-    infinite = _infinite(xp, x)
-    finite_x = xp.where(infinite, xp.zeros_like(x), x)
-    xin = finite_x if ladder.single else finite_x * f.pre
-    if not ladder.single and f.top is not None:
-        xin = xp.where(f.top, upscale(finite_x, ladder.shifts[0]), xin)
+    xin, infinite = rung_input(xp, x, f.pre, f.top, ladder, upscale)
     below = None if ladder.single else f.post < xp.ones_like(f.post)
     y = faithful_output(xp, xin, scale, f, pairs, fmt, below)
     limit = xp.sign(x) * f.rinf
@@ -144,6 +134,6 @@ def _rounded_product(
     rest = q_err + (a_hi * c_lo + a_lo * c_hi)
     drop = xp.where(small, xp.full_like(a_hi, 2.0**-lift_exp), xp.ones_like(a_hi))
     if keep_pair:
-        s = q + rest
-        return s * drop, (rest - (s - q)) * drop
+        s, s_err = fast_two_sum(q, rest)
+        return s * drop, s_err * drop
     return (q + rest) * drop

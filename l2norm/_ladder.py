@@ -331,18 +331,28 @@ def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) ->
     return SliceFactors(inv_d, inv_n, r, ratio, rinf, pre, post, unit, top, inv_d_lo)
 
 
+def rung_input(
+    xp: Any, x: Any, pre: Any, top: Any, ladder: Ladder, upscale: Upscale
+) -> tuple[Any, Any]:
+    """``(x 2**s for s > 0, where infinite)``: ``x`` read into its slice's rung, ``pre``
+    applied (from the bits on the top rung where ``top``, None if the ladder needs no
+    exact scaling), 0 at the infinities (no ``Inf * 0`` for autodiff to meet)."""
+    infinite = _infinite(xp, x)
+    xin = xp.where(infinite, xp.zeros_like(x), x)
+    if ladder.single:
+        return xin, infinite
+    finite_x = xin
+    xin = finite_x * pre
+    if top is not None:
+        xin = xp.where(top, upscale(finite_x, ladder.shifts[0]), xin)
+    return xin, infinite
+
+
 def _through(xp: Any, x: Any, factor: Any, f: SliceFactors, ladder: Ladder, upscale: Upscale):
     """``x * factor * 2**s`` with the power of two on the side that keeps it in range,
     Inf slices at their limit direction (NaN slices NaN through ``rinf``)."""
-    infinite = _infinite(xp, x)
-    finite_x = xp.where(infinite, xp.zeros_like(x), x)  # no Inf * 0 for autodiff to meet
-    if ladder.single:
-        v = finite_x * factor
-    else:
-        xin = finite_x * f.pre
-        if f.top is not None:
-            xin = xp.where(f.top, upscale(finite_x, ladder.shifts[0]), xin)
-        v = (xin * factor) * f.post
+    xin, infinite = rung_input(xp, x, f.pre, f.top, ladder, upscale)
+    v = xin * factor if ladder.single else (xin * factor) * f.post
     return xp.where(infinite, xp.sign(x) * f.rinf, v)
 
 

@@ -77,6 +77,9 @@ def _pow2_floor(v: Tensor) -> Tensor:
     return (v.view(int_type) & ~mantissa).view(v.dtype)
 
 
+_PAIRS = _faithful.PairSums(_split, _pow2_floor)
+
+
 def _pairs(x: Tensor, plan: Plan, acc: torch.dtype, differentiable: bool):
     """The double-word hooks where the data is as wide as the accumulator, unless autograd
     is to differentiate these ops (``differentiable``, or an export or trace recording
@@ -84,7 +87,7 @@ def _pairs(x: Tensor, plan: Plan, acc: torch.dtype, differentiable: bool):
     recording = torch.compiler.is_exporting() or torch.jit.is_tracing()
     if differentiable or recording or x.dtype != acc or acc not in _HALF_BITS:
         return None
-    return _faithful.PairSums(_split, _pow2_floor)
+    return _PAIRS
 
 
 def _sum_over(plan: Plan):
@@ -176,7 +179,7 @@ def vjp(
         f, _ = _factors(xw, plan, ladder, rung_sums, n_inf, pairs)
     else:
         rung_sums, n_inf, pair = _unpack(saved, len(ladder.shifts))
-        pairs = None if pair is None else _faithful.PairSums(_split, _pow2_floor)
+        pairs = None if pair is None else _PAIRS
         f, _ = _factors(xw, plan, ladder, rung_sums, n_inf, pairs, pair)
     xhat = _ladder.direction(torch, xw, f, ladder, _upscale)
     w = _weight_view(weight, plan, acc)

@@ -110,6 +110,19 @@ def _limit(x, share):
 
 
 @triton.jit
+def _square_sums(v):
+    """Per slice of the tile: the sum of squares and the number of infinities."""
+    infinite = tl.where(tl.abs(v) == float("inf"), 1.0, 0.0)
+    return tl.sum(v * v, axis=0), tl.sum(infinite, axis=0)
+
+
+@triton.jit
+def _unit(v, inv_d, infinite, share):
+    """``u = x / d``, and the limit direction in Inf slices."""
+    return tl.where(infinite[None, :], _limit(v, share[None, :]), v * inv_d[None, :])
+
+
+@triton.jit
 def _store(ptr, offs, mask, v, OUT_MAX: tl.constexpr):
     """Round ``v`` (float64) to float32, then to the output dtype, as the CPU kernel stores
     (bfloat16 to nearest even from the bits, NaN kept quiet); saturated at ``OUT_MAX``
@@ -152,16 +165,15 @@ def forward_kernel(
     count_inf = tl.zeros([BLOCK_S], tl.float64)
     for c0 in range(0, C, BLOCK_C):
         at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
-        v = _load(x_ptr, at, mask)
-        n2 += tl.sum(v * v, axis=0)
-        count_inf += tl.sum(tl.where(tl.abs(v) == float("inf"), 1.0, 0.0), axis=0)
+        squares, infinities = _square_sums(_load(x_ptr, at, mask))
+        n2 += squares
+        count_inf += infinities
     inv_d, _, infinite, share = _slice_terms(n2, count_inf, tl.load(eps_ptr), IS_ADD, POWER)
     for c0 in range(0, C, BLOCK_C):
         at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
         v = _load(x_ptr, at, mask)
         w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
-        u = tl.where(infinite[None, :], _limit(v, share[None, :]), v * inv_d[None, :])
-        _store(y_ptr, at, mask, u * w[:, None], 0.0)
+        _store(y_ptr, at, mask, _unit(v, inv_d, infinite, share) * w[:, None], 0.0)
 
 
 @triton.jit
@@ -198,8 +210,9 @@ def backward_kernel(
         v = _load(x_ptr, at, mask)
         gv = _load(g_ptr, at, mask)
         w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
-        n2 += tl.sum(v * v, axis=0)
-        count_inf += tl.sum(tl.where(tl.abs(v) == float("inf"), 1.0, 0.0), axis=0)
+        squares, infinities = _square_sums(v)
+        n2 += squares
+        count_inf += infinities
         inner_product += tl.sum(w[:, None] * gv * v, axis=0)
     inv_d, r_over_n2, infinite, share = _slice_terms(n2, count_inf, tl.load(eps_ptr), IS_ADD, POWER)
     k = tl.where(infinite, 0.0, r_over_n2 * inner_product)
@@ -213,6 +226,6 @@ def backward_kernel(
         dx = (w[:, None] * gv - k[None, :] * finite_v) * inv_d[None, :]
         _store(dx_ptr, at, mask, dx, OUT_MAX)
         if NEED_DW:
-            u = tl.where(infinite[None, :], _limit(v, share[None, :]), v * inv_d[None, :])
+            u = _unit(v, inv_d, infinite, share)
             share_dw = tl.sum(tl.where(mask, gv * u, 0.0), axis=1)
             tl.store(dw_ptr + row * C + c0 + c, share_dw, mask=c_ok)
