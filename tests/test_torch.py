@@ -467,6 +467,27 @@ def test_batch_invariance_bitwise(route, layout):
         assert torch.equal(y[i], yi[0]) and torch.equal(dx[i], dxi[0]), (route, i)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_streams_large_outputs_with_the_same_results(dtype):
+    """Outputs of at least 8 MiB are written with streaming stores (kernel.h: kStreamBytes):
+    the batch takes that path, each sample alone the plain one, and they agree bit for bit,
+    Inf and zero pixels included; the values are within 1 ULP of the reference."""
+    batch = 3 if dtype == torch.float32 else 6  # 8.9 MB, each sample 3.0 or 1.5 MB
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, 512, 38, 38, generator=gen).to(dtype)
+    x[1, :, 5, 7] = 0.0
+    x[2, 3, 0, 0] = float("inf")
+    assert x.nbytes >= 8 << 20 > x[0].nbytes
+    g = torch.randn(x.shape, generator=gen).to(dtype)
+    w = torch.full((512,), 20.0)
+    assert lowering_for(x) == "cpu-kernel"
+    y, dx = _run_route("default", x, w, g, 1)
+    for i in range(batch):
+        yi, dxi = _run_route("default", x[i : i + 1], w, g[i : i + 1], 1)
+        assert torch.equal(y[i], yi[0]) and torch.equal(dx[i], dxi[0]), i
+    assert_close_ulps(y[:2], ref_forward(x[:2], w, axis=1), 1.0)
+
+
 class _HostSyncs(TorchDispatchMode):
     """Records the aten calls that read a device value back to the host."""
 
@@ -1092,7 +1113,12 @@ def test_bad_input_raises_a_clear_error(make, error, match):
 def _ddp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     # A hang shows where it is: each worker prints its stack and exits before the test's
     # deadline. One thread each: two workers share the CI machine's two cores.
-    faulthandler.dump_traceback_later(100, exit=True)
+    # Output goes to a file the test shows on failure: a worker writing into the pipe of
+    # a piped pytest run has hung there.
+    log = open(os.path.join(out_dir, f"worker{rank}.log"), "w")  # noqa: SIM115
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    faulthandler.dump_traceback_later(100, exit=True, file=log)
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo",
@@ -1127,7 +1153,8 @@ def test_distributed_data_parallel_gradients_equal_single_process(tmp_path):
         for p in context.processes:
             if p.is_alive():
                 p.kill()
-        pytest.fail("DDP workers did not finish within 120 s")
+        logs = "".join(p.read_text() for p in sorted(tmp_path.glob("worker*.log")))
+        pytest.fail(f"DDP workers did not finish within 120 s:\n{logs}")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), L2Norm(8))
     x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 8, 5, 5)

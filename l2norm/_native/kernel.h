@@ -3,18 +3,20 @@
 // headers). capi.cpp exposes it with a plain C ABI (PyTorch calls it through ctypes),
 // xla_ffi.cpp as XLA custom calls (JAX).
 //
-// Each block of `kBlock` neighbouring slices (inner > 1: NCHW pixels), or each row
-// (inner == 1: channels last), is read twice while it sits in the core's cache, so a
+// Each block of neighbouring slices (inner > 1: NCHW pixels; rows of kRowBytes), or each
+// row (inner == 1: channels last), is read twice while it sits in the core's cache, so a
 // forward reads x from memory once and writes y once, and a backward reads x and g once
 // and writes dx once. Nothing passes from the forward to the backward: the backward sums
-// the squares again in its first read.
+// the squares again in its first read. Large outputs are written with streaming stores
+// (kStreamBytes), which skip reading the output's lines before writing them.
 //
 // Sums are accumulated in double: a float's square is exact in double and cannot overflow
 // or underflow there, so every finite float32 / float16 / bfloat16 slice gets its norm to
-// about 1e-13 with no pre-scaling (the one-rung ladder of l2norm/_ladder.py) and each
-// output is rounded once. Every slice is computed on its own: a NaN flows through the
-// arithmetic (NaN slice, NaN out), and a slice holding +-Inf (its sum is Inf) takes the
-// reference's limit in a short extra loop over that block.
+// about 1e-13 with no pre-scaling (the one-rung ladder of l2norm/_ladder.py). The second
+// pass (y, dx) runs in double too, except for float16, whose range lets float32 do it
+// (float_arithmetic); each output is rounded once from that. Every slice is computed on
+// its own: a NaN flows through the arithmetic (NaN slice, NaN out), and a slice holding
+// +-Inf (its sum is Inf) takes the reference's limit in a short extra loop over that block.
 //
 // The eps placement arrives as (is_add, power, eps): l2norm._modes.EpsMode.kernel_code;
 // slice_terms below is that table's denominator and ratio, in double.
@@ -25,13 +27,14 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__SSE__) || defined(__x86_64__)
-#include <xmmintrin.h>
+#if defined(__SSE2__) || defined(__x86_64__)
+#include <immintrin.h>
 #endif
 
 namespace l2norm {
@@ -59,7 +62,13 @@ class KeepSubnormals {
 #endif
 };
 
-constexpr int64_t kBlock = 512;  // slices per block: x and g blocks stay in L2 (C = 512)
+// Slices per block: rows of 2 KiB (512 float32 or 1024 half entries), long enough for the
+// hardware prefetchers, whatever the dtype; a backward block of x and g (C = 512) is 2 MiB.
+constexpr int64_t kRowBytes = 2048;
+constexpr int64_t kBlock = kRowBytes / 2;  // the most slices a block has (half types)
+
+template <typename E>
+constexpr int64_t kSlices = kRowBytes / int64_t(sizeof(typename E::T));
 constexpr int64_t kLanes = 8;    // independent partial sums in the row loops
 
 // ------------------------------------------------------------------ element types
@@ -78,6 +87,7 @@ inline uint32_t float_to_bits(float f) {
 
 struct Float32 {
   using T = float;
+  static float load_float(T v) { return v; }
   static double load(T v) { return static_cast<double>(v); }
   static T store(double v) { return static_cast<T>(v); }
   static T store_float(float v) { return v; }
@@ -87,7 +97,8 @@ struct Float32 {
 // bfloat16: the top half of a float32; rounded to nearest even from float32.
 struct BFloat16 {
   using T = uint16_t;
-  static double load(T v) { return static_cast<double>(bits_to_float(uint32_t(v) << 16)); }
+  static float load_float(T v) { return bits_to_float(uint32_t(v) << 16); }
+  static double load(T v) { return static_cast<double>(load_float(v)); }
   static T store(double v) { return store_float(static_cast<float>(v)); }
   static T store_float(float v) {
     const uint32_t bits = float_to_bits(v);
@@ -105,13 +116,14 @@ struct BFloat16 {
 // rounds to nearest even, Inf and NaN kept.
 struct Float16 {
   using T = uint16_t;
-  static double load(T v) {
+  static float load_float(T v) {
     const uint32_t h = v, sign = (h & 0x8000u) << 16, magnitude = h & 0x7fffu;
     const float scaled = bits_to_float(magnitude << 13) * 5.192296858534828e33f;  // * 2**112
     const uint32_t special = 0x7f800000u | ((magnitude & 0x3ffu) << 13);           // Inf, NaN
     const uint32_t bits = magnitude >= 0x7c00u ? special : float_to_bits(scaled);
-    return static_cast<double>(bits_to_float(sign | bits));
+    return bits_to_float(sign | bits);
   }
+  static double load(T v) { return static_cast<double>(load_float(v)); }
   static T store(double v) { return store_float(static_cast<float>(v)); }
   static T store_float(float v) {
     const uint32_t f = float_to_bits(v);
@@ -138,6 +150,139 @@ inline double clamp(double v) {
 template <typename E>
 inline typename E::T saturate(double v) {
   return E::store(clamp<E>(v));
+}
+
+// ------------------------------------------------------------------ rows through the L1 cache
+
+// Whether rows of E are widened to float32 once, into an L1 buffer, before the arithmetic
+// reads them: float16 where the build has the F16C instructions (the portable bit
+// manipulation of Float16::load_float costs more than the rest of the arithmetic).
+// float32 and bfloat16 (a shift) are read where they lie.
+template <typename E>
+constexpr bool kWidenRows =
+#if defined(__F16C__)
+    std::is_same_v<E, Float16>;
+#else
+    false;
+#endif
+
+// A row of n <= kBlock entries as the arithmetic reads it: the row itself, or its float32
+// values widened into buf (kWidenRows).
+template <typename E>
+using RowOf = std::conditional_t<kWidenRows<E>, const float*, const typename E::T*>;
+
+template <typename E>
+inline RowOf<E> row_of(const typename E::T* row, int64_t n, float* buf) {
+  if constexpr (kWidenRows<E>) {
+    int64_t p = 0;
+#if defined(__F16C__)
+    for (; p + 8 <= n; p += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + p));
+      _mm256_storeu_ps(buf + p, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; p < n; ++p) buf[p] = E::load_float(row[p]);
+    return buf;
+  } else {
+    return row;
+  }
+}
+
+// Entry p of a row from row_of, exactly, as a double.
+template <typename E>
+inline double value(RowOf<E> row, int64_t p) {
+  if constexpr (kWidenRows<E>) {
+    return row[p];
+  } else {
+    return E::load(row[p]);
+  }
+}
+
+// Rounds a row of float32 values to the element type (round to nearest even, like
+// E::store_float; F16C for float16 where the build has it).
+template <typename E>
+inline void narrow_row(const float* r, int64_t n, typename E::T* out) {
+  int64_t p = 0;
+#if defined(__F16C__)
+  if constexpr (std::is_same_v<E, Float16>) {
+    for (; p + 8 <= n; p += 8) {
+      const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(r + p), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + p), h);
+    }
+  }
+#endif
+  for (; p < n; ++p) out[p] = E::store_float(r[p]);
+}
+
+// Whether the second pass of E runs in float32 rather than double: float16, whose whole
+// range float32 holds with room to spare. A nonzero float16 slice has n >= 2**-24, so
+// 1 / d <= 2**24 and no product below leaves float32 (|k x| <= ||w g|| in the backward); a
+// zero slice's larger 1 / d is clamped to the largest float (0 times it is still 0).
+// float32 arithmetic carries a relative error of a few 2**-24, far inside float16's
+// 2**-11, and doubles the lanes. bfloat16 keeps double: its slices reach 2**-133, whose
+// 1 / d float32 cannot hold. So do scales beyond 2**32 (none in practice).
+template <typename E>
+inline bool float_arithmetic(const std::vector<double>& w) {
+  if constexpr (!std::is_same_v<E, Float16>) return false;
+  return std::all_of(w.begin(), w.end(), [](double v) { return std::abs(v) <= 0x1p32; });
+}
+
+// 1 / d as the float32 arithmetic uses it (see float_arithmetic); Inf and NaN kept.
+inline float inv_d_float(double inv_d) {
+  return static_cast<float>(std::isinf(inv_d) ? inv_d : std::min(inv_d, double(FLT_MAX)));
+}
+
+// Outputs of at least this many bytes are written with streaming (non-temporal) stores:
+// they do not fit a core's caches anyway, and a plain store first reads each line it
+// misses (a third memory pass) and evicts the input block the next pass reads again.
+// Smaller outputs stay in the cache for the layer that reads them next. The arithmetic
+// is the same either way, so the choice changes no result.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+// Copies fewer than 64 bytes (an even count) with inline moves: a row's unaligned ends.
+inline void copy_short(char* dst, const char* src, int64_t bytes) {
+  for (; bytes >= 8; bytes -= 8, dst += 8, src += 8) std::memcpy(dst, src, 8);
+  for (; bytes >= 2; bytes -= 2, dst += 2, src += 2) std::memcpy(dst, src, 2);
+}
+
+// Copies a finished row (computed into an L1 buffer) to its place in the output: with
+// streaming stores of its whole 64-byte lines if `stream`, its unaligned ends (shared with
+// the neighbouring blocks' rows) with plain stores.
+inline void write_row(void* dst_ptr, const void* src_ptr, int64_t bytes, bool stream) {
+  char* dst = static_cast<char*>(dst_ptr);
+  const char* src = static_cast<const char*>(src_ptr);
+#if defined(__SSE2__)
+  if (stream && bytes >= 128) {
+    const int64_t head = -reinterpret_cast<uintptr_t>(dst) & 63;
+    copy_short(dst, src, head);
+    dst += head, src += head, bytes -= head;
+    for (; bytes >= 64; bytes -= 64, dst += 64, src += 64) {
+#if defined(__AVX512F__)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), _mm512_loadu_si512(src));
+#elif defined(__AVX__)
+      for (int k = 0; k < 64; k += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + k), v);
+      }
+#else
+      for (int k = 0; k < 64; k += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k));
+        _mm_stream_si128(reinterpret_cast<__m128i*>(dst + k), v);
+      }
+#endif
+    }
+    copy_short(dst, src, bytes);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+// Orders this thread's streaming stores before whatever reads the output next.
+inline void end_streaming() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // ------------------------------------------------------------------ the per-slice formula
@@ -180,16 +325,18 @@ struct Shape {
   int64_t outer, C, inner;
 };
 
-inline int64_t blocks_of(const Shape& s) { return s.outer * ((s.inner + kBlock - 1) / kBlock); }
+inline int64_t blocks_of(const Shape& s, int64_t slices) {
+  return s.outer * ((s.inner + slices - 1) / slices);
+}
 
 struct Block {
   int64_t base, len;  // first element of the block's channel-0 row, and its width
 };
 
-inline Block block_at(int64_t id, const Shape& s) {
-  const int64_t per_row = (s.inner + kBlock - 1) / kBlock;
-  const int64_t outer = id / per_row, start = (id % per_row) * kBlock;
-  return {outer * s.C * s.inner + start, std::min(kBlock, s.inner - start)};
+inline Block block_at(int64_t id, const Shape& s, int64_t slices) {
+  const int64_t per_row = (s.inner + slices - 1) / slices;
+  const int64_t outer = id / per_row, start = (id % per_row) * slices;
+  return {outer * s.C * s.inner + start, std::min(slices, s.inner - start)};
 }
 
 inline int thread_id() {
@@ -278,30 +425,53 @@ void forward_rows(const typename E::T* x, typename E::T* y, const Shape& s,
   }
 }
 
+// Adds the squares of rows [ch, ch + count) of a block to n2 (count <= 4): four rows a
+// pass, so that each partial sum is read and written once per four rows, and four memory
+// streams run at once.
+template <typename E>
+inline void add_squares(const typename E::T* first, int64_t inner, int64_t count, int64_t len,
+                        double* n2) {
+  float bufs[4][kBlock];
+  RowOf<E> r[4];
+  for (int64_t k = 0; k < count; ++k) r[k] = row_of<E>(first + k * inner, len, bufs[k]);
+  if (count == 4) {
+    for (int64_t p = 0; p < len; ++p) {
+      const double a = value<E>(r[0], p), b = value<E>(r[1], p);
+      const double c = value<E>(r[2], p), d = value<E>(r[3], p);
+      n2[p] += (a * a + b * b) + (c * c + d * d);
+    }
+    return;
+  }
+  for (int64_t k = 0; k < count; ++k) {
+    for (int64_t p = 0; p < len; ++p) n2[p] += value<E>(r[k], p) * value<E>(r[k], p);
+  }
+}
+
 template <typename E>
 void forward(const typename E::T* x, typename E::T* y, const Shape& s, const double* w_ptr,
              int64_t w_len, const Placement& pl, int threads) {
+  using T = typename E::T;
   const std::vector<double> w = per_channel(w_ptr, w_len, s.C);
   if (s.inner == 1) {
     forward_rows<E>(x, y, s, w, pl, threads);
     return;
   }
   const int64_t C = s.C, inner = s.inner;
+  const bool stream = s.outer * C * inner * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool fast = float_arithmetic<E>(w);
 #pragma omp parallel num_threads(threads)
   {
     KeepSubnormals keep;
 #pragma omp for schedule(static)
-  for (int64_t b = 0; b < blocks_of(s); ++b) {
+  for (int64_t b = 0; b < blocks_of(s, kSlices<E>); ++b) {
     double acc[kBlock];
     double inv_d[kBlock];
-    const Block blk = block_at(b, s);
+    float xbuf[kBlock], r[kBlock];
+    T done[kBlock];
+    const Block blk = block_at(b, s, kSlices<E>);
     std::fill(acc, acc + blk.len, 0.0);
-    for (int64_t ch = 0; ch < C; ++ch) {
-      const typename E::T* row = x + blk.base + ch * inner;
-      for (int64_t p = 0; p < blk.len; ++p) {
-        const double v = E::load(row[p]);
-        acc[p] += v * v;
-      }
+    for (int64_t ch = 0; ch < C; ch += 4) {
+      add_squares<E>(x + blk.base + ch * inner, inner, std::min<int64_t>(4, C - ch), blk.len, acc);
     }
     bool any_inf = false;
     for (int64_t p = 0; p < blk.len; ++p) {
@@ -309,25 +479,31 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
       inv_d[p] = sl.inv_d;
       any_inf |= sl.infinite;
     }
+    float inv_f[kBlock];
+    if (fast) {
+      for (int64_t p = 0; p < blk.len; ++p) inv_f[p] = inv_d_float(inv_d[p]);
+    }
     for (int64_t ch = 0; ch < C; ++ch) {
-      const typename E::T* row = x + blk.base + ch * inner;
-      typename E::T* out = y + blk.base + ch * inner;
+      const RowOf<E> xr = row_of<E>(x + blk.base + ch * inner, blk.len, xbuf);
       const double wc = w[ch];
-      if constexpr (sizeof(typename E::T) == 2) {
-        // Two loops: GCC does not vectorize 16- to 64- to 16-bit conversions in one.
-        double r[kBlock];
-        for (int64_t p = 0; p < blk.len; ++p) r[p] = E::load(row[p]) * inv_d[p] * wc;
-        for (int64_t p = 0; p < blk.len; ++p) out[p] = E::store(r[p]);
-      } else {
-        for (int64_t p = 0; p < blk.len; ++p) out[p] = E::store(E::load(row[p]) * inv_d[p] * wc);
+      if (fast) {
+        const float wf = static_cast<float>(wc);
+        for (int64_t p = 0; p < blk.len; ++p) r[p] = static_cast<float>(value<E>(xr, p)) * inv_f[p] * wf;
+      } else {  // each output rounded once from double (bfloat16: through float, exactly)
+        for (int64_t p = 0; p < blk.len; ++p) r[p] = static_cast<float>(value<E>(xr, p) * inv_d[p] * wc);
       }
+      if constexpr (!std::is_same_v<T, float>) narrow_row<E>(r, blk.len, done);
+      const void* row = std::is_same_v<T, float> ? static_cast<const void*>(r) : done;
+      write_row(y + blk.base + ch * inner, row, blk.len * int64_t(sizeof(T)), stream);
     }
     if (any_inf) {  // rewrite the few Inf slices with their limit
+      if (stream) end_streaming();
       for (int64_t p = 0; p < blk.len; ++p) {
         if (std::isinf(acc[p])) forward_limit<E>(x + blk.base + p, inner, C, w.data(), y + blk.base + p);
       }
     }
   }
+    if (stream) end_streaming();
   }
 }
 
@@ -395,36 +571,67 @@ void backward_rows(const typename E::T* x, const typename E::T* g, typename E::T
   sum_partials(partial, threads, C, dw);
 }
 
+// Adds rows [ch, ch + count) of a block (count <= 4) to the squares n2 and to the
+// products ip of the scaled cotangent with the input, four rows a pass as in add_squares.
+template <typename E>
+inline void add_squares_and_products(const typename E::T* x, const typename E::T* g,
+                                     const double* w, int64_t inner, int64_t count,
+                                     int64_t len, double* n2, double* ip) {
+  float xbufs[4][kBlock], gbufs[4][kBlock];
+  RowOf<E> xr[4], gr[4];
+  for (int64_t k = 0; k < count; ++k) {
+    xr[k] = row_of<E>(x + k * inner, len, xbufs[k]);
+    gr[k] = row_of<E>(g + k * inner, len, gbufs[k]);
+  }
+  if (count == 4) {
+    for (int64_t p = 0; p < len; ++p) {
+      const double a = value<E>(xr[0], p), b = value<E>(xr[1], p);
+      const double c = value<E>(xr[2], p), d = value<E>(xr[3], p);
+      n2[p] += (a * a + b * b) + (c * c + d * d);
+      ip[p] += (w[0] * value<E>(gr[0], p) * a + w[1] * value<E>(gr[1], p) * b) +
+               (w[2] * value<E>(gr[2], p) * c + w[3] * value<E>(gr[3], p) * d);
+    }
+    return;
+  }
+  for (int64_t k = 0; k < count; ++k) {
+    for (int64_t p = 0; p < len; ++p) {
+      const double v = value<E>(xr[k], p);
+      n2[p] += v * v;
+      ip[p] += w[k] * value<E>(gr[k], p) * v;
+    }
+  }
+}
+
 template <typename E>
 void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx, double* dw,
               const Shape& s, const double* w_ptr, int64_t w_len, const Placement& pl,
               int threads) {
+  using T = typename E::T;
   const std::vector<double> w = per_channel(w_ptr, w_len, s.C);
   if (s.inner == 1) {
     backward_rows<E>(x, g, dx, dw, s, w, pl, threads);
     return;
   }
   const int64_t C = s.C, inner = s.inner;
+  const bool stream = s.outer * C * inner * int64_t(sizeof(T)) >= kStreamBytes;
+  const bool fast = float_arithmetic<E>(w);
   std::vector<double> partial(static_cast<size_t>(threads) * C, 0.0);
 #pragma omp parallel num_threads(threads)
   {
     KeepSubnormals keep;
 #pragma omp for schedule(static)
-  for (int64_t b = 0; b < blocks_of(s); ++b) {
+  for (int64_t b = 0; b < blocks_of(s, kSlices<E>); ++b) {
     double n2[kBlock], ip[kBlock], inv_d[kBlock], k[kBlock];
+    float xbuf[kBlock], gbuf[kBlock], r[kBlock];
+    T done[kBlock];
     double* dw_part = partial.data() + static_cast<size_t>(thread_id()) * C;
-    const Block blk = block_at(b, s);
+    const Block blk = block_at(b, s, kSlices<E>);
     std::fill(n2, n2 + blk.len, 0.0);
     std::fill(ip, ip + blk.len, 0.0);
-    for (int64_t ch = 0; ch < C; ++ch) {
-      const typename E::T* xr = x + blk.base + ch * inner;
-      const typename E::T* gr = g + blk.base + ch * inner;
-      const double wc = w[ch];
-      for (int64_t p = 0; p < blk.len; ++p) {
-        const double xv = E::load(xr[p]);
-        n2[p] += xv * xv;
-        ip[p] += wc * E::load(gr[p]) * xv;
-      }
+    for (int64_t ch = 0; ch < C; ch += 4) {
+      const int64_t at = blk.base + ch * inner;
+      add_squares_and_products<E>(x + at, g + at, w.data() + ch, inner,
+                                  std::min<int64_t>(4, C - ch), blk.len, n2, ip);
     }
     bool any_inf = false;
     for (int64_t p = 0; p < blk.len; ++p) {
@@ -433,63 +640,76 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
       k[p] = sl.r_over_n2 * ip[p];
       any_inf |= sl.infinite;
     }
-    if (any_inf) {  // Inf slices first; the loop below then leaves them alone
+    // dx = w g / d - (k / d) x and the scale's gradient g x / d, from a = g / d.
+    double k_inv_d[kBlock];
+    float inv_f[kBlock], k_f[kBlock];
+    for (int64_t p = 0; p < blk.len; ++p) k_inv_d[p] = k[p] * inv_d[p];
+    if (fast) {
+      for (int64_t p = 0; p < blk.len; ++p) {
+        inv_f[p] = inv_d_float(inv_d[p]);
+        k_f[p] = static_cast<float>(k[p]);
+      }
+    }
+    const float big = static_cast<float>(E::kMax);
+    for (int64_t ch = 0; ch < C; ++ch) {
+      const int64_t at = blk.base + ch * inner;
+      const RowOf<E> xr = row_of<E>(x + at, blk.len, xbuf);
+      const RowOf<E> gr = row_of<E>(g + at, blk.len, gbuf);
+      const double wc = w[ch];
+      const float wf = static_cast<float>(wc);
+      // The scale's gradient in kLanes independent partial sums, kept in registers; an Inf
+      // slice adds nothing here (backward_limit below adds its share). The loop is written
+      // once per (float32 or double arithmetic, Inf slices in the block or not), so that
+      // each version vectorizes.
+      double lanes[kLanes] = {};
+      auto pass = [&](auto in_float, auto masked) {
+        auto entry = [&](int64_t p, double& lane) {
+          double term;
+          if constexpr (decltype(in_float)::value) {
+            const float gv = static_cast<float>(value<E>(gr, p));
+            const float xv = static_cast<float>(value<E>(xr, p));
+            term = gv * inv_f[p] * xv;
+            r[p] = std::min(std::max((wf * gv - k_f[p] * xv) * inv_f[p], -big), big);
+          } else {
+            const double gv = value<E>(gr, p), xv = value<E>(xr, p);
+            const double a = gv * inv_d[p];
+            term = a * xv;
+            // Rounded to float, then clamped: the same as clamping first, and cheaper.
+            r[p] = std::min(std::max(static_cast<float>(wc * a - k_inv_d[p] * xv), -big), big);
+          }
+          if constexpr (decltype(masked)::value) term = std::isinf(n2[p]) ? 0.0 : term;
+          lane += term;
+        };
+        int64_t p = 0;
+        for (; p + kLanes <= blk.len; p += kLanes) {
+          for (int64_t j = 0; j < kLanes; ++j) entry(p + j, lanes[j]);
+        }
+        for (; p < blk.len; ++p) entry(p, lanes[0]);
+      };
+      using yes = std::true_type;
+      using no = std::false_type;
+      if (fast) {
+        any_inf ? pass(yes{}, yes{}) : pass(yes{}, no{});
+      } else {
+        any_inf ? pass(no{}, yes{}) : pass(no{}, no{});
+      }
+      double total = 0.0;
+      for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+      dw_part[ch] += total;
+      if constexpr (!std::is_same_v<T, float>) narrow_row<E>(r, blk.len, done);
+      const void* row = std::is_same_v<T, float> ? static_cast<const void*>(r) : done;
+      write_row(dx + at, row, blk.len * int64_t(sizeof(T)), stream);
+    }
+    if (any_inf) {  // Inf slices: their limit, after (and ordered after) the rows above
+      if (stream) end_streaming();
       for (int64_t p = 0; p < blk.len; ++p) {
         if (!std::isinf(n2[p])) continue;
         backward_limit<E>(x + blk.base + p, g + blk.base + p, inner, C, dx + blk.base + p,
                           dw_part);
       }
     }
-    for (int64_t ch = 0; ch < C; ++ch) {
-      const typename E::T* xr = x + blk.base + ch * inner;
-      const typename E::T* gr = g + blk.base + ch * inner;
-      typename E::T* out = dx + blk.base + ch * inner;
-      const double wc = w[ch];
-      // The scale's gradient in kLanes independent partial sums, kept in registers.
-      double lanes[kLanes] = {};
-      if (!any_inf && sizeof(typename E::T) == 2) {
-        // Three loops, each of one element width change, which GCC vectorizes (it does not
-        // vectorize 16- to 64- to 16-bit conversions in one loop).
-        double t[kBlock];
-        float r[kBlock];
-        for (int64_t p = 0; p < blk.len; ++p) {
-          const double gv = E::load(gr[p]), xv = E::load(xr[p]);
-          t[p] = gv * xv * inv_d[p];
-          r[p] = static_cast<float>(clamp<E>((wc * gv - k[p] * xv) * inv_d[p]));
-        }
-        int64_t p = 0;
-        for (; p + kLanes <= blk.len; p += kLanes) {
-          for (int64_t j = 0; j < kLanes; ++j) lanes[j] += t[p + j];
-        }
-        for (; p < blk.len; ++p) lanes[0] += t[p];
-        for (p = 0; p < blk.len; ++p) out[p] = E::store_float(r[p]);
-      } else if (!any_inf) {
-        int64_t p = 0;
-        for (; p + kLanes <= blk.len; p += kLanes) {
-          for (int64_t j = 0; j < kLanes; ++j) {
-            const double gv = E::load(gr[p + j]), xv = E::load(xr[p + j]);
-            lanes[j] += gv * xv * inv_d[p + j];
-            out[p + j] = saturate<E>((wc * gv - k[p + j] * xv) * inv_d[p + j]);
-          }
-        }
-        for (; p < blk.len; ++p) {
-          const double gv = E::load(gr[p]), xv = E::load(xr[p]);
-          lanes[0] += gv * xv * inv_d[p];
-          out[p] = saturate<E>((wc * gv - k[p] * xv) * inv_d[p]);
-        }
-      } else {  // skip the Inf slices: backward_limit wrote their dx and share of dw
-        for (int64_t p = 0; p < blk.len; ++p) {
-          if (std::isinf(n2[p])) continue;
-          const double gv = E::load(gr[p]), xv = E::load(xr[p]);
-          lanes[0] += gv * xv * inv_d[p];
-          out[p] = saturate<E>((wc * gv - k[p] * xv) * inv_d[p]);
-        }
-      }
-      double total = 0.0;
-      for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
-      dw_part[ch] += total;
-    }
   }
+    if (stream) end_streaming();
   }
   sum_partials(partial, threads, C, dw);
 }
