@@ -62,13 +62,14 @@ class KeepSubnormals {
 #endif
 };
 
-// Slices per block: rows of 2 KiB (512 float32 or 1024 half entries), long enough for the
-// hardware prefetchers, whatever the dtype; a backward block of x and g (C = 512) is 2 MiB.
+// Slices per block (block_slices): up to kBlockBytes of each tensor, so that a block is
+// still in the cache when the second pass reads it again, in rows of at least kRowBytes
+// (shorter rows cost more in loop and prefetcher restarts than the cache saves) and at
+// most kMaxSlices. SSD's conv4_3 (C = 512, 38 x 38 pixels) takes a whole sample a block:
+// one contiguous 2.9 MB read in float32.
 constexpr int64_t kRowBytes = 2048;
-constexpr int64_t kBlock = kRowBytes / 2;  // the most slices a block has (half types)
-
-template <typename E>
-constexpr int64_t kSlices = kRowBytes / int64_t(sizeof(typename E::T));
+constexpr int64_t kBlockBytes = int64_t(4) << 20;
+constexpr int64_t kMaxSlices = 2048;
 constexpr int64_t kLanes = 8;    // independent partial sums in the row loops
 
 // ------------------------------------------------------------------ element types
@@ -166,7 +167,7 @@ constexpr bool kWidenRows =
     false;
 #endif
 
-// A row of n <= kBlock entries as the arithmetic reads it: the row itself, or its float32
+// A row of n <= kMaxSlices entries as the arithmetic reads it: the row itself, or its float32
 // values widened into buf (kWidenRows).
 template <typename E>
 using RowOf = std::conditional_t<kWidenRows<E>, const float*, const typename E::T*>;
@@ -325,6 +326,11 @@ struct Shape {
   int64_t outer, C, inner;
 };
 
+inline int64_t block_slices(const Shape& s, int64_t item_bytes) {
+  const int64_t by_bytes = kBlockBytes / (s.C * item_bytes);
+  return std::min(s.inner, std::clamp(by_bytes, kRowBytes / item_bytes, kMaxSlices));
+}
+
 inline int64_t blocks_of(const Shape& s, int64_t slices) {
   return s.outer * ((s.inner + slices - 1) / slices);
 }
@@ -338,6 +344,20 @@ inline Block block_at(int64_t id, const Shape& s, int64_t slices) {
   const int64_t outer = id / per_row, start = (id % per_row) * slices;
   return {outer * s.C * s.inner + start, std::min(slices, s.inner - start)};
 }
+
+// A thread's per-block arrays of kMaxSlices entries each, on the heap (a few hundred KiB:
+// too much for the stacks of the threads that call the kernel).
+template <typename T>
+struct Scratch {
+  std::vector<double> doubles;
+  std::vector<float> floats;
+  std::vector<T> out;
+  Scratch(int n_doubles, int n_floats)
+      : doubles(size_t(n_doubles) * kMaxSlices), floats(size_t(n_floats) * kMaxSlices),
+        out(kMaxSlices) {}
+  double* d(int i) { return doubles.data() + size_t(i) * kMaxSlices; }
+  float* f(int i) { return floats.data() + size_t(i) * kMaxSlices; }
+};
 
 inline int thread_id() {
 #ifdef _OPENMP
@@ -430,10 +450,9 @@ void forward_rows(const typename E::T* x, typename E::T* y, const Shape& s,
 // streams run at once.
 template <typename E>
 inline void add_squares(const typename E::T* first, int64_t inner, int64_t count, int64_t len,
-                        double* n2) {
-  float bufs[4][kBlock];
+                        double* n2, float* bufs) {
   RowOf<E> r[4];
-  for (int64_t k = 0; k < count; ++k) r[k] = row_of<E>(first + k * inner, len, bufs[k]);
+  for (int64_t k = 0; k < count; ++k) r[k] = row_of<E>(first + k * inner, len, bufs + k * kMaxSlices);
   if (count == 4) {
     for (int64_t p = 0; p < len; ++p) {
       const double a = value<E>(r[0], p), b = value<E>(r[1], p);
@@ -459,19 +478,21 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
   const int64_t C = s.C, inner = s.inner;
   const bool stream = s.outer * C * inner * int64_t(sizeof(T)) >= kStreamBytes;
   const bool fast = float_arithmetic<E>(w);
+  const int64_t slices = block_slices(s, sizeof(T));
 #pragma omp parallel num_threads(threads)
   {
     KeepSubnormals keep;
+    Scratch<T> scratch(2, 7);
 #pragma omp for schedule(static)
-  for (int64_t b = 0; b < blocks_of(s, kSlices<E>); ++b) {
-    double acc[kBlock];
-    double inv_d[kBlock];
-    float xbuf[kBlock], r[kBlock];
-    T done[kBlock];
-    const Block blk = block_at(b, s, kSlices<E>);
+  for (int64_t b = 0; b < blocks_of(s, slices); ++b) {
+    double *acc = scratch.d(0), *inv_d = scratch.d(1);
+    float *xbuf = scratch.f(0), *r = scratch.f(1), *inv_f = scratch.f(2);
+    T* done = scratch.out.data();
+    const Block blk = block_at(b, s, slices);
     std::fill(acc, acc + blk.len, 0.0);
     for (int64_t ch = 0; ch < C; ch += 4) {
-      add_squares<E>(x + blk.base + ch * inner, inner, std::min<int64_t>(4, C - ch), blk.len, acc);
+      add_squares<E>(x + blk.base + ch * inner, inner, std::min<int64_t>(4, C - ch), blk.len, acc,
+                     scratch.f(3));
     }
     bool any_inf = false;
     for (int64_t p = 0; p < blk.len; ++p) {
@@ -479,7 +500,6 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
       inv_d[p] = sl.inv_d;
       any_inf |= sl.infinite;
     }
-    float inv_f[kBlock];
     if (fast) {
       for (int64_t p = 0; p < blk.len; ++p) inv_f[p] = inv_d_float(inv_d[p]);
     }
@@ -576,12 +596,11 @@ void backward_rows(const typename E::T* x, const typename E::T* g, typename E::T
 template <typename E>
 inline void add_squares_and_products(const typename E::T* x, const typename E::T* g,
                                      const double* w, int64_t inner, int64_t count,
-                                     int64_t len, double* n2, double* ip) {
-  float xbufs[4][kBlock], gbufs[4][kBlock];
+                                     int64_t len, double* n2, double* ip, float* bufs) {
   RowOf<E> xr[4], gr[4];
   for (int64_t k = 0; k < count; ++k) {
-    xr[k] = row_of<E>(x + k * inner, len, xbufs[k]);
-    gr[k] = row_of<E>(g + k * inner, len, gbufs[k]);
+    xr[k] = row_of<E>(x + k * inner, len, bufs + k * kMaxSlices);
+    gr[k] = row_of<E>(g + k * inner, len, bufs + (4 + k) * kMaxSlices);
   }
   if (count == 4) {
     for (int64_t p = 0; p < len; ++p) {
@@ -615,23 +634,27 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
   const int64_t C = s.C, inner = s.inner;
   const bool stream = s.outer * C * inner * int64_t(sizeof(T)) >= kStreamBytes;
   const bool fast = float_arithmetic<E>(w);
+  const int64_t slices = block_slices(s, sizeof(T));
   std::vector<double> partial(static_cast<size_t>(threads) * C, 0.0);
 #pragma omp parallel num_threads(threads)
   {
     KeepSubnormals keep;
+    Scratch<T> scratch(5, 13);
 #pragma omp for schedule(static)
-  for (int64_t b = 0; b < blocks_of(s, kSlices<E>); ++b) {
-    double n2[kBlock], ip[kBlock], inv_d[kBlock], k[kBlock];
-    float xbuf[kBlock], gbuf[kBlock], r[kBlock];
-    T done[kBlock];
+  for (int64_t b = 0; b < blocks_of(s, slices); ++b) {
+    double *n2 = scratch.d(0), *ip = scratch.d(1), *inv_d = scratch.d(2), *k = scratch.d(3);
+    double* k_inv_d = scratch.d(4);
+    float *xbuf = scratch.f(0), *gbuf = scratch.f(1), *r = scratch.f(2);
+    float *inv_f = scratch.f(3), *k_f = scratch.f(4);
+    T* done = scratch.out.data();
     double* dw_part = partial.data() + static_cast<size_t>(thread_id()) * C;
-    const Block blk = block_at(b, s, kSlices<E>);
+    const Block blk = block_at(b, s, slices);
     std::fill(n2, n2 + blk.len, 0.0);
     std::fill(ip, ip + blk.len, 0.0);
     for (int64_t ch = 0; ch < C; ch += 4) {
       const int64_t at = blk.base + ch * inner;
       add_squares_and_products<E>(x + at, g + at, w.data() + ch, inner,
-                                  std::min<int64_t>(4, C - ch), blk.len, n2, ip);
+                                  std::min<int64_t>(4, C - ch), blk.len, n2, ip, scratch.f(5));
     }
     bool any_inf = false;
     for (int64_t p = 0; p < blk.len; ++p) {
@@ -641,8 +664,6 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
       any_inf |= sl.infinite;
     }
     // dx = w g / d - (k / d) x and the scale's gradient g x / d, from a = g / d.
-    double k_inv_d[kBlock];
-    float inv_f[kBlock], k_f[kBlock];
     for (int64_t p = 0; p < blk.len; ++p) k_inv_d[p] = k[p] * inv_d[p];
     if (fast) {
       for (int64_t p = 0; p < blk.len; ++p) {
