@@ -69,3 +69,14 @@ def test_keras_suites_run_on_this_backend():
         assert {"l2norm", "copy"} <= set(suite.impls)
         timing = time_suite(suite, repeats=1, warmup=1)
         assert timing.ratios()["vs_best_peer"] > 0
+
+
+def test_kernel_bench_times_the_kernel_and_the_copy(capsys):
+    from benchmarks import bench_kernel
+
+    table = bench_kernel.main(["--shape", "1,8,4,4", "--repeats", "2"])
+    assert [row["dtype"] for row in table] == ["float32", "bfloat16", "float16"]
+    for row in table:
+        assert all(row[k] > 0 for k in ("copy", "forward", "backward"))
+    out = capsys.readouterr().out
+    assert "vector extensions:" in out and "| float16 |" in out
