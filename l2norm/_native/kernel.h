@@ -452,7 +452,9 @@ template <typename E>
 inline void add_squares(const typename E::T* first, int64_t inner, int64_t count, int64_t len,
                         double* n2, float* bufs) {
   RowOf<E> r[4];
-  for (int64_t k = 0; k < count; ++k) r[k] = row_of<E>(first + k * inner, len, bufs + k * kMaxSlices);
+  for (int64_t k = 0; k < count; ++k) {
+    r[k] = row_of<E>(first + k * inner, len, bufs + k * kMaxSlices);
+  }
   if (count == 4) {
     for (int64_t p = 0; p < len; ++p) {
       const double a = value<E>(r[0], p), b = value<E>(r[1], p);
@@ -482,7 +484,7 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
 #pragma omp parallel num_threads(threads)
   {
     KeepSubnormals keep;
-    Scratch<T> scratch(2, 7);
+    Scratch<T> scratch(2, 3 + 4);  // and add_squares's four row buffers
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < blocks_of(s, slices); ++b) {
     double *acc = scratch.d(0), *inv_d = scratch.d(1);
@@ -508,9 +510,13 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
       const double wc = w[ch];
       if (fast) {
         const float wf = static_cast<float>(wc);
-        for (int64_t p = 0; p < blk.len; ++p) r[p] = static_cast<float>(value<E>(xr, p)) * inv_f[p] * wf;
-      } else {  // each output rounded once from double (bfloat16: through float, exactly)
-        for (int64_t p = 0; p < blk.len; ++p) r[p] = static_cast<float>(value<E>(xr, p) * inv_d[p] * wc);
+        for (int64_t p = 0; p < blk.len; ++p) {
+          r[p] = static_cast<float>(value<E>(xr, p)) * inv_f[p] * wf;
+        }
+      } else {  // from double: float32 rounded once, bfloat16 through float (faithful)
+        for (int64_t p = 0; p < blk.len; ++p) {
+          r[p] = static_cast<float>(value<E>(xr, p) * inv_d[p] * wc);
+        }
       }
       if constexpr (!std::is_same_v<T, float>) narrow_row<E>(r, blk.len, done);
       const void* row = std::is_same_v<T, float> ? static_cast<const void*>(r) : done;
@@ -519,7 +525,8 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
     if (any_inf) {  // rewrite the few Inf slices with their limit
       if (stream) end_streaming();
       for (int64_t p = 0; p < blk.len; ++p) {
-        if (std::isinf(acc[p])) forward_limit<E>(x + blk.base + p, inner, C, w.data(), y + blk.base + p);
+        if (!std::isinf(acc[p])) continue;
+        forward_limit<E>(x + blk.base + p, inner, C, w.data(), y + blk.base + p);
       }
     }
   }
@@ -639,7 +646,7 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
 #pragma omp parallel num_threads(threads)
   {
     KeepSubnormals keep;
-    Scratch<T> scratch(5, 13);
+    Scratch<T> scratch(5, 5 + 8);  // and add_squares_and_products's eight
 #pragma omp for schedule(static)
   for (int64_t b = 0; b < blocks_of(s, slices); ++b) {
     double *n2 = scratch.d(0), *ip = scratch.d(1), *inv_d = scratch.d(2), *k = scratch.d(3);
