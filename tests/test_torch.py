@@ -10,8 +10,6 @@ The tests run on CUDA too when it is present (``DEVICES``).
 
 from __future__ import annotations
 
-import datetime
-import faulthandler
 import io
 import os
 import subprocess
@@ -1135,51 +1133,29 @@ def test_bad_input_raises_a_clear_error(make, error, match):
 # --------------------------------------------------------------------------- DDP
 
 
-def _ddp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
-    # A hang shows where it is: each worker prints its stack and exits before the test's
-    # deadline. One thread each: two workers share the CI machine's two cores.
-    # Output goes to a file the test shows on failure: a worker writing into the pipe of
-    # a piped pytest run has hung there.
-    log = open(os.path.join(out_dir, f"worker{rank}.log"), "w")  # noqa: SIM115
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    faulthandler.dump_traceback_later(100, exit=True, file=log)
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group(
-        "gloo",
-        init_method=f"file://{store}",  # no TCP port to pick and race for
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), L2Norm(8))
-        x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 8, 5, 5)
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        part = slice(rank * 2, rank * 2 + 2)
-        (ddp(x[part]) * g[part]).sum().mul(world).backward()  # DDP averages over ranks
-        if rank == 0:
-            torch.save([p.grad for p in model.parameters()], os.path.join(out_dir, "ddp.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_distributed_data_parallel_gradients_equal_single_process(tmp_path):
     import torch.multiprocessing as mp
 
     store = str(tmp_path / "store")
-    context = mp.spawn(_ddp_worker, args=(2, store, str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
+    from _ddp_worker import ddp_worker  # a small module: the workers import only it
+
+    context = mp.spawn(ddp_worker, args=(2, store, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 270
+
+    def worker_logs() -> str:
+        return "".join(p.read_text() for p in sorted(tmp_path.glob("worker*.log")))
+
     # join() returns False while some worker is still running; it raises if one failed.
-    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() < deadline:
-            continue
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
-        logs = "".join(p.read_text() for p in sorted(tmp_path.glob("worker*.log")))
-        pytest.fail(f"DDP workers did not finish within 120 s:\n{logs}")
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() < deadline:
+                continue
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"DDP workers did not finish within 270 s:\n{worker_logs()}")
+    except mp.ProcessExitedException as err:
+        pytest.fail(f"{err}; the workers' output:\n{worker_logs()}")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), L2Norm(8))
     x, g = torch.randn(4, 3, 5, 5), torch.randn(4, 8, 5, 5)
