@@ -143,9 +143,10 @@ struct Float16 {
 // The input gradient rounded to the input's dtype, saturating at its largest finite value
 // where the exact one exceeds it (an all-zero float16 pixel: w * g / eps); NaN stays.
 // std::min / std::max keep a NaN first operand and vectorize (an if-else chain does not).
-template <typename E>
-inline double clamp(double v) {
-  return std::min(std::max(v, -E::kMax), E::kMax);
+template <typename E, typename V>
+inline V clamp(V v) {
+  const V big = static_cast<V>(E::kMax);  // exact in float too
+  return std::min(std::max(v, -big), big);
 }
 
 template <typename E>
@@ -678,7 +679,6 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
         k_f[p] = static_cast<float>(k[p]);
       }
     }
-    const float big = static_cast<float>(E::kMax);
     for (int64_t ch = 0; ch < C; ++ch) {
       const int64_t at = blk.base + ch * inner;
       const RowOf<E> xr = row_of<E>(x + at, blk.len, xbuf);
@@ -697,13 +697,13 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
             const float gv = static_cast<float>(value<E>(gr, p));
             const float xv = static_cast<float>(value<E>(xr, p));
             term = gv * inv_f[p] * xv;
-            r[p] = std::min(std::max((wf * gv - k_f[p] * xv) * inv_f[p], -big), big);
+            r[p] = clamp<E>((wf * gv - k_f[p] * xv) * inv_f[p]);
           } else {
             const double gv = value<E>(gr, p), xv = value<E>(xr, p);
             const double a = gv * inv_d[p];
             term = a * xv;
             // Rounded to float, then clamped: the same as clamping first, and cheaper.
-            r[p] = std::min(std::max(static_cast<float>(wc * a - k_inv_d[p] * xv), -big), big);
+            r[p] = clamp<E>(static_cast<float>(wc * a - k_inv_d[p] * xv));
           }
           if constexpr (decltype(masked)::value) term = std::isinf(n2[p]) ? 0.0 : term;
           lane += term;
