@@ -62,9 +62,33 @@ CROSS_SHAPE = conformance.CROSS_SHAPE
 CHILD_ENV = "L2NORM_CHECK_CHILD"
 
 
+def _backend_help() -> str:
+    """The ``--backends`` help: every known backend, those installed here marked."""
+    lines = []
+    for name in conformance.known_backends():
+        problem = conformance.unavailable(name)
+        why = "ready" if problem is None else str(problem).removeprefix(f"backend {name!r}: ")
+        lines.append(f"  {name:<17} {why}")
+    return "backends (ready here, or why not):\n" + "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l2norm check", description=__doc__.split("\n")[0])
-    parser.add_argument("--backends", help="comma-separated backend names (default: all installed)")
+    parser = argparse.ArgumentParser(
+        prog="l2norm check",
+        description=(
+            "Run every installed backend through the conformance suite: each backend "
+            "against the reference (forward ULPs, gradient eps), batch invariance and "
+            "the cross-framework comparison. Exit status 0 when all pass, 1 on a "
+            "failure, 2 on a usage error."
+        ),
+        epilog=_backend_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--backends",
+        metavar="NAMES",
+        help="comma-separated backend names, listed below (default: all installed)",
+    )
     parser.add_argument(
         "--full", action="store_true", help="run every case (default: a representative subset)"
     )
@@ -72,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="the representative subset: now the default"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    parser.add_argument("--case", help="run one case, by the id a failure printed")
+    parser.add_argument("--case", metavar="ID", help="run one case, by the id a failure printed")
     parser.add_argument(
         "--cross-only", action="store_true", help="run only the cross-framework section"
     )
@@ -97,6 +121,8 @@ def _select_backends(
                 missing[name] = problem
         return names, missing
     names = list(dict.fromkeys(n.strip() for n in requested.split(",") if n.strip()))
+    if not names:
+        parser.error(f"--backends names no backend; known backends: {', '.join(known)}")
     for name in names:
         if name not in known:
             parser.error(f"unknown backend {name!r}; known backends: {', '.join(known)}")
@@ -118,6 +144,10 @@ def _missing_lines(missing: dict[str, conformance.BackendUnavailable]) -> list[s
 
 def check(argv: Sequence[str]) -> int:
     """``l2norm check``; returns the exit status."""
+    # Before any backend loads triton (and before the help lists what is ready): without a
+    # GPU the torch-triton row runs the Triton kernels in Triton's interpreter, which must
+    # be on when triton is first imported.
+    triton_interpreter_without_gpu()
     parser = _parser()
     args = parser.parse_args(argv)
     in_child = bool(os.environ.get(CHILD_ENV))
@@ -135,9 +165,6 @@ def check(argv: Sequence[str]) -> int:
     else:
         selected = list(conformance.cases()) if args.full else conformance.default_cases()
     use_jax_compilation_cache()
-    # Before any backend loads triton: without a GPU the torch-triton row runs the Triton
-    # kernels in Triton's interpreter, which must be on when triton is first imported.
-    triton_interpreter_without_gpu()
     names, missing = _select_backends(parser, args.backends)
     start = time.perf_counter()
 
@@ -284,17 +311,33 @@ def _describe_case(report: BackendReport, case: conformance.Case) -> str:
     return "\n".join(lines)
 
 
+_USAGE = """usage: l2norm COMMAND [OPTIONS]
+
+l2norm: one L2Normalization layer (y = scale * x / ||x|| along the channel axis) for
+NumPy, PyTorch, Keras 3 and Flax, with identical maths everywhere.
+
+commands:
+  check    run every installed backend through the conformance suite
+           (l2norm check --help lists its options and the backends)
+
+examples:
+  l2norm check                       # a representative subset on every installed backend
+  l2norm check --full                # every case
+  l2norm check --backends torch,jax  # two backends
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``l2norm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: l2norm check [--backends NAMES] [--full] [--json] [--case ID] [--cross-only]")
+        print(_USAGE, end="", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "check":
         with np.errstate(all="ignore"):
             return check(rest)
-    print(f"l2norm: unknown command {command!r}; expected 'check'", file=sys.stderr)
+    print(f"l2norm: unknown command {command!r}; expected 'check' (l2norm --help)", file=sys.stderr)
     return 2
 
 

@@ -130,6 +130,25 @@ def test_cli_naming_a_missing_or_unknown_backend_is_an_error():
     assert bad_case.returncode == 2 and "not a conformance case id" in bad_case.stderr
 
 
+def test_cli_help_names_the_command_and_the_backends():
+    top = subprocess.run(
+        [sys.executable, "-m", "l2norm", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "commands:" in top.stdout and "check" in top.stdout.split("commands:")[1]
+    check = run_cli("--help")
+    assert check.returncode == 0
+    listed = check.stdout.split("backends (ready here, or why not):")[1]
+    for name in conformance.known_backends():
+        assert re.search(rf"^  {re.escape(name)} ", listed, re.M), name
+    assert re.search(r"^  numpy +ready$", listed, re.M)
+
+
+def test_cli_empty_backend_list_is_a_usage_error():
+    empty = run_cli("--backends", " , ")
+    assert empty.returncode == 2 and "--backends names no backend" in empty.stderr
+    assert "conformance:" not in empty.stdout
+
+
 def test_cli_reruns_one_case():
     one = run_cli("--backends", "numpy", "--case", "1:mode=add_norm:per_channel:float16:hostile")
     assert one.returncode == 0 and "result: PASS" in one.stdout
