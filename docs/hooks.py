@@ -1,25 +1,65 @@
-"""MkDocs hooks: draw the generated figures, and publish the benchmark results.
+"""MkDocs hooks: typeset the maths at build time, draw the generated figures, and publish
+the benchmark results.
 
-``benchmarks/RESULTS.md`` and its plots (``benchmarks/img/``) stay where the benchmark
-suite writes them; the site serves them as ``RESULTS.md`` and ``img/*.png``, so there is
-one copy of the results.
+* Maths: ``pymdownx.arithmatex`` marks each ``$...$`` / ``$$...$$`` span; the hook turns
+  it into MathML (``latex2mathml``), which browsers typeset natively. The built site then
+  needs no script and no network: it renders the same offline and on an air-gapped
+  cluster.
+* ``docs/plot_eps_placements.py`` draws ``img/eps_placements.png`` straight into the
+  built site, from the reference, at every build: the picture cannot go stale and the
+  source tree gets no generated file.
+* ``benchmarks/RESULTS.md`` and its plots (``benchmarks/img/``) stay where the benchmark
+  suite writes them; the site serves them as ``RESULTS.md`` and ``img/*.png``, so there
+  is one copy of the results.
 """
 
 from __future__ import annotations
 
+import html
+import re
 import runpy
+import tempfile
 from pathlib import Path
 
+from latex2mathml.converter import convert as latex_to_mathml
 from mkdocs.structure.files import File
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+DOCS = Path(__file__).resolve().parent
+BENCHMARKS = DOCS.parent / "benchmarks"
+GENERATED = "img/eps_placements.png"
+
+# arithmatex's generic output: \( ... \) in a span, \[ ... \] in a div.
+_INLINE = re.compile(r'<span class="arithmatex">\\\((.*?)\\\)</span>', re.S)
+_BLOCK = re.compile(r'<div class="arithmatex">\\\[(.*?)\\\]</div>', re.S)
 
 
-def on_pre_build(config, **kwargs) -> None:
-    runpy.run_path(str(Path(config["docs_dir"]) / "plot_eps_placements.py"), run_name="__main__")
+def typeset(page_html: str) -> str:
+    """``page_html`` with every arithmatex span replaced by MathML (a block for ``$$``).
+
+    Example:
+        >>> typeset('<span class="arithmatex">\\\\(x^2\\\\)</span>').startswith("<math")
+        True
+    """
+
+    def inline(match: re.Match[str]) -> str:
+        return latex_to_mathml(html.unescape(match.group(1)).strip())
+
+    def block(match: re.Match[str]) -> str:
+        tex = html.unescape(match.group(1)).strip()
+        return latex_to_mathml(tex, display="block")  # centred by the browser, no scrollbar
+
+    return _INLINE.sub(inline, _BLOCK.sub(block, page_html))
+
+
+def on_page_content(html_text: str, **kwargs) -> str:
+    return typeset(html_text)
 
 
 def on_files(files, config, **kwargs):
+    plot = runpy.run_path(str(DOCS / "plot_eps_placements.py"))
+    with tempfile.TemporaryDirectory() as scratch:
+        png = plot["main"](Path(scratch) / "plot.png").read_bytes()
+    files.append(File.generated(config, GENERATED, content=png))
     paths = ["RESULTS.md", *(f"img/{p.name}" for p in sorted((BENCHMARKS / "img").glob("*.png")))]
     for path in paths:
         files.append(File(path, str(BENCHMARKS), config["site_dir"], config["use_directory_urls"]))

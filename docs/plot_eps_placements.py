@@ -1,8 +1,8 @@
 """Plot the four eps placements near zero: output and gradient against the norm.
 
-Run ``python docs/plot_eps_placements.py``; the docs build runs it too (docs/hooks.py)
-and writes ``docs/img/eps_placements.png``. Every curve comes from l2norm's reference,
-for a one-element slice (``y = x / d(|x|)``), with eps = 1e-2 so the regimes are visible.
+Run ``python docs/plot_eps_placements.py [OUT.png]``; the docs build runs it too
+(docs/hooks.py) and writes the picture straight into the built site, never into ``docs/``.
+Every curve comes from l2norm's reference, for a one-element slice (``y = x / d(|x|)``), with eps = 1e-2 so the regimes are visible.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import numpy as np  # noqa: E402
 
 from l2norm import EPS_MODES, l2_normalize, l2_normalize_vjp  # noqa: E402
 
-OUT = Path(__file__).parent / "img" / "eps_placements.png"
 EPS = 1e-2
 
 
-def main() -> Path:
+def main(out: Path) -> Path:
+    """Draw the figure into ``out`` (a PNG file; its folder is made)."""
     norms = np.logspace(-5, 1, 400)
     x = norms[:, None]  # one slice per row, one element each: n = x
     fig, (ax_y, ax_g) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
@@ -39,11 +39,13 @@ def main() -> Path:
         title="gradient (one-element slice)",
     )
     ax_y.legend()
-    OUT.parent.mkdir(exist_ok=True)
-    fig.savefig(OUT, dpi=110)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
-    return OUT
+    return out
 
 
 if __name__ == "__main__":
-    print(main())
+    import sys
+
+    print(main(Path(sys.argv[1] if len(sys.argv) > 1 else "eps_placements.png")))
