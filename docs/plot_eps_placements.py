@@ -2,7 +2,8 @@
 
 Run ``python docs/plot_eps_placements.py [OUT.png]``; the docs build runs it too
 (docs/hooks.py) and writes the picture straight into the built site, never into ``docs/``.
-Every curve comes from l2norm's reference, for a one-element slice (``y = x / d(|x|)``), with eps = 1e-2 so the regimes are visible.
+Every curve comes from l2norm's reference, for a one-element slice (``y = x / d(|x|)``),
+with eps = 1e-2 so the regimes are visible.
 """
 
 from __future__ import annotations
