@@ -41,7 +41,23 @@ def _channels(params: L2NormParams, num_channels: int | None, argument: str) -> 
 
 
 def from_torch(module: Any) -> L2NormParams:
-    """From an :class:`l2norm.torch.L2Norm`."""
+    """From an :class:`l2norm.torch.L2Norm`.
+
+    Raises:
+        TypeError: ``module`` is not an ``l2norm.torch.L2Norm`` (for a model holding one,
+            the message names the submodules to pass instead).
+    """
+    from l2norm.torch import L2Norm
+
+    if not isinstance(module, L2Norm):
+        held = []
+        if hasattr(module, "named_modules"):
+            held = [name for name, m in module.named_modules() if isinstance(m, L2Norm)]
+        hint = f"; it holds {', '.join(repr(n) for n in held)}: pass that module" if held else ""
+        raise TypeError(
+            f"from_torch takes an l2norm.torch.L2Norm, got {type(module).__name__}{hint} "
+            "(e.g. model.get_submodule(name))"
+        )
     return _from_spec(_as_numpy(module.weight), module.spec, module.learnable)
 
 

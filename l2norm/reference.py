@@ -93,7 +93,7 @@ def _parts(xw: np.ndarray, spec: Spec, axes: Axes) -> _Parts:
     inf_slice = is_inf.any(**keep) & ~np.isnan(xw).any(**keep)
     # Inf slices: keep only the signs of the infinite entries; their direction is the limit.
     xw = np.where(inf_slice, np.where(is_inf, np.sign(xw), 0), xw)
-    largest = np.max(np.abs(xw), **keep)
+    largest = np.max(np.abs(xw), initial=0, **keep)  # initial: a slice may be empty
     _, exponent = np.frexp(largest)
     p = np.ldexp(np.ones_like(largest), exponent - 1)  # p <= largest < 2p; 0.5 for zero slices
     xs = xw / p  # exact: p is a power of two

@@ -522,3 +522,17 @@ def test_ssd_keras_h5_reproduces_ssd_keras_formula_in_keras(tmp_path):
     got = ops.convert_to_numpy(layer(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
     want = ssd_keras_formula(x.astype(np.float64), scale.astype(np.float64))
     assert_reproduces("ssd_keras .h5 via keras", got, want)
+
+
+def test_from_torch_on_a_model_names_the_layer_to_pass():
+    from torch import nn
+
+    from l2norm.torch import L2Norm
+
+    model = nn.Sequential(nn.ReLU(), L2Norm(4))
+    with pytest.raises(TypeError, match=r"got Sequential; it holds '1': pass that module"):
+        convert.from_torch(model)
+    with pytest.raises(TypeError, match=r"got ReLU \(e\.g\."):
+        convert.from_torch(nn.ReLU())
+    params = convert.from_torch(model.get_submodule("1"))
+    np.testing.assert_array_equal(params.scale, model[1].weight.detach().numpy())

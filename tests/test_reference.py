@@ -371,3 +371,17 @@ def test_vjp_rejects_a_cotangent_of_another_shape():
 def test_preset_with_its_own_eps_is_accepted():
     spec = Spec.create(preset="caffe", eps=1e-10)
     assert (spec.eps_mode, spec.eps) == PRESETS["caffe"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((2, 0, 3), 1), ((0, 4, 3), 1), ((2, 4, 0), 1), ((3, 0), -1)]
+)
+def test_zero_size_inputs_give_empty_results(shape, axis):
+    """Any axis of size zero (the channels included) gives results of the input's shape,
+    and the scale's gradient over no data is zero."""
+    x = np.zeros(shape, np.float32)
+    scale = np.full(shape[axis], 2.0, np.float32)
+    y = l2_normalize(x, scale, axis=axis)
+    dx, dscale = l2_normalize_vjp(x, scale, np.ones_like(x), axis=axis)
+    assert y.shape == dx.shape == shape and y.dtype == dx.dtype == np.float32
+    assert dscale.shape == scale.shape and not dscale.any()

@@ -577,3 +577,12 @@ def test_real_torchvision_ssd300_vgg16():
     assert list(got) == list(want)
     for key in want:
         assert relative(got[key], want[key]) <= BOUND, key
+
+
+def test_asking_for_a_kind_the_model_lacks_names_the_kinds_it_holds():
+    model = nn.Sequential(nn.Conv2d(3, C, 3), ssd_pytorch.L2Norm(C, 20))
+    with pytest.raises(
+        ValueError, match=r"no mmdet module.*of other kinds: 1 \(L2Norm, ssd\.pytorch\)"
+    ):
+        replace_peers(model, kinds="mmdet")
+    assert isinstance(model[1], ssd_pytorch.L2Norm)  # nothing changed

@@ -301,11 +301,15 @@ def replace_peers(model: nn.Module, kinds: str | Iterable[str] | None = None) ->
     near_misses: list[str] = []
     matches: dict[int, _Match | None] = {}  # by id: a module under two names is probed once
     found: list[tuple[str, nn.Module, _Match]] = []
+    other_kinds: list[str] = []  # peers of a kind not asked for, named in an error
     for name, module in model.named_modules(remove_duplicate=False):
         if id(module) not in matches:
             matches[id(module)] = _identify(module, near_misses, name)
         match = matches[id(module)]
-        if match is None or (wanted is not None and match.kind not in wanted):
+        if match is None:
+            continue
+        if wanted is not None and match.kind not in wanted:
+            other_kinds.append(f"{name or '(the model)'} ({type(module).__name__}, {match.kind})")
             continue
         if module is model:
             raise ValueError(
@@ -320,6 +324,11 @@ def replace_peers(model: nn.Module, kinds: str | Iterable[str] | None = None) ->
         if missing:
             seen = [f"{n} ({type(m).__name__}, {t.kind})" for n, m, t in found] or ["nothing"]
             detail = f"; near misses: {'; '.join(near_misses)}" if near_misses else ""
+            if other_kinds:
+                detail += (
+                    f"; of other kinds: {', '.join(other_kinds)} (pass kinds=None, or name "
+                    "those kinds, to replace them)"
+                )
             raise ValueError(
                 f"replace_peers found no {' / '.join(missing)} module in "
                 f"{type(model).__name__} (found: {', '.join(seen)}){detail}"
