@@ -1,0 +1,91 @@
+"""The layer for graphs that leave torch: :func:`forward` in plain aten operations.
+
+``torch.jit.trace``, ``torch.export`` and both ONNX exporters record the operations a
+call runs; a kernel or an ``autograd.Function`` is not something a deployment runtime
+can run. :func:`forward` computes the max-scaled formula of :mod:`l2norm._portable`
+(overflow-safe in every dtype, half precision in float32) with no Python branch on
+values, no read back to the host and no shape arithmetic (so ``torch.export`` keeps
+batch / H / W dynamic), and autograd differentiates it (finite at all-zero slices).
+
+Exported to ONNX it is 13 to 16 standard operators (``Abs``, ``ReduceMax``, ``Max``,
+``Equal``, ``Sign``, ``Div``, ``Where``, ``Mul``, ``ReduceSum``, ``Sqrt``, ``Add`` or a
+second ``Where`` by the eps placement, and ``Cast`` for half precision), within
+:func:`l2norm._portable.forward_ulps` of the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from l2norm import _portable
+from l2norm._modes import get_mode
+
+__all__ = ["forward"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class _Namespace:
+    """The array namespace of :func:`l2norm._portable.normalized` in torch."""
+
+    abs = staticmethod(torch.abs)
+    where = staticmethod(torch.where)
+    sign = staticmethod(torch.sign)
+    sqrt = staticmethod(torch.sqrt)
+    # A Python float as the floor: one scalar operand, no tensor constant to move.
+    maximum = staticmethod(torch.clamp_min)
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor | None,
+    *,
+    norm: tuple[int, ...],
+    channel: int,
+    eps_mode: str,
+    eps: float,
+) -> Tensor:
+    """``weight * x / d(||x||)`` over the axes ``norm``, in plain differentiable aten ops.
+
+    Args:
+        x: a float16, bfloat16, float32 or float64 tensor.
+        weight: None, or a validated scale of one element or one per entry of ``x``'s
+            ``channel`` axis (any float dtype; applied in the working precision).
+        norm: the normalized axes; ``channel`` the axis the scale runs along.
+        eps_mode, eps: the eps placement (:mod:`l2norm._modes`).
+
+    Returns:
+        A tensor of ``x``'s shape and dtype.
+
+    Example:
+        >>> x = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=torch.float16)
+        >>> forward(x, torch.tensor([20.0]), norm=(1,), channel=1,
+        ...         eps_mode="clamp_norm", eps=1e-12)
+        tensor([[12., 16.],
+                [ 0.,  0.]], dtype=torch.float16)
+    """
+    work = torch.float32 if x.dtype in _HALF else x.dtype
+    if any(x.shape[a] == 0 for a in norm):
+        return x.clone()  # no slice to reduce (amax refuses an empty axis)
+    scale = None
+    if weight is not None:
+        # One value, or one per channel: -1 takes the channel count from the weight.
+        shape = [-1 if a == channel % x.dim() else 1 for a in range(x.dim())]
+        scale = _cast(weight, work).reshape(shape)
+    y = _portable.normalized(
+        _Namespace,
+        _cast(x, work),
+        scale,
+        get_mode(eps_mode),
+        eps,
+        lambda v: v.amax(dim=norm, keepdim=True),
+        lambda v: v.sum(dim=norm, keepdim=True),
+        str(work).removeprefix("torch."),
+    )
+    return _cast(y, x.dtype)
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # Only where needed: the TorchScript-based ONNX exporter records even a no-op cast.
+    return t if t.dtype == dtype else t.to(dtype)
