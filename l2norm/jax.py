@@ -5,7 +5,9 @@ module; optax or Equinox code can call :func:`l2_normalize` directly.
 
 The maths is the reference's (:mod:`l2norm.reference`): ``y = scale * x / d(||x||)``
 with ``d`` set by ``eps_mode``, and the backward pass is the formula in that module's
-docstring (``jax.custom_vjp``).
+docstring. The op is a set of JAX primitives (:mod:`l2norm._jax_kernel`: forward, its
+tangent and its VJP, with batching, transposition and sharding rules), lowered by the
+native CPU kernel or by the ladder below.
 
 How it is computed: one program with no branch, the ladder of :mod:`l2norm._ladder`.
 Each slice's squares are summed at a few fixed power-of-two scales (float32 data: three,
@@ -40,7 +42,6 @@ by any other JAX operation.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -76,8 +77,10 @@ def l2_normalize(
 ) -> jax.Array:
     """L2-normalize ``x`` along ``axis`` and multiply by ``scale`` (ParseNet / SSD).
 
-    Works under ``jit``, ``vmap``, ``grad`` (any order) and ``jax.checkpoint``; the
-    gradient is exact and finite for every finite input. The program has no branch:
+    Works under ``jit``, ``vmap`` (any ``in_axes``, nested), ``grad``, ``jvp``,
+    ``jacfwd`` / ``jacrev`` / ``hessian`` (any order), ``jax.checkpoint``, ``scan`` and
+    sharded ``jit`` (a sharded batch stays sharded); the gradient is exact and finite
+    for every finite input. The program has no branch:
     each slice's result depends on that slice alone.
 
     Args:
@@ -152,7 +155,7 @@ def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
     # The accumulator follows the data, never jax_enable_x64.
     acc = "float64" if dtype == "float64" else "float32"
     if scale is None:
-        s = jnp.ones((), acc)
+        kind, s = 0, jnp.ones((1,), acc)
     else:
         scale = jnp.asarray(scale)
         if not jnp.issubdtype(scale.dtype, jnp.floating) and not jnp.issubdtype(
@@ -160,21 +163,18 @@ def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
         ):
             raise TypeError(f"scale must hold real numbers, got dtype {scale.dtype}")
         check_scale_shape(scale.shape, x.shape[axes.channel], axes)
-        s = scale.astype(acc)
-        if s.size == 1:
-            s = s.reshape(())
-        else:
-            shape = [1] * x.ndim
-            shape[axes.channel] = s.shape[0]
-            s = s.reshape(shape)
+        kind, s = (1 if scale.size == 1 else 2), scale.astype(acc).reshape(-1)
+    if x.size == 0:  # nothing to normalize: an empty result (and a zero scale gradient)
+        shape = [1] * x.ndim
+        shape[axes.channel] = s.size if kind == 2 else 1
+        return (x.astype(acc) * s.reshape(shape)).astype(x.dtype)
     size = int(np.prod([x.shape[a] for a in axes.norm]))
     ladder = _ladder.make_ladder(dtype, acc, size, spec.eps_mode, spec.eps)
     plan = _plan(ladder, axes, size, spec.eps, acc)
-    if _jax_kernel.applies(dtype, axes):  # the CPU: the native kernel, one pass
-        has_scale = scale is not None
-        kernel = _jax_kernel.plan_for(x, has_scale, int(s.size), spec, axes, plan)
-        return _jax_kernel.normalize(kernel, x, s)
-    return _l2norm(plan, x, s).astype(x.dtype)
+    # The CPU: the native kernel, one pass; elsewhere the ladder below.
+    kernel = _jax_kernel.applies(dtype, axes)
+    op = _jax_kernel.plan_for(x, kind, spec, axes, plan, kernel)
+    return _jax_kernel.normalize(op, x, s)
 
 
 # --------------------------------------------------------------------------- the passes
@@ -205,7 +205,7 @@ def _compensated(acc: Any, x: jax.Array) -> bool:
 
 
 class _Plan(NamedTuple):
-    """Everything static about one call (a ``custom_vjp`` non-differentiable argument).
+    """Everything static about one call of the ladder (part of the primitives' plan).
 
     ``bits_in_sums``: whether the top rung's *sum* must read subnormal entries from their
     bits. A flushing read drops less than ``delta**2 = size 2**(2 min_exp)`` of ``n**2``;
@@ -296,7 +296,7 @@ def _output(x: jax.Array, s: jax.Array, f: SliceFactors, ladder: Ladder) -> jax.
     return jnp.where(infinite, jnp.sign(x) * f.rinf * s, y)
 
 
-# --------------------------------------------------------------------------- custom_vjp
+# --------------------------------------------------------------------------- forward, VJP
 
 
 def _factors(plan: _Plan, x: jax.Array, acc: Any) -> SliceFactors:
@@ -369,11 +369,3 @@ def _backward(plan: _Plan, residuals: tuple, g: jax.Array):
     # The barrier again: one broadcast of 2**s shared by the two reductions is written out.
     ds = _reduce_like(g * through(f.inv_d, lax.optimization_barrier(f.post)), s, axes)
     return dx.astype(x.dtype), ds.reshape(s.shape)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _l2norm(plan: _Plan, x: jax.Array, s: jax.Array) -> jax.Array:
-    return _forward(plan, x, s)[0]
-
-
-_l2norm.defvjp(_forward, _backward)
