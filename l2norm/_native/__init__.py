@@ -5,14 +5,18 @@ compiler into small shared libraries.
   through :mod:`ctypes`, so it is tied to no torch version and needs no torch headers.
   ``pip install`` builds it into the package (``hatch_build.py``, for any CPU of the
   architecture), so it loads with no compiler at run time.
-* ``xla``: XLA custom calls (``xla_ffi.cpp``) for :mod:`l2norm.jax` on the CPU; built only
-  where JAX is installed (it needs the FFI headers jaxlib ships).
+* ``xla``: XLA custom calls (``xla_ffi.cpp``) for :mod:`l2norm.jax` on the CPU. ``pip
+  install`` builds it too, against the FFI headers of the jaxlib in the build environment
+  (``jaxlib`` is a build requirement); it is used where the installed jaxlib has the same
+  FFI API major version and at least its minor.
+
+:mod:`l2norm._native.build` is the one place that knows the sources, compilers and flags.
 
 Otherwise each is compiled the first time it is needed (a few seconds, one line on stderr),
 for this machine's CPU (``-march=native``) and with OpenMP where the compiler has it, and
 cached under ``$L2NORM_CACHE_DIR`` (default ``~/.cache/l2norm``) by a hash of its sources,
 the compiler and the CPU, so a cache shared between machines never runs code built for
-another. ``bash scripts/setup`` builds both at install. ``L2NORM_KERNEL_PREBUILT=0``
+another. ``L2NORM_KERNEL_PREBUILT=0``
 ignores the library built at install (and builds one for this exact CPU instead);
 ``L2NORM_KERNEL_LEVEL=v3`` (or ``v1``) caps the x86-64 level it loads. Where no
 compiler works, the callers fall back to their framework's ops after one warning.
@@ -31,12 +35,13 @@ import functools
 import hashlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
+
+from l2norm._native import build as _build
+from l2norm._native.build import BuildError
 
 __all__ = [
     "ABI_VERSION",
@@ -44,6 +49,7 @@ __all__ = [
     "DTYPE_CODES",
     "build",
     "capi",
+    "installed",
     "installed_capi",
     "xla_library",
 ]
@@ -53,11 +59,6 @@ HERE = Path(__file__).resolve().parent
 ABI_VERSION = 1
 #: The element-type codes of the C ABI.
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
-_SOURCES = {"capi": "capi.cpp", "xla": "xla_ffi.cpp"}
-
-
-class BuildError(RuntimeError):
-    """The compiler could not build a library (its message is in the error)."""
 
 
 def _cache_dir() -> Path:
@@ -66,18 +67,6 @@ def _cache_dir() -> Path:
         return Path(root)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "l2norm"
-
-
-def _compiler() -> str:
-    chosen = os.environ.get("CXX")
-    if chosen:  # the user's choice, and only it
-        if shutil.which(chosen):
-            return chosen
-        raise BuildError(f"CXX={chosen!r} is not an executable")
-    for name in ("c++", "g++", "clang++"):
-        if shutil.which(name):
-            return name
-    raise BuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
 
 
 def _cpu_flags() -> str:
@@ -91,40 +80,19 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def _accepts(cxx: str, flag: str) -> bool:
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "probe.cpp"
-        src.write_text("int main() { return 0; }\n")
-        run = subprocess.run(
-            [cxx, flag, str(src), "-o", str(Path(tmp) / "probe")], capture_output=True, check=False
-        )
-        return run.returncode == 0
-
-
-@functools.cache
-def _flags(cxx: str) -> tuple[str, ...]:
-    # -fno-trapping-math: the kernel never reads floating-point exception flags, and
-    # without it GCC does not vectorize a loop holding a NaN-keeping min / max.
-    flags = ["-O3", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
-    for optional in ("-march=native", "-fopenmp"):
-        if _accepts(cxx, optional):
-            flags.append(optional)
-    return tuple(flags)
-
-
 def build(name: str, include_dirs: tuple[str, ...] = ()) -> Path:
-    """The path of library ``name`` (``"capi"`` or ``"xla"``), compiled if not cached.
+    """The path of library ``name`` (``"capi"`` or ``"xla"``) compiled for this CPU
+    (``-march=native``), compiled now if not cached.
 
     Raises:
         BuildError: no compiler, or the compiler failed (its output in the message).
     """
-    cxx = _compiler()
-    flags = _flags(cxx)
-    sources = [HERE / _SOURCES[name], HERE / "kernel.h"]
+    cxx = _build.compiler()
+    flags = _build.flags(cxx, "-march=native")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
     digest = hashlib.sha256()
     for part in (
-        *(p.read_bytes() for p in sources),
+        _build.source_digest(name).encode(),
         version.stdout.encode(),
         " ".join(flags).encode(),
         " ".join(include_dirs).encode(),
@@ -134,21 +102,9 @@ def build(name: str, include_dirs: tuple[str, ...] = ()) -> Path:
         digest.update(part)
     suffix = ".dll" if sys.platform == "win32" else ".so"
     target = _cache_dir() / f"libl2norm_{name}_{digest.hexdigest()[:16]}{suffix}"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    print(f"l2norm: compiling the native CPU kernel ({name}, once)...", file=sys.stderr, flush=True)
-    # Built under a temporary name and renamed: processes building at once never load a
-    # half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=target.parent)
-    os.close(fd)
-    includes = [f"-I{d}" for d in include_dirs]
-    cmd = [cxx, *flags, *includes, str(sources[0]), "-o", tmp]
-    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if run.returncode != 0:
-        Path(tmp).unlink(missing_ok=True)
-        raise BuildError(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
-    os.replace(tmp, target)
+    if not target.exists():
+        print(f"l2norm: compiling the native CPU kernel ({name}, once)...", file=sys.stderr)
+        _build.compile_library(name, target, march="-march=native", include_dirs=include_dirs)
     return target
 
 
@@ -168,36 +124,42 @@ def _warn_once(name: str, err: Exception) -> None:
     )
 
 
-#: What each x86-64 level needs of the CPU (its /proc/cpuinfo flags), best first.
-_X86_LEVELS = (
-    ("v4", {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}),
-    ("v3", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}),
-    ("v1", set()),
-)
+def _ffi_compatible(built: str, include_dir: str | None) -> bool:
+    """Whether a library built against FFI API ``built`` ("ffi MAJOR.MINOR") runs on the
+    jaxlib whose headers are at ``include_dir``: the same major, at least the minor."""
+    runtime = _build.ffi_api_version(include_dir) if include_dir else None
+    major, minor = (int(v) for v in built.removeprefix("ffi ").split("."))
+    return runtime is not None and runtime[0] == major and runtime[1] >= minor
 
 
-def installed_capi() -> Path | None:
-    """The C-ABI library built at install (``hatch_build.py``) for the best level this CPU
-    runs, if it was built and its sources are the ones next to it (an editable install
-    edited since is rebuilt here, not trusted)."""
-    stamp = HERE / "libl2norm_capi_portable.sha256"
+def installed(name: str, include_dir: str | None = None) -> Path | None:
+    """Library ``name`` built at install (``hatch_build.py``) for the best x86-64 level this
+    CPU runs, if it was built and its sources are the ones next to it (an editable install
+    edited since is rebuilt here, not trusted); for ``xla``, only if it was built against
+    the FFI API of the jaxlib whose headers are at ``include_dir``."""
+    stamp = HERE / _build.stamp_name(name)
     if os.environ.get("L2NORM_KERNEL_PREBUILT", "1") == "0" or not stamp.exists():
         return None
-    digest = hashlib.sha256()
-    for name in ("capi.cpp", "kernel.h"):
-        digest.update((HERE / name).read_bytes())
-    if stamp.read_text().strip() != digest.hexdigest():
+    lines = stamp.read_text().split("\n")
+    if lines[0].strip() != _build.source_digest(name):
+        return None
+    if name == "xla" and not _ffi_compatible(lines[1].strip(), include_dir):
         return None
     flags = set(_cpu_flags().split())
     # L2NORM_KERNEL_LEVEL=v3 caps the level (e.g. to time the AVX2 build on an AVX-512 CPU).
     cap = os.environ.get("L2NORM_KERNEL_LEVEL")
-    levels = [level for level, _ in _X86_LEVELS]
+    levels = [level for level, _, _ in _build.X86_LEVELS]
     allowed = levels[levels.index(cap) :] if cap in levels else levels
-    for level, needs in _X86_LEVELS:
-        library = HERE / f"libl2norm_capi_portable_{level}.so"
+    for level, _, needs in _build.portable_levels():
+        library = HERE / _build.portable_name(name, level)
         if level in allowed and library.exists() and needs <= flags:
             return library
     return None
+
+
+def installed_capi() -> Path | None:
+    """:func:`installed` for the C-ABI library."""
+    return installed("capi")
 
 
 @functools.cache
@@ -205,7 +167,7 @@ def capi() -> ctypes.CDLL | None:
     """The C-ABI library with its function signatures set, or None (after one warning):
     the one built at install if there is one, else one built here on first use."""
     try:
-        lib = ctypes.CDLL(str(installed_capi() or build("capi")))
+        lib = ctypes.CDLL(str(installed("capi") or build("capi")))
         if lib.l2norm_abi_version() != ABI_VERSION:
             raise BuildError(f"library reports ABI {lib.l2norm_abi_version()}, not {ABI_VERSION}")
     except (BuildError, OSError) as err:
@@ -225,10 +187,11 @@ def capi() -> ctypes.CDLL | None:
 
 @functools.cache
 def xla_library(include_dir: str) -> ctypes.CDLL | None:
-    """The XLA custom-call library, built against the FFI headers in ``include_dir``
-    (``jax.ffi.include_dir()``), or None (after one warning)."""
+    """The XLA custom-call library, or None (after one warning): the one built at install
+    if it fits this jaxlib's FFI API, else one built here against the FFI headers in
+    ``include_dir`` (``jax.ffi.include_dir()``)."""
     try:
-        return ctypes.CDLL(str(build("xla", (include_dir,))))
+        return ctypes.CDLL(str(installed("xla", include_dir) or build("xla", (include_dir,))))
     except (BuildError, OSError) as err:
         _warn_once("xla", err)
         return None
