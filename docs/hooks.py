@@ -5,6 +5,8 @@ the benchmark results.
   it into MathML (``latex2mathml``), which browsers typeset natively. The built site then
   needs no script and no network: it renders the same offline and on an air-gapped
   cluster.
+* Sample outputs: ``<!-- output of: l2norm check ... -->`` in a page is replaced by that
+  command's real output, run at build time, so no sample output can go stale.
 * ``docs/plot_eps_placements.py`` draws ``img/eps_placements.png`` straight into the
   built site, from the reference, at every build: the picture cannot go stale and the
   source tree gets no generated file.
@@ -18,6 +20,9 @@ from __future__ import annotations
 import html
 import re
 import runpy
+import shlex
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,6 +54,36 @@ def typeset(page_html: str) -> str:
         return latex_to_mathml(tex, display="block")  # centred by the browser, no scrollbar
 
     return _INLINE.sub(inline, _BLOCK.sub(block, page_html))
+
+
+_COMMAND = re.compile(r"<!-- output of: (l2norm [^>]*?) -->")
+
+
+def command_output(markdown: str) -> str:
+    """``markdown`` with each ``<!-- output of: l2norm ... -->`` replaced by a text block
+    holding the command and what it printed (run now, in this interpreter's environment).
+
+    Raises:
+        RuntimeError: the command failed (the build must not show a failing sample).
+    """
+
+    def run(match: re.Match[str]) -> str:
+        command = match.group(1)
+        done = subprocess.run(
+            [sys.executable, "-m", "l2norm", *shlex.split(command)[1:]],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{command} failed:\n{done.stdout}\n{done.stderr}")
+        return f"```text\n$ {command}\n{done.stdout.rstrip()}\n```"
+
+    return _COMMAND.sub(run, markdown)
+
+
+def on_page_markdown(markdown: str, **kwargs) -> str:
+    return command_output(markdown)
 
 
 def on_page_content(html_text: str, **kwargs) -> str:
