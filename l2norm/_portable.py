@@ -28,10 +28,10 @@ intermediate in range:
   and ``y = ±s / sqrt(k)`` for its ``k`` infinite entries, the reference's limit;
 * a NaN anywhere in a slice reaches ``S`` and makes the whole slice NaN.
 
-The square root reads ``max(S, smallest normal)``: this changes no value (below the
-threshold the scaled eps, about 1, dominates ``D``), and keeps autodiff's derivative of
-the square root finite at an all-zero slice, where the gradient is then the exact
-``s g / d(0)``.
+The square root reads ``S`` plus the smallest normal number: this changes no value
+(``S >= 1`` above the threshold; below it the scaled eps, about 1, dominates ``D``), and
+keeps autodiff's derivative of the square root finite at an all-zero slice, where the
+gradient is then the exact ``s g / d(0)``.
 
 Half-precision data (float16, bfloat16) are computed in float32, float32 in float32 and
 float64 in float64: no operation a runtime may lack (float64 in TFLite or TensorRT).
@@ -105,8 +105,8 @@ def normalized(
     """``scale * x / d(||x||)`` by the max-scaled formula, in ``x``'s (working) dtype.
 
     Args:
-        xp: the array namespace (``abs``, ``maximum`` with a Python float, ``where``,
-            ``sign``, ``sqrt``).
+        xp: the array namespace (``abs``, ``maximum`` of an array and a Python float
+            that keeps Inf, ``where``, ``sign``, ``sqrt``).
         x: the data in the working dtype (:func:`working_dtype`).
         scale: None or the scale in the working dtype, broadcastable to ``x``.
         mode: the eps placement; ``eps`` its epsilon.
@@ -129,6 +129,9 @@ def normalized(
     # Inf entries (only in a slice whose q is Inf) become their signs; x / Inf is 0.
     t = xp.where(magnitude == math.inf, xp.sign(x), x / q)
     sumsq = reduce_sum(t * t)
-    norm = xp.sqrt(xp.maximum(sumsq, smallest))
+    # + smallest changes no value (S >= 1 above the threshold; below it the scaled eps,
+    # about 1, dominates) and keeps the square root's derivative finite at S = 0. (Not a
+    # clamp: ONNX's Clip also clamps Inf to the dtype's largest value.)
+    norm = xp.sqrt(sumsq + smallest)
     u = t / mode.denominator(xp, sumsq, norm, mode.scaled_eps(eps, q))
     return u if scale is None else u * scale

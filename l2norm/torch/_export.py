@@ -7,13 +7,16 @@ can run. :func:`forward` computes the max-scaled formula of :mod:`l2norm._portab
 values, no read back to the host and no shape arithmetic (so ``torch.export`` keeps
 batch / H / W dynamic), and autograd differentiates it (finite at all-zero slices).
 
-Exported to ONNX it is 13 to 16 standard operators (``Abs``, ``ReduceMax``, ``Max``,
-``Equal``, ``Sign``, ``Div``, ``Where``, ``Mul``, ``ReduceSum``, ``Sqrt``, ``Add`` or a
-second ``Where`` by the eps placement, and ``Cast`` for half precision), within
-:func:`l2norm._portable.forward_ulps` of the reference.
+Exported to ONNX it is 14 to 16 standard operators by the eps placement (``Abs``,
+``ReduceMax``, ``Clip``, ``Equal``, ``Sign``, ``Div``, ``Where``, ``Mul``, ``ReduceSum``,
+``Sqrt``, ``Reciprocal``, and ``Add`` or ``Greater`` + ``Where``), one ``Mul`` more for a
+scale and two ``Cast`` for half precision, within :func:`l2norm._portable.forward_ulps`
+of the reference.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -33,8 +36,12 @@ class _Namespace:
     where = staticmethod(torch.where)
     sign = staticmethod(torch.sign)
     sqrt = staticmethod(torch.sqrt)
-    # A Python float as the floor: one scalar operand, no tensor constant to move.
-    maximum = staticmethod(torch.clamp_min)
+
+    @staticmethod
+    def maximum(t: Tensor, floor: float) -> Tensor:
+        # The upper bound spelled out: ONNX's Clip without one clamps Inf to the dtype's
+        # largest finite value.
+        return torch.clamp(t, min=floor, max=math.inf)
 
 
 def forward(
