@@ -7,6 +7,8 @@ the benchmark results.
   cluster.
 * Sample outputs: ``<!-- output of: l2norm check ... -->`` in a page is replaced by that
   command's real output, run at build time, so no sample output can go stale.
+* Docstrings: the Sphinx roles some of them use (``:func:``) are dropped from the page,
+  leaving the name as code.
 * ``docs/plot_eps_placements.py`` draws ``img/eps_placements.png`` straight into the
   built site, from the reference, at every build: the picture cannot go stale and the
   source tree gets no generated file.
@@ -41,7 +43,7 @@ _BLOCK = re.compile(r'<div class="arithmatex">\\\[(.*?)\\\]</div>', re.S)
 def typeset(page_html: str) -> str:
     """``page_html`` with every arithmatex span replaced by MathML (a block for ``$$``).
 
-    Example:
+    Examples:
         >>> typeset('<span class="arithmatex">\\\\(x^2\\\\)</span>').startswith("<math")
         True
     """
@@ -86,8 +88,13 @@ def on_page_markdown(markdown: str, **kwargs) -> str:
     return command_output(markdown)
 
 
+# Sphinx roles (:func:`name`) some docstrings use: mkdocstrings renders the backquoted
+# name as code and leaves the role's text in front of it.
+_ROLE = re.compile(r":(?:func|class|mod|meth|attr|data|exc|obj):(?=<code>)")
+
+
 def on_page_content(html_text: str, **kwargs) -> str:
-    return typeset(html_text)
+    return _ROLE.sub("", typeset(html_text))
 
 
 def on_files(files, config, **kwargs):

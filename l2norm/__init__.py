@@ -4,7 +4,7 @@ The root package is pure NumPy and imports no deep-learning framework; the adapt
 live in ``l2norm.torch``, ``l2norm.keras``, ``l2norm.jax``, ``l2norm.nnx`` and
 ``l2norm.linen`` and import their framework at the top.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> import l2norm
     >>> l2norm.l2_normalize(np.array([3.0, 4.0]))

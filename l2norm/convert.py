@@ -142,7 +142,7 @@ def from_ssd_keras_h5(path: str | os.PathLike | Any, layer: str = "conv4_3_norm"
         ValueError: not an HDF5 file; no layer of that name (the message lists the layer
             names present); a layer without a gamma (the message lists its weights).
 
-    Example:
+    Examples:
         >>> import os, tempfile, h5py, numpy as np
         >>> from l2norm import convert
         >>> path = os.path.join(tempfile.mkdtemp(), "ssd300_weights.h5")
@@ -236,7 +236,7 @@ def from_caffe(
     *,
     across_spatial: bool = True,
     channel_shared: bool = True,
-    eps: float = _CAFFE_EPS,
+    eps: float = 1e-10,
 ) -> L2NormParams:
     """A Caffe SSD ``Normalize`` layer: its scale blob and its ``norm_param`` settings.
 

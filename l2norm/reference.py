@@ -247,7 +247,7 @@ def l2_normalize(
     Returns:
         An array of ``x``'s shape and dtype.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from l2norm import l2_normalize
         >>> x = np.array([[3.0, 4.0], [0.0, 0.0]], dtype=np.float32)
@@ -275,11 +275,11 @@ def l2_normalize_vjp(
     """The exact vector-Jacobian product of :func:`l2_normalize`.
 
     Returns:
-        ``(dx, dscale)``: ``dx`` in ``x``'s dtype; ``dscale`` in the scale's shape (and
-        its dtype when the scale is a float array, else ``x``'s dtype), or None when
+        The pair ``(dx, dscale)``, ``dx`` in ``x``'s dtype; ``dscale`` in the scale's shape
+        (and its dtype when the scale is a float array, else ``x``'s dtype), or None when
         ``scale`` is None.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> from l2norm import l2_normalize_vjp
         >>> x = np.zeros((1, 3))

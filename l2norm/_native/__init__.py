@@ -21,7 +21,7 @@ ignores the library built at install (and builds one for this exact CPU instead)
 ``L2NORM_KERNEL_LEVEL=v3`` (or ``v1``) caps the x86-64 level it loads. Where no
 compiler works, the callers fall back to their framework's ops after one warning.
 
-Example:
+Examples:
     >>> from l2norm import _native
     >>> lib = _native.capi()  # doctest: +SKIP
     >>> lib is None or lib.l2norm_abi_version() == _native.ABI_VERSION  # doctest: +SKIP

@@ -7,7 +7,7 @@ loads this file by path, so it imports nothing but the standard library) builds 
 libraries into the package, one per x86-64 level; :mod:`l2norm._native` checks those
 against the sources next to them and otherwise compiles one for this CPU into its cache.
 
-Example:
+Examples:
     >>> from l2norm._native import build
     >>> sorted(build.LIBRARIES)
     ['capi', 'xla']

@@ -43,7 +43,7 @@ Error measures (the tolerances are per backend and per dtype):
 Besides the cases: :func:`check_batch_invariance` (a sample's result must not depend on
 its batch) and :func:`cross_compare` (the backends against each other on one input).
 
-Example:
+Examples:
     >>> from l2norm import conformance
     >>> backend = conformance.get_backend("numpy")
     >>> case = conformance.Case.from_id("1:mode=add_norm:per_channel:float16:hostile")

@@ -40,7 +40,8 @@ class Backend:
         forward: ``forward(x, scale, options) -> y``; NumPy in, NumPy out; ``options``
             holds the keyword arguments of :func:`l2norm.l2_normalize`.
         vjp: ``vjp(x, scale, cotangent, options) -> (dx, dscale)``, NumPy in and out.
-        forward_ulps / grad_eps: the bound per dtype.
+        forward_ulps: the forward bound per dtype, in ULPs of the dtype.
+        grad_eps: the gradient bound per dtype, in machine epsilons (see the module).
         flushes_subnormals: measure forward errors with the smallest normal as floor.
         dtypes: the dtypes this backend supports.
         compare_to_oracle: compare with the exact decimal oracle instead of the reference

@@ -33,7 +33,7 @@ class L2NormSSDFeatureExtractorVGG(nn.Module):
     ``l2_norm.weight`` loads too. ``named_parameters()`` says ``l2_norm.weight``, and
     ``scale_weight`` stays readable as an attribute (the same tensor).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> features = nn.Conv2d(3, 8, 3, padding=1)

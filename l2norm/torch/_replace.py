@@ -275,7 +275,7 @@ def replace_peers(model: nn.Module, kinds: str | Iterable[str] | None = None) ->
             hold (the message lists what was found and any near misses; nothing is
             changed); or ``model`` itself is one of the peers.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torch import nn
         >>> from l2norm.torch import replace_peers
