@@ -30,9 +30,12 @@ from l2norm.torch._layout import Layout, dense_layout
 __all__ = ["available", "backward", "forward", "layout", "require"]
 
 #: Entries per tile the launch configuration aims at (channels x slices).
-TILE = 8192
+TILE = 4096
 #: Channels held in one tile at most; wider slices are walked in chunks of this many.
 MAX_BLOCK_C = 1024
+#: Entries per thread the warp count aims at: the tile stays in registers (within 128 per
+#: thread, no spills; tests/test_triton_aot.py checks every configuration).
+PER_THREAD = 16
 
 
 def installed() -> bool:
@@ -103,14 +106,21 @@ def _eps_tensor(eps: float, device: torch.device) -> Tensor:
 
 
 def _config(channels: int, rows: bool) -> tuple[int, int, int]:
-    """``(BLOCK_C, BLOCK_S, num_warps)``, a function of the channel count (and the
-    layout) only: a slice's reduction order never depends on the batch."""
-    import triton
+    """``(BLOCK_C, BLOCK_S, num_warps)``, a function of the channel count and the layout
+    only (the same for every dtype and architecture): a slice's reduction order never
+    depends on the batch.
 
-    block_c = min(triton.next_power_of_2(channels), MAX_BLOCK_C)
+    >>> _config(512, rows=False)
+    (512, 8, 8)
+    """
+    block_c = min(_next_power_of_2(channels), MAX_BLOCK_C)
     block_s = max(1, TILE // block_c) if rows else max(16, TILE // block_c)
-    num_warps = 8 if block_c * block_s >= 4096 else 4
+    num_warps = max(1, min(8, block_c * block_s // (32 * PER_THREAD)))
     return block_c, block_s, num_warps
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _launch_args(view: Layout, block_s: int) -> tuple[tuple[int, int], int, int]:
@@ -127,7 +137,10 @@ def _scale_args(weight: Tensor | None, dummy: Tensor) -> tuple[Tensor, int]:
     """``(pointer, W_MODE)``: 0 no scale, 1 one shared value, 2 one per channel."""
     if weight is None:
         return dummy, 0
-    w = weight.detach().reshape(-1).contiguous()
+    w = weight.detach().reshape(-1)
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        w = w.float()  # the kernels compute in float32: a float64 scale is rounded once
+    w = w.contiguous()
     return w, (1 if w.numel() == 1 else 2)
 
 
@@ -154,7 +167,10 @@ def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float,
         ROWS=rows,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
+        SINGLE=channels <= block_c,
+        BF16_BITS=_kernels_interpreted(),
         num_warps=num_warps,
+        enable_fp_fusion=False,  # the only FMAs are the kernels' tl.fma
         **meta,
     )
     return grid[0] * grid[1]

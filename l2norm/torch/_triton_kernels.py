@@ -3,24 +3,46 @@
 One program holds a tile of ``BLOCK_C`` channels x ``BLOCK_S`` slices of a tensor seen as
 ``(outer, C, inner)``: NCHW pixels (``inner > 1``, the slices of one sample's block of
 pixels, contiguous along the tile's second axis) or rows (``inner == 1``: channels-last
-activations and ``(N, C)`` features, contiguous along the channels). The channel
-reduction stays in registers; where ``C`` exceeds one tile the program walks the channels
-twice, the second time from cache.
+activations and ``(N, C)`` features, contiguous along the channels). Where ``C`` fits one
+tile (``SINGLE``) the tile is read once and stays in registers; wider slices are walked in
+chunks of ``BLOCK_C`` channels, once per pass, the later passes from cache.
 
-The arithmetic is the native CPU kernel's (``l2norm/_native/kernel.h``), so both lower
-the core the same way: half and float32 inputs are widened to float64, where every square
-is exact and no finite slice overflows or underflows (the one-rung ladder of
-:mod:`l2norm._ladder`); the per-slice terms are the table of :mod:`l2norm._modes`, given
-as ``IS_ADD`` / ``POWER`` (:attr:`~l2norm._modes.EpsMode.kernel_code`); each output is
-rounded once to float32 (then to the half dtype, as the CPU kernel stores). NaN and Inf
-take no branch: a NaN flows through the arithmetic, a slice holding +-Inf (its sum is Inf)
-takes the reference's limit by selects. Each slice's sums depend on ``C`` alone (the tile
-height and reduction order are fixed per ``C``), so a sample's result never depends on
-the rest of the batch.
+Every operation on an element is a float32 operation; float64 appears once per slice
+(the eps placement, a square root and a division: the table of :mod:`l2norm._modes`,
+given as ``IS_ADD`` / ``POWER``). The exactness scheme (docs/maths.md, "Float32 on the
+GPU") keeps each output within 1 ULP of the exact result:
 
-bfloat16 is read and written through its bits (the CPU kernel's conversions): Triton's
-interpreter, which runs these kernels on CPU tensors in the tests, has no exact bfloat16
-conversion of its own (it rounds half up and mishandles subnormals).
+* **Sum of squares.** Each slice is multiplied by a power of two ``2**s`` chosen from its
+  largest magnitude (``max |x 2**s|`` in ``[1/4, 1/2)``: exact scaling, no square
+  overflows, none that matters underflows). A float32 slice's squares are split exactly
+  (``p = x*x``, ``e = fma(x, x, -p)``) and summed as a double-float (TwoSum, error-free
+  additions): relative error about ``k**2 2**-48`` for ``k`` terms per thread, far below
+  float32's ``2**-24``. A half slice's squares are exact in float32 and a plain float32
+  sum is far inside 8 or 11 bits. The pair meets float64 once per slice.
+* **Output.** ``1 / d`` (float64, per slice) is split into a power of two ``2**t`` and a
+  double-float ``G`` near ``2**-40``; then ``y = (x 2**t) (w G)`` with ``w G`` formed
+  exactly (``Mh = w*Gh``, ``Ml = fma(w, Gh, -Mh) + w*Gl``) and ``y = fma(x', Mh, x'*Ml)``:
+  one rounding of a value within about ``2**-44`` of the exact one (a float32 output is
+  the correctly rounded result but for near-ties: within 1 ULP always). ``x 2**t`` is
+  exact (``t >= 0``) or, scaled down, loses only bits whose outputs are below
+  ``2**-165 |w|``.
+* **Backward.** ``dx = (w g - K' x') / d`` with ``x' = x 2**s``, ``K' = r <w g, x'> / n'**2``
+  (the inner product summed as a double-float for float32), ``1 / d`` applied as
+  ``I' 2**v`` (a float32 near 1 times a power of two, subnormal or not): float32 errors of
+  a few ``2**-24`` relative to the slice's ``max |w g| / d``, the suite's gradient measure.
+
+Nothing depends on the batch: the tile shape and every reduction order are fixed by
+``(C, layout, dtype)``. FP contraction is off at launch (``enable_fp_fusion=False``): the
+only fused multiply-adds are the ``tl.fma`` written here, so a GPU computes the same
+operations as Triton's interpreter; reductions may associate differently on a GPU, so GPU
+bits can differ from the interpreter's (and the CPU kernel's) in the last place, within
+the same bound.
+
+NaN and Inf take no branch in the common path: a NaN flows through the arithmetic, a
+slice holding +-Inf (its scaled sum is Inf) takes the reference's limit in a branch taken
+only by tiles that hold one. bfloat16 is read through its bits (exact); it is written by
+the GPU's round-to-nearest-even conversion, or from the bits where ``BF16_BITS`` (Triton's
+interpreter rounds bfloat16 half up).
 """
 
 from __future__ import annotations
@@ -53,29 +75,127 @@ def _chunk(offs, s_ok, c, c0, C, stride_c):
 
 @triton.jit
 def _load(ptr, offs, mask):
-    """Entries in float64 (exact): bfloat16 through its bits, as the top half of a float32."""
+    """Entries in float32 (exact): bfloat16 through its bits, as the top half of a float32."""
     if ptr.dtype.element_ty == tl.bfloat16:
         bits = tl.load(ptr.to(tl.pointer_type(tl.int16)) + offs, mask=mask, other=0)
-        wide = (bits.to(tl.int32) & 0xFFFF) << 16
-        return wide.to(tl.float32, bitcast=True).to(tl.float64)
-    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float64)
+        return ((bits.to(tl.int32) & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _scale_of(w_ptr, c, c_ok, W_MODE: tl.constexpr):
-    """The scale per channel in float64: 0 none, 1 one shared value, 2 one per channel."""
+    """The scale per channel in float32: 1 shared value or one per channel (``W_MODE``
+    1 or 2; 0, no scale: ones, nothing read)."""
     if W_MODE == 0:
-        return tl.full(c.shape, 1.0, tl.float64)
+        return tl.full(c.shape, 1.0, tl.float32)
     if W_MODE == 1:
         return _load(w_ptr, c * 0, c_ok)
     return _load(w_ptr, c, c_ok)
 
 
 @triton.jit
-def _slice_terms(n2, count_inf, eps, IS_ADD: tl.constexpr, POWER: tl.constexpr):
-    """``(1 / d, r / n**2, Inf slice, 1 / sqrt(number of infinities))`` per slice, with
-    ``r = n d'(n) / d(n)``: :class:`l2norm._modes.EpsMode`'s ``denominator`` and
-    ``ratio``."""
+def _store(ptr, offs, mask, v, OUT_MAX: tl.constexpr, BF16_BITS: tl.constexpr):
+    """Round ``v`` (float32) to the output dtype, to nearest even (bfloat16 from its bits
+    where ``BF16_BITS``, NaN kept quiet), saturated at ``OUT_MAX`` where that is not 0 (the
+    input gradient), NaN kept."""
+    if OUT_MAX != 0:
+        v = tl.where(v > OUT_MAX, OUT_MAX, tl.where(v < -OUT_MAX, -OUT_MAX, v))
+    if ptr.dtype.element_ty == tl.bfloat16 and BF16_BITS:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        half = tl.where(nan, (bits >> 16) | 0x40, rounded)
+        tl.store(ptr.to(tl.pointer_type(tl.uint16)) + offs, half.to(tl.uint16), mask=mask)
+    else:
+        tl.store(ptr + offs, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- powers of two
+
+
+@triton.jit
+def _pow2(e):
+    """``2**e`` in float32 from its bits, for integers ``e`` in ``[-149, 127]`` (below -126
+    a subnormal power of two: multiplying by it is exact wherever the product is)."""
+    normal = (tl.maximum(e, -126) + 127) << 23
+    subnormal = 1 << (tl.minimum(tl.maximum(e + 149, 0), 22))
+    return tl.where(e >= -126, normal, subnormal).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pow2_64(e):
+    """``2**e`` in float64 from its bits, for integers ``e`` in ``[-1022, 1023]``."""
+    return ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def _exponent_64(v):
+    """``floor(log2 |v|)`` of a normal float64 (-1023 for 0, 1024 for Inf and NaN)."""
+    return (((v.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023).to(tl.int32)
+
+
+@triton.jit
+def _sum_scale(largest):
+    """The exponent ``s`` with ``largest * 2**s`` in ``[1/4, 1/2)`` (from ``largest``'s
+    float32 exponent field; a subnormal or zero ``largest`` gets 125, Inf and NaN -130)."""
+    biased = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    return 125 - biased
+
+
+@triton.jit
+def _split(v):
+    """A float64 as a double-float ``(hi, lo)`` of float32s."""
+    hi = v.to(tl.float32)
+    return hi, (v - hi.to(tl.float64)).to(tl.float32)
+
+
+# --------------------------------------------------------------------------- sums
+
+
+@triton.jit
+def _two_sum(a_hi, a_lo, b_hi, b_lo):
+    """Double-float addition: Knuth's TwoSum of the high parts (error-free) and the low
+    parts added to the error. Additions only, so FP contraction cannot change it."""
+    s = a_hi + b_hi
+    bb = s - a_hi
+    err = (a_hi - (s - bb)) + (b_hi - bb)
+    return s, err + (a_lo + b_lo)
+
+
+@triton.jit
+def _square_sum(v, EXACT: tl.constexpr):
+    """Per slice, the sum of squares of the (scaled) tile ``v`` as ``(hi, lo)``: a
+    double-float of the exact squares where ``EXACT`` (float32 input), a plain float32 sum
+    of exact squares otherwise (half inputs: 16 or 22 bits a square)."""
+    p = v * v
+    if EXACT:
+        return tl.reduce((p, tl.fma(v, v, -p)), 0, _two_sum)
+    return tl.sum(p, axis=0), tl.zeros([v.shape[1]], tl.float32)
+
+
+@triton.jit
+def _product_sum(a, b, EXACT: tl.constexpr):
+    """Per slice, ``sum a*b`` as ``(hi, lo)``: products rounded once, summed as a
+    double-float where ``EXACT``, plainly otherwise."""
+    p = a * b
+    if EXACT:
+        return tl.reduce((p, tl.zeros_like(p)), 0, _two_sum)
+    return tl.sum(p, axis=0), tl.zeros([a.shape[1]], tl.float32)
+
+
+@triton.jit
+def _wide(hi, lo):
+    return hi.to(tl.float64) + lo.to(tl.float64)
+
+
+# --------------------------------------------------------------------------- per slice
+
+
+@triton.jit
+def _slice_terms(n2, eps, IS_ADD: tl.constexpr, POWER: tl.constexpr):
+    """``(1 / d, r / n**2, Inf slice)`` per slice in float64, with ``r = n d'(n) / d(n)``:
+    :class:`l2norm._modes.EpsMode`'s ``denominator`` and ``ratio`` (the CPU kernel's
+    ``slice_terms``)."""
     n = tl.sqrt(n2)
     if IS_ADD:
         if POWER == 1:
@@ -98,47 +218,57 @@ def _slice_terms(n2, count_inf, eps, IS_ADD: tl.constexpr, POWER: tl.constexpr):
     infinite = n2 == float("inf")
     inv_d = tl.where(infinite, 0.0, 1.0 / d)
     r_over_n2 = tl.where(n2 > 0.0, r / tl.where(n2 > 0.0, n2, 1.0), 0.0)
-    r_over_n2 = tl.where(infinite, 0.0, r_over_n2)
-    share = 1.0 / tl.sqrt(tl.maximum(count_inf, 1.0))
-    return inv_d, r_over_n2, infinite, share
+    return inv_d, tl.where(infinite, 0.0, r_over_n2), infinite
 
 
 @triton.jit
-def _limit(x, share):
-    """The limit direction of an Inf slice: +-share on its infinite entries, 0 elsewhere."""
-    return tl.where(x == float("inf"), share, tl.where(x == -float("inf"), -share, 0.0))
+def _output_factor(inv_d):
+    """``(2**t, Gh, Gl)`` with ``1 / d = 2**t (Gh + Gl)`` and ``Gh + Gl`` near ``2**-40``
+    (``t`` clamped to float32's normal powers: then ``G`` is at most ``2**22``)."""
+    t = tl.minimum(tl.maximum(_exponent_64(inv_d) + 40, -126), 127)
+    g_hi, g_lo = _split(inv_d * _pow2_64(-t))
+    return _pow2(t), g_hi, g_lo
 
 
 @triton.jit
-def _square_sums(v):
-    """Per slice of the tile: the sum of squares and the number of infinities."""
-    infinite = tl.where(tl.abs(v) == float("inf"), 1.0, 0.0)
-    return tl.sum(v * v, axis=0), tl.sum(infinite, axis=0)
-
-
-@triton.jit
-def _unit(v, inv_d, infinite, share):
-    """``u = x / d``, and the limit direction in Inf slices."""
-    return tl.where(infinite[None, :], _limit(v, share[None, :]), v * inv_d[None, :])
-
-
-@triton.jit
-def _store(ptr, offs, mask, v, OUT_MAX: tl.constexpr):
-    """Round ``v`` (float64) to float32, then to the output dtype, as the CPU kernel stores
-    (bfloat16 to nearest even from the bits, NaN kept quiet); saturated at ``OUT_MAX``
-    where that is not 0 (the input gradient), NaN kept."""
-    if OUT_MAX != 0:
-        v = tl.where(v > OUT_MAX, OUT_MAX, tl.where(v < -OUT_MAX, -OUT_MAX, v))
-    f = v.to(tl.float32)
-    if ptr.dtype.element_ty == tl.bfloat16:
-        bits = f.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        half = tl.where(nan, (bits >> 16) | 0x40, rounded)
-        out = ptr.to(tl.pointer_type(tl.uint16))
-        tl.store(out + offs, half.to(tl.uint16), mask=mask)
+def _scaled_output(xt, w, g_hi, g_lo, W_MODE: tl.constexpr, EXACT: tl.constexpr):
+    """``xt * w * (Gh + Gl)`` rounded once to float32 (``xt = x 2**t`` or the limit
+    direction): ``w G`` formed exactly as ``Mh + Ml`` where ``EXACT``."""
+    if W_MODE == 0:
+        m_hi = g_hi[None, :] + tl.zeros_like(xt)
+        m_lo = g_lo[None, :] + tl.zeros_like(xt)
     else:
-        tl.store(ptr + offs, f.to(ptr.dtype.element_ty), mask=mask)
+        m_hi = w[:, None] * g_hi[None, :]
+        if EXACT:
+            m_lo = tl.fma(w[:, None], g_lo[None, :], tl.fma(w[:, None], g_hi[None, :], -m_hi))
+    if EXACT:
+        return tl.fma(xt, m_hi, xt * m_lo)
+    return xt * m_hi
+
+
+# --------------------------------------------------------------------------- Inf slices
+
+
+@triton.jit
+def _limit(v):
+    """The limit direction's sign pattern of an Inf slice: +-1 on its infinite entries,
+    0 elsewhere."""
+    return tl.where(v == float("inf"), 1.0, tl.where(v == -float("inf"), -1.0, 0.0))
+
+
+@triton.jit
+def _infinities(v):
+    """Per slice, how many entries are +-Inf (float32: exact below 2**24)."""
+    return tl.sum(tl.where(tl.abs(v) == float("inf"), 1.0, 0.0), axis=0)
+
+
+@triton.jit
+def _share(count):
+    """``1 / sqrt(count)`` of an Inf slice as a double-float (float64, once per slice)."""
+    return _split(1.0 / tl.sqrt(tl.maximum(count, 1.0).to(tl.float64)))
+
+
+# --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
@@ -156,24 +286,96 @@ def forward_kernel(
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BF16_BITS: tl.constexpr,
 ):
     """``y = w * x / d(n)`` for one tile of slices."""
+    EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    SCALED: tl.constexpr = x_ptr.dtype.element_ty != tl.float16  # float16 squares fit
     pid_a, pid_b = tl.program_id(0), tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
     offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S)
-    n2 = tl.zeros([BLOCK_S], tl.float64)
-    count_inf = tl.zeros([BLOCK_S], tl.float64)
-    for c0 in range(0, C, BLOCK_C):
-        at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
-        squares, infinities = _square_sums(_load(x_ptr, at, mask))
-        n2 += squares
-        count_inf += infinities
-    inv_d, _, infinite, share = _slice_terms(n2, count_inf, tl.load(eps_ptr), IS_ADD, POWER)
-    for c0 in range(0, C, BLOCK_C):
-        at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+    # Pass 1: the power of two of each slice's sum (from its largest magnitude).
+    s = tl.zeros([BLOCK_S], tl.int32)
+    if SINGLE:
+        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c)
         v = _load(x_ptr, at, mask)
-        w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
-        _store(y_ptr, at, mask, _unit(v, inv_d, infinite, share) * w[:, None], 0.0)
+        if SCALED:
+            s = _sum_scale(tl.max(tl.abs(v), axis=0))
+    elif SCALED:
+        largest = tl.zeros([BLOCK_S], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+            largest = tl.maximum(largest, tl.max(tl.abs(_load(x_ptr, at, mask)), axis=0))
+        s = _sum_scale(largest)
+    up = _pow2(s)
+    # Pass 2: the scaled sum of squares.
+    if SINGLE:
+        hi, lo = _square_sum(v * up[None, :], EXACT)
+    else:
+        hi = tl.zeros([BLOCK_S], tl.float32)
+        lo = tl.zeros([BLOCK_S], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+            part_hi, part_lo = _square_sum(_load(x_ptr, at, mask) * up[None, :], EXACT)
+            hi, lo = _two_sum(hi, lo, part_hi, part_lo)
+    n2 = _wide(hi, lo) * _pow2_64(-2 * s)
+    inv_d, _, infinite = _slice_terms(n2, tl.load(eps_ptr), IS_ADD, POWER)
+    scale_t, g_hi, g_lo = _output_factor(inv_d)
+    any_inf = tl.max(infinite.to(tl.int32), axis=0) > 0
+    if any_inf:  # Inf slices: the limit direction 1 / sqrt(count) on their infinities
+        if SINGLE:
+            infinities = _infinities(v)
+        else:
+            infinities = tl.zeros([BLOCK_S], tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+                infinities += _infinities(_load(x_ptr, at, mask))
+        share_hi, share_lo = _share(infinities)
+        g_hi = tl.where(infinite, share_hi, g_hi)
+        g_lo = tl.where(infinite, share_lo, g_lo)
+    # Pass 3: the outputs.
+    if SINGLE:
+        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c)
+        xt = v * scale_t[None, :]
+        if any_inf:
+            xt = tl.where(infinite[None, :], _limit(v), xt)
+        w = _scale_of(w_ptr, c, c_ok, W_MODE)
+        _store(y_ptr, at, mask, _scaled_output(xt, w, g_hi, g_lo, W_MODE, EXACT), 0.0, BF16_BITS)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+            v = _load(x_ptr, at, mask)
+            xt = v * scale_t[None, :]
+            if any_inf:
+                xt = tl.where(infinite[None, :], _limit(v), xt)
+            w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
+            y = _scaled_output(xt, w, g_hi, g_lo, W_MODE, EXACT)
+            _store(y_ptr, at, mask, y, 0.0, BF16_BITS)
+
+
+@triton.jit
+def _backward_factors(n2, ip, s, eps, IS_ADD: tl.constexpr, POWER: tl.constexpr):
+    """Per slice: ``K' = r <w g, x'> / n'**2`` (scale-free: ``K' x' = k x``), ``1 / d`` as
+    ``I' 2**v`` (``I'`` near 1; ``2**v`` subnormal where it must be), ``F = 2**-s / d``
+    (``u = x' F``) and the Inf flag."""
+    inv_d, r_over_n2, infinite = _slice_terms(n2, eps, IS_ADD, POWER)
+    k = (r_over_n2 * _pow2_64(-2 * s) * ip).to(tl.float32)
+    v = tl.minimum(tl.maximum(_exponent_64(inv_d), -149), 127)
+    inv_i = (inv_d * _pow2_64(-v)).to(tl.float32)
+    f = (inv_d * _pow2_64(-s)).to(tl.float32)
+    return k, inv_i, _pow2(v), f, infinite
+
+
+@triton.jit
+def _input_gradient(v, gv, w, up, k, inv_i, scale_v, W_MODE: tl.constexpr):
+    """``dx = (w g - K' x') I' 2**v`` for a chunk (float32; ``x' = x 2**s``)."""
+    if W_MODE == 0:
+        sigma = gv
+    else:
+        sigma = w[:, None] * gv
+    t = tl.fma(-k[None, :], v * up[None, :], sigma)
+    return (t * inv_i[None, :]) * scale_v[None, :]
 
 
 @triton.jit
@@ -193,39 +395,100 @@ def backward_kernel(
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    SINGLE: tl.constexpr,
+    BF16_BITS: tl.constexpr,
     NEED_DW: tl.constexpr,
     OUT_MAX: tl.constexpr,
 ):
     """``dx = (w g - (r / n**2) <w g, x> x) / d`` for one tile of slices, and the tile's
-    share of the scale's gradient per channel (``sum g u``) in its own row of ``dw_ptr``
-    (summed in a fixed order afterwards: no atomics, deterministic)."""
+    share of the scale's gradient per channel (``sum g u``, float32 within the tile) in its
+    own row of ``dw_ptr`` (float64 rows, summed in a fixed order afterwards: no atomics,
+    deterministic)."""
+    EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
+    SCALED: tl.constexpr = x_ptr.dtype.element_ty != tl.float16
     pid_a, pid_b = tl.program_id(0), tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
     offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S)
-    n2 = tl.zeros([BLOCK_S], tl.float64)
-    count_inf = tl.zeros([BLOCK_S], tl.float64)
-    inner_product = tl.zeros([BLOCK_S], tl.float64)
-    for c0 in range(0, C, BLOCK_C):
-        at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+    s = tl.zeros([BLOCK_S], tl.int32)
+    if SINGLE:
+        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c)
         v = _load(x_ptr, at, mask)
         gv = _load(g_ptr, at, mask)
-        w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
-        squares, infinities = _square_sums(v)
-        n2 += squares
-        count_inf += infinities
-        inner_product += tl.sum(w[:, None] * gv * v, axis=0)
-    inv_d, r_over_n2, infinite, share = _slice_terms(n2, count_inf, tl.load(eps_ptr), IS_ADD, POWER)
-    k = tl.where(infinite, 0.0, r_over_n2 * inner_product)
+        w = _scale_of(w_ptr, c, c_ok, W_MODE)
+        if SCALED:
+            s = _sum_scale(tl.max(tl.abs(v), axis=0))
+    elif SCALED:
+        largest = tl.zeros([BLOCK_S], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+            largest = tl.maximum(largest, tl.max(tl.abs(_load(x_ptr, at, mask)), axis=0))
+        s = _sum_scale(largest)
+    up = _pow2(s)
+    if SINGLE:
+        xs = v * up[None, :]
+        hi, lo = _square_sum(xs, EXACT)
+        sigma = gv if W_MODE == 0 else w[:, None] * gv
+        ip_hi, ip_lo = _product_sum(sigma, xs, EXACT)
+    else:
+        hi = tl.zeros([BLOCK_S], tl.float32)
+        lo = tl.zeros([BLOCK_S], tl.float32)
+        ip_hi = tl.zeros([BLOCK_S], tl.float32)
+        ip_lo = tl.zeros([BLOCK_S], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+            xs = _load(x_ptr, at, mask) * up[None, :]
+            gv = _load(g_ptr, at, mask)
+            sigma = gv
+            if W_MODE != 0:
+                sigma = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)[:, None] * gv
+            part_hi, part_lo = _square_sum(xs, EXACT)
+            hi, lo = _two_sum(hi, lo, part_hi, part_lo)
+            part_hi, part_lo = _product_sum(sigma, xs, EXACT)
+            ip_hi, ip_lo = _two_sum(ip_hi, ip_lo, part_hi, part_lo)
+    n2 = _wide(hi, lo) * _pow2_64(-2 * s)
+    k, inv_i, scale_v, f, infinite = _backward_factors(
+        n2, _wide(ip_hi, ip_lo), s, tl.load(eps_ptr), IS_ADD, POWER
+    )
+    any_inf = tl.max(infinite.to(tl.int32), axis=0) > 0
+    share_hi = tl.zeros([BLOCK_S], tl.float32)
+    if any_inf:  # the scale's gradient of an Inf slice: g times its limit direction
+        if SINGLE:
+            infinities = _infinities(v)
+        else:
+            infinities = tl.zeros([BLOCK_S], tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+                infinities += _infinities(_load(x_ptr, at, mask))
+        share_hi = _share(infinities)[0]
     row = pid_a.to(tl.int64) * tl.num_programs(1) + pid_b
-    for c0 in range(0, C, BLOCK_C):
-        at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
-        v = _load(x_ptr, at, mask)
-        gv = _load(g_ptr, at, mask)
-        w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
-        finite_v = tl.where(infinite[None, :], 0.0, v)  # no Inf * 0 in an Inf slice
-        dx = (w[:, None] * gv - k[None, :] * finite_v) * inv_d[None, :]
-        _store(dx_ptr, at, mask, dx, OUT_MAX)
-        if NEED_DW:
-            u = _unit(v, inv_d, infinite, share)
-            share_dw = tl.sum(tl.where(mask, gv * u, 0.0), axis=1)
-            tl.store(dw_ptr + row * C + c0 + c, share_dw, mask=c_ok)
+    terms = (up, k, inv_i, scale_v, f, infinite, share_hi, any_inf)
+    if SINGLE:
+        _backward_chunk(v, gv, w, at, mask, c_ok, c, dx_ptr, dw_ptr, row, C, terms,
+                        W_MODE, NEED_DW, OUT_MAX, BF16_BITS)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+            v = _load(x_ptr, at, mask)
+            gv = _load(g_ptr, at, mask)
+            w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
+            _backward_chunk(v, gv, w, at, mask, c_ok, c0 + c, dx_ptr, dw_ptr, row, C, terms,
+                            W_MODE, NEED_DW, OUT_MAX, BF16_BITS)
+
+
+@triton.jit
+def _backward_chunk(v, gv, w, at, mask, c_ok, channel, dx_ptr, dw_ptr, row, C, terms,
+                    W_MODE: tl.constexpr, NEED_DW: tl.constexpr, OUT_MAX: tl.constexpr,
+                    BF16_BITS: tl.constexpr):
+    """Store a chunk's ``dx`` and its row of the scale's gradient (``sum g u`` over the
+    tile's slices, ``u = x' F`` or the limit direction)."""
+    up, k, inv_i, scale_v, f, infinite, share_hi, any_inf = terms
+    dx = _input_gradient(v, gv, w, up, k, inv_i, scale_v, W_MODE)
+    if any_inf:
+        dx = tl.where(infinite[None, :], 0.0, dx)
+    _store(dx_ptr, at, mask, dx, OUT_MAX, BF16_BITS)
+    if NEED_DW:
+        u = (v * up[None, :]) * f[None, :]
+        if any_inf:
+            u = tl.where(infinite[None, :], _limit(v) * share_hi[None, :], u)
+        share_dw = tl.sum(tl.where(mask, gv * u, 0.0), axis=1)
+        tl.store(dw_ptr + row * C + channel, share_dw.to(tl.float64), mask=c_ok)
