@@ -49,11 +49,15 @@ try:  # XLA's own operations, reachable inside jit_compile functions (as jax2tf 
 except ImportError:  # pragma: no cover - a TensorFlow without them: plain reductions
     _barrier = _tfxla = None
 
-from l2norm import _faithful, _ladder
+from tensorflow.python.eager import record as _record
+from tensorflow.python.ops import control_flow_util as _control_flow
+
+from l2norm import _faithful, _ladder, _portable
 from l2norm._ladder import FORMATS, Ladder, SliceFactors
+from l2norm._modes import get_mode
 from l2norm._spec import Axes, Spec
 
-__all__ = ["normalize", "exact_upscale"]
+__all__ = ["normalize", "exact_upscale", "exporting", "portable"]
 
 #: Slice length assumed when a normalized axis has no static size (a traced graph with
 #: dynamic spatial axes): a ladder for longer slices is valid for shorter ones too.
@@ -363,8 +367,55 @@ def slice_size(shape: tf.TensorShape, axes: Axes) -> int:
     return max(1, math.prod(int(d) for d in dims))
 
 
+def exporting() -> bool:
+    """Whether this call is being recorded into a graph meant to leave TensorFlow's XLA:
+    a ``tf.function`` traced outside every XLA context with no gradient tape recording,
+    which is how ``model.export``, ``tf.saved_model.save`` and the TFLite converter (by
+    way of a SavedModel) trace a Keras 3 model. Eager calls, XLA-compiled functions
+    (``jit_compile=True``, Keras' default for ``fit`` / ``predict``) and traces under a
+    tape (training steps) run the XLA programs."""
+    if tf.executing_eagerly():
+        return False
+    in_xla = _control_flow.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    return not in_xla and not _record.could_possibly_record()
+
+
+def portable(x: tf.Tensor, scale: tf.Tensor | None, spec: Spec, axes: Axes) -> tf.Tensor:
+    """The exported formula (:mod:`l2norm._portable`) in TensorFlow ops that the TFLite
+    converter maps to builtin operators (``ABS``, ``REDUCE_MAX``, ``MAXIMUM``, ``EQUAL``,
+    ``SIGN``, ``DIV``, ``SELECT_V2``, ``MUL``, ``SUM``, ``SQRT``, ``ADD`` or ``GREATER``,
+    and ``CAST`` for half precision); differentiated, if at all, by TensorFlow's autodiff.
+
+    Example:
+        >>> from l2norm._spec import Spec
+        >>> spec = Spec.create(axis=-1)
+        >>> x = tf.constant([[3e38, 2e38], [0.0, 0.0]])  # the sum of squares overflows
+        >>> portable(x, None, spec, spec.resolve(2)).numpy().round(4)
+        array([[0.8321, 0.5547],
+               [0.    , 0.    ]], dtype=float32)
+    """
+    work = tf.as_dtype(_portable.working_dtype(x.dtype.name))
+    if scale is not None:
+        shape = [-1 if a == axes.channel else 1 for a in range(axes.ndim)]
+        scale = tf.reshape(tf.cast(scale, work), shape)
+    y = _portable.normalized(
+        XP,
+        tf.cast(x, work),
+        scale,
+        get_mode(spec.eps_mode),
+        spec.eps,
+        lambda v: tf.reduce_max(v, axis=axes.norm, keepdims=True),
+        lambda v: tf.reduce_sum(v, axis=axes.norm, keepdims=True),
+        work.name,
+    )
+    return tf.cast(y, x.dtype)
+
+
 def normalize(x: tf.Tensor, scale: tf.Tensor | None, spec: Spec, axes: Axes) -> tf.Tensor:
     """``scale * x / d(||x||)`` with the exact gradient, for a validated call.
+
+    In a graph being exported (:func:`exporting`) it is :func:`portable` instead: what
+    TFLite and TensorFlow Serving without XLA can run.
 
     ``scale`` is None, shape ``()`` / ``(1,)``, or one value per channel of
     ``axes.channel`` (checked by the caller); any float dtype (float32 for a half ``x``
@@ -378,6 +429,8 @@ def normalize(x: tf.Tensor, scale: tf.Tensor | None, spec: Spec, axes: Axes) -> 
         array([[12.,  8.],
                [ 0.,  0.]], dtype=float32)
     """
+    if exporting():
+        return portable(x, scale, spec, axes)
     acc = _acc_dtype(x.dtype)
     ladder = _ladder.make_ladder(
         x.dtype.name, acc.name, slice_size(x.shape, axes), spec.eps_mode, spec.eps

@@ -123,11 +123,14 @@ def normalized(
         array([[0.6, 0.8],
                [0. , 0. ]], dtype=float32)
     """
-    smallest = 2.0 ** FORMATS[working].min_exp
+    fmt = FORMATS[working]
+    smallest, largest = 2.0**fmt.min_exp, (2.0 - 2.0**-fmt.mant) * 2.0 ** (fmt.max_exp - 1)
     magnitude = xp.abs(x)
     q = xp.maximum(reduce_max(magnitude), max(mode.threshold(eps), smallest))
     # Inf entries (only in a slice whose q is Inf) become their signs; x / Inf is 0.
-    t = xp.where(magnitude == math.inf, xp.sign(x), x / q)
+    # (Compared with the largest finite value: the TFLite converter stores an Inf
+    # constant as that value.)
+    t = xp.where(magnitude > largest, xp.sign(x), x / q)
     sumsq = reduce_sum(t * t)
     # + smallest changes no value (S >= 1 above the threshold; below it the scaled eps,
     # about 1, dominates) and keeps the square root's derivative finite at S = 0. (Not a

@@ -29,7 +29,7 @@ from l2norm.torch._export import forward
 #: arithmetic, comparisons, selects and reductions (``Constant`` from the TorchScript-based
 #: exporter), which every ONNX runtime implements.
 STANDARD_OPS = {
-    "Abs", "Add", "Cast", "Clip", "Constant", "Div", "Equal", "Greater", "Mul",
+    "Abs", "Add", "Cast", "Clip", "Constant", "Div", "Greater", "Mul",
     "Reciprocal", "ReduceMax", "ReduceSum", "Sign", "Sqrt", "Where",
 }  # fmt: skip
 #: Operators besides ``Constant`` and the two casts of half precision, with a scale: 15 to

@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import keras
 import ml_dtypes
 import numpy as np
 import pytest
+from _exported import exported_error, hostile_inputs  # tests/_exported.py
 from hypothesis import given
 from hypothesis import strategies as st
 from keras import ops
@@ -303,6 +306,112 @@ def test_saved_model_export(tmp_path):
     np.testing.assert_allclose(
         reloaded.serve(tf.constant(x)).numpy(), ops.convert_to_numpy(model(x)), rtol=1e-6
     )
+
+
+# --------------------------------------------------------------------------- export
+# A graph traced to leave TensorFlow (model.export, the TFLite converter, which traces a
+# Keras 3 model into a SavedModel) holds the exported formula of l2norm._portable: plain
+# ops, TFLite builtins, within l2norm._portable.forward_ulps of the oracle.
+
+#: The TFLite builtin operators the converted layer may use.
+TFLITE_OPS = {
+    "ABS", "ADD", "CAST", "DIV", "GREATER", "MAXIMUM", "MUL", "REDUCE_MAX", "RSQRT",
+    "SELECT_V2", "SIGN", "SQRT", "SUM",
+}  # fmt: skip
+#: Operators besides the two casts of half precision (the XLA lowering does not convert).
+TFLITE_MAX_OPERATORS = 16
+
+
+def _exported_model(case_id: str) -> tuple[keras.Model, np.ndarray, np.ndarray, dict]:
+    """A model of one L2Norm on a hostile NHWC conformance case, with dynamic batch / H / W;
+    ``(model, x, scale, options)``."""
+    x, scale, options = hostile_inputs(case_id)
+    inputs = keras.Input((None, None, x.shape[-1]), dtype=str(x.dtype))
+    layer = L2Norm(scale_init=scale.astype("float64").tolist(), dtype=str(x.dtype), **options)
+    return keras.Model(inputs, layer(inputs)), x, scale, options
+
+
+def _run_tflite(flatbuffer: bytes, x: np.ndarray) -> tuple[np.ndarray, Counter]:
+    """The converted model run on ``x`` (resized to its shape) in TFLite's interpreter,
+    and its operators."""
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+        # TFLite's own kernels: its default XNNPACK delegate flushes subnormals to zero
+        # (docs/keras.md, Export).
+        interpreter = tf.lite.Interpreter(
+            model_content=flatbuffer,
+            experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        )
+    operators = Counter(op["op_name"] for op in interpreter._get_ops_details())
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.resize_tensor_input(inp["index"], x.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x)
+    interpreter.invoke()
+    return interpreter.get_tensor(out["index"]), operators
+
+
+@on_tensorflow
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("option_set", ["mode=add_norm", "mode=clamp_sumsq", "tiny-eps"])
+def test_tflite_builtins_only_within_the_bound(dtype, option_set):
+    import tensorflow as tf
+
+    model, x, scale, options = _exported_model(f"2:{option_set}:per_channel:{dtype}:hostile")
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    y, operators = _run_tflite(converter.convert(), x)
+    assert set(operators) <= TFLITE_OPS, operators
+    casts = 2 if dtype == "float16" else 0  # half precision is computed in float32
+    assert operators["CAST"] == casts, operators
+    assert sum(operators.values()) - casts <= TFLITE_MAX_OPERATORS, operators
+    assert y.dtype == x.dtype
+    exported_error(y, x, scale, options)
+
+
+@on_tensorflow
+def test_saved_model_holds_the_exported_formula(tmp_path):
+    # model.export: no XLA-only operation in the SavedModel (TensorFlow Serving without
+    # XLA and the TFLite converter run it); reloaded, within the bound on hostile data
+    # (TensorFlow's CPU kernels flush subnormals), and converted from the SavedModel with
+    # builtins only.
+    import tensorflow as tf
+
+    model, x, scale, options = _exported_model("2:default:per_channel:float32:hostile")
+    model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
+    reloaded = tf.saved_model.load(str(tmp_path / "saved"))
+    exported_error(reloaded.serve(tf.constant(x)).numpy(), x, scale, options, flushes=True)
+    graph = reloaded.serve.get_concrete_function(tf.TensorSpec([None, None, None, 16]))
+    graph_def = graph.graph.as_graph_def()
+    op_types = {node.op for node in graph_def.node}
+    op_types |= {node.op for f in graph_def.library.function for node in f.node_def}
+    assert not {op for op in op_types if op.startswith("Xla") or op.startswith("Bitwise")}
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "saved"))
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    y, operators = _run_tflite(converter.convert(), x)
+    assert set(operators) <= TFLITE_OPS
+    exported_error(y, x, scale, options)
+
+
+@on_tensorflow
+def test_only_graphs_that_leave_xla_get_the_exported_formula():
+    # Eager calls, XLA functions and traces under a tape (training steps) keep the XLA
+    # lowering (1 ULP, the exact gradient); a tf.function traced outside XLA with no tape
+    # (export, conversion, plain inference) records the exported formula.
+    import tensorflow as tf
+
+    from l2norm import _keras_tf
+
+    def probe():
+        return tf.constant(_keras_tf.exporting())
+
+    assert not probe().numpy()
+    assert not tf.function(probe, jit_compile=True)().numpy()
+    assert tf.function(probe)().numpy()
+    with tf.GradientTape():
+        assert not tf.function(probe)().numpy()
 
 
 def test_fit_lowers_the_loss_and_trains_gamma():
