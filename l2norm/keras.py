@@ -14,7 +14,9 @@ sample's result never depends on the rest of its batch:
 * JAX backend: :func:`l2norm.jax.normalize` (a ``jax.custom_vjp``);
 * torch backend: :func:`l2norm.torch.l2_normalize` (an autograd function);
 * TensorFlow backend: :mod:`l2norm._keras_tf` (XLA-compiled forward and backward
-  attached with ``tf.custom_gradient``; eager, ``tf.function`` and ``model.fit``).
+  attached with ``tf.custom_gradient``; eager, ``tf.function`` and ``model.fit``); in a
+  graph traced to leave XLA (``model.export``, the TFLite converter) the exported formula
+  of :mod:`l2norm._portable` in plain TensorFlow operations, TFLite builtins only.
 
 float16 and bfloat16 inputs are computed in float32, float64 in float64; the output has
 the input's dtype.
