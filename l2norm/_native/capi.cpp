@@ -10,7 +10,8 @@ namespace {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 bool valid(int64_t outer, int64_t C, int64_t inner, int64_t w_len, int power, int threads) {
-  return outer >= 0 && C > 0 && inner > 0 && (w_len == 0 || w_len == 1 || w_len == C) &&
+  // Zero sizes are valid: the kernel returns at once (and zeroes dw).
+  return outer >= 0 && C >= 0 && inner >= 0 && (w_len == 0 || w_len == 1 || w_len == C) &&
          (power == 1 || power == 2) && threads > 0;
 }
 

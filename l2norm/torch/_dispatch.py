@@ -5,8 +5,8 @@ route:
 
 * ``cpu-kernel`` (:mod:`l2norm.torch._cpu`): the native kernel for CPU tensors of float32
   / float16 / bfloat16, one normalized axis, dense memory; sums in float64 (a one-rung
-  ladder). A registered op (:mod:`l2norm.torch._function`), so ``torch.compile`` keeps
-  it as one node of the graph.
+  ladder). A registered op (:mod:`l2norm.torch._function`) on every path, so fake
+  tensors, ``make_fx``, ``torch.func`` and ``torch.compile`` see one node.
 * ``triton`` (:mod:`l2norm.torch._triton`): fused Triton kernels for CUDA tensors of the
   same dtypes and layouts, the same arithmetic (sums in float64); a registered op too.
   Without a GPU it runs on CPU tensors in Triton's interpreter when forced (tests).
@@ -14,9 +14,9 @@ route:
   :mod:`l2norm._ladder`, any device, dtype, axes and layout; what double backward
   differentiates, and the fallback wherever no kernel applies (float64, several axes,
   strided views, no compiler, no Triton).
-* ``traced``: the ``ops`` forward recorded op by op for ``torch.jit.trace``,
-  ``torch.export`` and ONNX, differentiated by autograd (they cannot record a Python
-  ``autograd.Function``).
+* ``traced``: :func:`l2norm.torch._export.forward`, the max-scaled formula in plain aten
+  ops, for ``torch.jit.trace``, ``torch.export`` and ONNX (they record the ops a call
+  runs; a deployment runtime cannot run a kernel), differentiated by autograd.
 
 Every route computes each slice on its own with no data-dependent branch and no read
 back to the host, so the choice depends only on the call's static properties and can
@@ -62,8 +62,8 @@ class Plan:
     @classmethod
     def of(cls, spec: Spec, axes: Axes, shape: torch.Size) -> Plan:
         size = 1
-        for a in axes.norm:
-            size *= int(shape[a])
+        for a in axes.norm:  # no int(): under torch.compile a size may be a SymInt
+            size = size * shape[a]
         return cls(spec, axes.norm, axes.channel, axes.ndim, size)
 
     @property
@@ -122,17 +122,38 @@ def _triton_ready() -> bool:
 def choose(x: Tensor, plan: Plan) -> Route:
     """The lowering for ``x``: from its device, dtype, memory layout and the normalized
     axes, the compile / trace / export state and :func:`use_lowering`; never its values."""
-    if torch.jit.is_tracing() or (
-        torch.compiler.is_exporting() and not torch.compiler.is_compiling()
-    ):
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
         return TRACED
-    on_cpu = x.device.type == "cpu"
     if torch.compiler.is_compiling():  # a kernel is one registered op in the graph
-        if on_cpu:
+        if x.device.type == "cpu":
             view = _cpu.layout(x, plan.norm, plan.channel)
             return Route("cpu-kernel", view) if view is not None and _cpu.ready() else OPS
         view = _triton.layout(x, plan.norm, plan.channel) if x.device.type == "cuda" else None
         return Route("triton", view) if view is not None and _triton_ready() else OPS
+    # Eager: the same static properties give the same route, so it is looked up (a small
+    # call's budget is a few microseconds). The kernel's availability (loading, warning
+    # once) is asked on the first call of each key only.
+    key = (plan, x.dtype, x.device, x.shape, x.stride(), _FORCED.get(), _cpu.enabled())
+    try:
+        route = _ROUTES.get(key)
+    except TypeError:  # symbolic sizes (make_fx's symbolic tracing): no table
+        return _choose_eager(x, plan)
+    if route is None:
+        route = _choose_eager(x, plan)
+        if len(_ROUTES) >= _MAX_ROUTES:
+            _ROUTES.clear()
+        _ROUTES[key] = route
+    return route
+
+
+#: Eager routes by (plan, dtype, device, shape, strides, forced lowering, kernel on);
+#: bounded, emptied when full.
+_ROUTES: dict[tuple, Route] = {}
+_MAX_ROUTES = 4096
+
+
+def _choose_eager(x: Tensor, plan: Plan) -> Route:
+    on_cpu = x.device.type == "cpu"
     forced = _FORCED.get()
     if forced == "ops":
         return OPS

@@ -51,10 +51,16 @@ def _check_weight(weight: Any, x: Tensor, axes: Axes) -> None:
         raise ValueError(
             f"weight is on {weight.device} but the input is on {x.device}; move one of them"
         )
-    check_scale_shape(tuple(weight.shape), int(x.shape[axes.channel]), axes)
+    # Compared size by size, never through int(): under torch.compile the channel count
+    # may be a symbol (a comparison is a guard, int() a specialization or a graph break).
+    shape, channels = weight.shape, x.shape[axes.channel]
+    if len(shape) == 0 or (len(shape) == 1 and (shape[0] == 1 or shape[0] == channels)):
+        return
+    check_scale_shape(tuple(int(n) for n in shape), int(x.shape[axes.channel]), axes)
 
 
-def _apply(x: Tensor, weight: Tensor | None, spec: Spec, *, min_rank: int) -> Tensor:
+def _checked_plan(x: Any, weight: Any, spec: Spec, min_rank: int, num_channels: int | None) -> Plan:
+    """The call's plan once its arguments pass the checks (TypeError / ValueError)."""
     _check_tensor(x)
     if x.dim() < min_rank:
         raise ValueError(
@@ -62,8 +68,75 @@ def _apply(x: Tensor, weight: Tensor | None, spec: Spec, *, min_rank: int) -> Te
             f"got rank {x.dim()} with shape {tuple(x.shape)}"
         )
     axes = spec.resolve(x.dim())
+    if num_channels is not None and x.shape[axes.channel] != num_channels:
+        raise ValueError(
+            f"L2Norm({num_channels}) got an input of shape {tuple(x.shape)} with "
+            f"{x.shape[axes.channel]} channels along dim {axes.channel}; expected "
+            f"{num_channels}"
+        )
     _check_weight(weight, x, axes)
-    return apply(x, weight, Plan.of(spec, axes, x.shape))
+    return Plan.of(spec, axes, x.shape)
+
+
+#: Eager plans of calls that passed the checks, by everything the checks and the plan
+#: read; bounded, emptied when full. A small call spends a few microseconds here.
+_PLANS: dict[tuple, Plan] = {}
+
+
+def _apply(
+    x: Tensor, weight: Tensor | None, spec: Spec, *, min_rank: int, num_channels: int | None = None
+) -> Tensor:
+    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node, run later
+        return _fx_l2_normalize(
+            x, weight, spec.axis, spec.across_spatial, spec.eps_mode, spec.eps, num_channels
+        )
+    if (
+        torch.compiler.is_compiling()  # symbolic sizes: no table
+        or not isinstance(x, Tensor)
+        or not (weight is None or isinstance(weight, Tensor))
+    ):
+        return apply(x, weight, _checked_plan(x, weight, spec, min_rank, num_channels))
+    key = (
+        spec,
+        min_rank,
+        num_channels,
+        type(x),
+        x.dtype,
+        x.device,
+        x.shape,
+        None if weight is None else (type(weight), weight.dtype, weight.device, weight.shape),
+    )
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # symbolic sizes (make_fx's symbolic tracing): no table
+        return apply(x, weight, _checked_plan(x, weight, spec, min_rank, num_channels))
+    if plan is None:
+        plan = _checked_plan(x, weight, spec, min_rank, num_channels)
+        if len(_PLANS) >= 4096:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return apply(x, weight, plan)
+
+
+def _fx_l2_normalize(
+    x: Tensor,
+    weight: Tensor | None,
+    dim: int | tuple[int, ...],
+    across_spatial: bool,
+    eps_mode: str,
+    eps: float,
+    num_channels: int | None,
+) -> Tensor:
+    """What :func:`torch.fx.symbolic_trace` records for the layer: one node (this function
+    is ``torch.fx.wrap``-ed), since a ``Proxy`` has no rank, dtype or sizes to check or
+    dispatch on. When the graph runs, it checks and dispatches as an eager call (the kernel;
+    under ``torch.jit.trace`` / ``torch.export`` the recorded ops)."""
+    spec = Spec.create(axis=dim, across_spatial=across_spatial, eps_mode=eps_mode, eps=eps)
+    min_rank = 1 if num_channels is None else 2
+    return _apply(x, weight, spec, min_rank=min_rank, num_channels=num_channels)
+
+
+torch.fx.wrap("_fx_l2_normalize")
 
 
 # --------------------------------------------------------------------------- public API
@@ -149,16 +222,7 @@ def lowering_for(
 
 
 def _layer_forward(x: Tensor, weight: Tensor, spec: Spec, num_channels: int) -> Tensor:
-    _check_tensor(x)
-    if x.dim() >= 2:
-        axes = spec.resolve(x.dim())
-        if x.shape[axes.channel] != num_channels:
-            raise ValueError(
-                f"L2Norm({num_channels}) got an input of shape {tuple(x.shape)} with "
-                f"{x.shape[axes.channel]} channels along dim {axes.channel}; expected "
-                f"{num_channels}"
-            )
-    return _apply(x, weight, spec, min_rank=2)
+    return _apply(x, weight, spec, min_rank=2, num_channels=num_channels)
 
 
 class L2Norm(nn.Module):

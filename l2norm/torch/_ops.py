@@ -22,7 +22,7 @@ from l2norm import _faithful, _ladder
 from l2norm._compensated import Pair
 from l2norm.torch._dispatch import Plan
 
-__all__ = ["forward", "vjp"]
+__all__ = ["accumulator", "forward", "vjp", "weight_view"]
 
 _NAMES = {
     torch.float16: "float16",
@@ -38,12 +38,15 @@ def accumulator(x: Tensor) -> torch.dtype:
 
 
 def _ladder_of(x: Tensor, plan: Plan, acc: torch.dtype) -> _ladder.Ladder:
+    # The rungs depend on the slice's size: traced with symbolic sizes (torch.compile,
+    # make_fx), int() specializes it (the channel count; for across_spatial, H and W too).
+    size = int(plan.size)
     return _ladder.make_ladder(
-        _NAMES[x.dtype], _NAMES[acc], plan.size, plan.spec.eps_mode, plan.spec.eps
+        _NAMES[x.dtype], _NAMES[acc], size, plan.spec.eps_mode, plan.spec.eps
     )
 
 
-def _weight_view(weight: Tensor | None, plan: Plan, dtype: torch.dtype) -> Tensor | None:
+def weight_view(weight: Tensor | None, plan: Plan, dtype: torch.dtype) -> Tensor | None:
     """The scale in ``dtype``, shaped to broadcast along the channel axis."""
     if weight is None:
         return None
@@ -155,7 +158,7 @@ def forward(
     pairs = _pairs(x, plan, acc, differentiable)
     rung_sums, n_inf = _sums(xw, plan, ladder)
     f, pair = _factors(xw, plan, ladder, rung_sums, n_inf, pairs)
-    w = _weight_view(weight, plan, acc)
+    w = weight_view(weight, plan, acc)
     if pairs is None:
         u = _ladder.normalized(torch, xw, f, ladder, _upscale)
         y = u if w is None else u * w
@@ -182,7 +185,7 @@ def vjp(
         pairs = None if pair is None else _PAIRS
         f, _ = _factors(xw, plan, ladder, rung_sums, n_inf, pairs, pair)
     xhat = _ladder.direction(torch, xw, f, ladder, _upscale)
-    w = _weight_view(weight, plan, acc)
+    w = weight_view(weight, plan, acc)
     sigma = gw if w is None else gw * w
     inner = (sigma * xhat).sum(plan.norm, keepdim=True)
     # Saturated where the exact gradient exceeds the dtype (float16 at an all-zero pixel).
