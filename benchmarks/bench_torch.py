@@ -15,9 +15,13 @@ built and what CUDA runs today), compiled forward and forward+backward (``torch.
 of ours against the compiled torchvision idiom), and the cost of the guarantees (ours
 against the plain formula without float64 sums and without the float32 upcast).
 
+Small calls (:func:`small_calls`): the per-call latency (median and 90th percentile) of the
+eager forward at (1, 512, 4, 4) against the one-line idiom, in the same run.
+
 Usage::
 
     python benchmarks/bench_torch.py [--quick]    # the headline shape alone
+    python benchmarks/bench_torch.py --small      # small calls against the idiom
 """
 
 from __future__ import annotations
@@ -249,7 +253,83 @@ def suites(
     return out
 
 
+# --------------------------------------------------------------------------- small calls
+
+SMALL = (1, 512, 4, 4)
+
+
+def idiom(x, w):
+    """The one-line layer people write: ``x / ||x|| * w`` with torch's clamp."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12) * w.view(1, -1, 1, 1)
+
+
+def small_calls(shape=SMALL, calls: int = 20000, rounds: int = 20) -> dict[str, dict[str, float]]:
+    """Per-call latency of the eager forward at a small shape: ``{impl: {median, p90}}`` in
+    microseconds, and each one's ratio to the idiom's.
+
+    Every call is timed on its own (``perf_counter`` around it), so the 90th percentile
+    sees the slow calls a mean hides (an OpenMP join waiting for a descheduled thread).
+    The implementations take turns in ``rounds`` blocks, so that they share the
+    machine's state. ``layer``: ``L2Norm`` with its learnable scale (autograd records);
+    ``no_grad``: the same under ``torch.no_grad()``; the idiom is timed in both modes.
+    """
+    import time
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    layer = l2t.L2Norm(shape[1])
+    weight = layer.weight  # a Parameter: the idiom records autograd as the layer does
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+
+        return run
+
+    impls = {
+        "l2norm": lambda: layer(x),
+        "idiom": lambda: idiom(x, weight),
+        "l2norm no_grad": no_grad(lambda: layer(x)),
+        "idiom no_grad": no_grad(lambda: idiom(x, weight)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in impls}
+    per_round = calls // rounds
+    for fn in impls.values():  # warm up: plans, routes, the kernel's first load
+        for _ in range(200):
+            fn()
+    clock = time.perf_counter
+    for _ in range(rounds):
+        for name, fn in impls.items():
+            samples = times[name]
+            for _ in range(per_round):
+                start = clock()
+                fn()
+                samples.append(clock() - start)
+    stats = {}
+    for name, samples in times.items():
+        samples.sort()
+        stats[name] = {
+            "median": samples[len(samples) // 2] * 1e6,
+            "p90": samples[int(len(samples) * 0.9)] * 1e6,
+        }
+    for name in ("l2norm", "l2norm no_grad"):
+        base = stats[name.replace("l2norm", "idiom")]
+        for q in ("median", "p90"):
+            stats[name][f"{q} / idiom"] = stats[name][q] / base[q]
+    return stats
+
+
+def print_small_calls(stats: dict[str, dict[str, float]]) -> None:
+    print(f"eager forward at {SMALL}, float32, {torch.get_num_threads()} threads (us per call)")
+    for name, row in stats.items():
+        cells = "  ".join(f"{key} {value:.3g}" for key, value in row.items())
+        print(f"  {name:16s} {cells}")
+
+
 if __name__ == "__main__":  # the headline shape alone; run.py for everything
+    if sys.argv[1:] == ["--small"]:  # the small-call overhead against the idiom
+        print_small_calls(small_calls())
+        sys.exit(0)
     from benchmarks.run import headline_main
 
     sys.exit(headline_main("torch", sys.argv[1:]))

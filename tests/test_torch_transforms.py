@@ -203,6 +203,23 @@ def test_vmap_over_examples_and_over_scales_equals_a_loop(lowering):
     assert_forward(per_example, x, w)
 
 
+def test_the_ops_vmap_rules_equal_a_loop():
+    """The registered ops' own batching rules, called directly (the layer's backward runs
+    them where autograd does not record; transforms differentiate with create_graph)."""
+    x, w, _ = data(3, 8, 10, 2)
+    options = (1, "clamp_norm", 1e-12, "cpu-kernel")
+    forward, backward = torch.ops.l2norm.kernel_forward, torch.ops.l2norm.kernel_backward
+    gs = torch.stack([data(3, 8, 10, 2)[2], -x, 2 * x])
+    dx, dw = torch.func.vmap(lambda g: backward(x, w, g, *options))(gs)
+    loop = [backward(x, w, g, *options) for g in gs]
+    assert torch.equal(dx, torch.stack([d for d, _ in loop]))
+    assert torch.equal(dw, torch.stack([d for _, d in loop]))
+    # Batched along the innermost axis in memory: folded into the kernel's pixels.
+    ys = torch.func.vmap(lambda xi: forward(xi, w, *options), in_dims=3, out_dims=3)(x)
+    examples = [forward(x[..., i].contiguous(), w, *options) for i in range(2)]
+    assert torch.equal(ys, torch.stack(examples, 3))
+
+
 @pytest.mark.parametrize("lowering", LOWERINGS)
 def test_per_example_gradients_match_the_reference(lowering):
     x, w, g = data(3, 8, 2, 5)

@@ -2,11 +2,16 @@ r"""PyTorch adapter: :class:`L2Norm` and :func:`l2_normalize`.
 
 The maths, the options and the rules for NaN, Inf, zeros and extreme magnitudes are those
 of :mod:`l2norm.reference`. How a call is computed (:mod:`l2norm.torch._dispatch`): the
-native CPU kernel for eager CPU calls it applies to (built once on first use), plain
-torch ops on the branch-free ladder of :mod:`l2norm._ladder` everywhere else (CUDA,
-``torch.compile``, float64, several normalized axes, double backward), and the same ops
-recorded op by op for ``torch.jit.trace``, ``torch.export`` and ONNX. No route reads a
-value back to the host or looks at the rest of the batch.
+native CPU kernel for CPU calls it applies to (built once on first use), plain torch ops
+on the branch-free ladder of :mod:`l2norm._ladder` everywhere else (CUDA without Triton,
+float64, several normalized axes, double backward), and plain aten ops of the max-scaled
+formula (:mod:`l2norm.torch._export`) for ``torch.jit.trace``, ``torch.export`` and ONNX.
+The kernels are registered ops (:mod:`l2norm.torch._function`) on every path, eager
+included, with fake implementations, autograd, a forward-mode formula and vmap rules:
+fake tensors, the meta device, ``make_fx``, ``torch.func``, forward AD,
+``torch.compile`` (dynamic shapes too) and checkpointing work on them, and
+``torch.fx.symbolic_trace`` records the layer as one node. No route reads a value back
+to the host or looks at the rest of the batch.
 
 Example:
     >>> import torch

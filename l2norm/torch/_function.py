@@ -143,21 +143,6 @@ def _forward_impl(
     return KERNELS[lowering].forward(x, weight, view, get_mode(eps_mode), eps)
 
 
-def _backward_impl(
-    x: Tensor,
-    weight: Tensor | None,
-    g: Tensor,
-    channel: int,
-    eps_mode: str,
-    eps: float,
-    lowering: str,
-) -> tuple[Tensor, Tensor]:
-    if x.numel() == 0:  # no slices: an empty dx, a zero scale gradient
-        return torch.empty_like(x), x.new_zeros((x.shape[channel],), dtype=torch.float64)
-    view = _kernel_view(x, channel, lowering)
-    return KERNELS[lowering].backward(x, weight, g, view, get_mode(eps_mode), eps)
-
-
 @torch.library.custom_op("l2norm::kernel_forward", mutates_args=())
 def kernel_forward(
     x: Tensor, weight: Tensor | None, channel: int, eps_mode: str, eps: float, lowering: str
@@ -183,7 +168,10 @@ def kernel_backward(
     lowering: str,
 ) -> tuple[Tensor, Tensor]:
     """``(dx, dweight per channel in float64)`` by a kernel."""
-    return _backward_impl(x, weight, g, channel, eps_mode, eps, lowering)
+    if x.numel() == 0:  # no slices: an empty dx, a zero scale gradient
+        return torch.empty_like(x), x.new_zeros((x.shape[channel],), dtype=torch.float64)
+    view = _kernel_view(x, channel, lowering)
+    return KERNELS[lowering].backward(x, weight, g, view, get_mode(eps_mode), eps)
 
 
 @kernel_backward.register_fake
