@@ -231,8 +231,11 @@ def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:
     may flush subnormals) and multiplications, the top one clipped to ``c`` with
     ``(c 2**s)**2 = Inf`` (it overflows where it should, and autodiff of its square
     meets no ``0 * Inf``), or from the bits where ``plan.bits_in_sums``. Infinities are
-    counted with no compare or select: ``big / max(|x|, big)`` (``big`` the largest
-    finite number) is 1 at finite entries and 0 at +-Inf.
+    counted with no compare or select: ``min(max(|x| / 2 - big / 2, 0), 1)`` (``big``
+    the largest finite number) is 0 at finite entries and 1 at +-Inf. (Not
+    ``big / max(|x|, big)``: where ``x`` is a broadcast, XLA moves the division before it
+    and rewrites it as ``big * (1 / max(...))``, whose subnormal reciprocal flushes to 0,
+    and every slice looked infinite.)
     """
     ladder, axes = plan.ladder, plan.axes
     fmt = FORMATS[jnp.dtype(acc).name]
@@ -253,11 +256,11 @@ def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:
         else:
             xs = plain * 2.0**shift if shift else plain
         rung_sums.append(_sum(xs * xs, axes.norm))
-    # (Not -big: that is the input gradient's saturation bound, and a constant shared
-    # with that pass makes XLA write its broadcast out in full.)
-    big = float(jnp.finfo(acc).max)
-    finite = _sum(big / jnp.maximum(jnp.abs(plain), big), axes.norm)
-    return rung_sums, math.prod(x.shape[a] for a in axes.norm) - finite
+    # Halved: -big is the input gradient's saturation bound, and a constant shared with
+    # that pass makes XLA write its broadcast out in full.
+    half = float(jnp.finfo(acc).max) / 2
+    infinite = jnp.minimum(jnp.maximum(jnp.abs(plain) * 0.5 - half, 0.0), 1.0)
+    return rung_sums, _sum(infinite, axes.norm)
 
 
 def _rung_input(

@@ -1,0 +1,372 @@
+"""The transformation matrix of l2norm.jax: every JAX transformation on both lowerings
+("cpu-kernel": the native kernel's custom calls; "ops": the ladder in jax.numpy),
+compared by VALUE with the NumPy reference or with a loop over examples.
+
+Measures: forward results in ULPs of the data's dtype (``conformance.forward_error``),
+first derivatives with the suite's gradient measure (``conformance.gradient_error``: eps
+relative to the size of the terms summed), second derivatives against central
+differences of the reference's VJP in float64.
+
+Run with four host devices for the sharding cases:
+``XLA_FLAGS=--xla_force_host_platform_device_count=4 pytest tests/test_jax_transforms.py``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from l2norm import conformance, reference
+from l2norm._spec import Spec
+from l2norm.jax import LOWERINGS, l2_normalize, use_lowering
+from l2norm.nnx import L2Norm as NnxL2Norm
+
+#: The gradient measure's bound (eps of the dtype, relative to the terms summed).
+GRAD_EPS = 2.0
+F32 = np.dtype(np.float32)
+
+pytestmark = pytest.mark.parametrize("lowering", LOWERINGS)
+
+
+@pytest.fixture(autouse=True)
+def _forced(lowering):
+    with use_lowering(lowering):
+        yield
+
+
+def _data(shape=(4, 6, 5), axis=1, seed=0, zero_slice=True):
+    """``x`` (an all-zero slice where asked), a per-channel scale and a cotangent."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    if zero_slice:
+        x[(0,) * (axis % len(shape))] = 0.0  # one whole slice along `axis` of zeros
+    s = rng.uniform(0.5, 20, shape[axis]).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    return x, s, g
+
+
+def _assert_forward(got, x, s, axis, dtype=F32):
+    want = reference.forward(np.asarray(x), np.asarray(s), Spec.create(axis=axis))
+    ulps = conformance.forward_error(np.asarray(got), want, dtype, True)
+    assert ulps <= 1, f"{ulps} ULP"
+
+
+def _assert_vjp(dx, ds, x, s, g, axis, dtype=F32):
+    """``(dx, ds)`` against the reference VJP, in the suite's gradient measure (``dx``
+    None: the scale gradient alone)."""
+    x, s, g = (np.asarray(a) for a in (x, s, g))
+    spec = Spec.create(axis=axis)
+    dx_ref, ds_ref = reference.vjp(x, s, g, spec)
+    dx = dx_ref if dx is None else dx
+    dx_mag, ds_mag = conformance.gradient_magnitudes(x, s, g, spec)
+    error = conformance.gradient_error(
+        np.asarray(dx), dx_ref, dx_mag, np.asarray(ds), ds_ref, ds_mag, dtype, flushes=True
+    )
+    assert error <= GRAD_EPS, f"{error} eps"
+
+
+# --------------------------------------------------------------------------- vmap
+
+
+def test_vmap_over_input_scale_both_and_nested(lowering):
+    x, s, _ = _data()
+    scales = np.stack([s, 2 * s, s[::-1].copy()])
+    one = jax.jit(lambda x, s: l2_normalize(x, s, axis=0))  # one example (C, W)
+    batch = jax.jit(lambda x, s: l2_normalize(x, s, axis=1))  # (N, C, W)
+
+    _assert_forward(jax.vmap(one, (0, None))(x, s), x, s, 1)
+    # over the last axis: a batch axis that is not leading
+    by_column = jax.vmap(lambda xj, s: l2_normalize(xj, s, axis=1), (2, None), 2)(x, s)
+    _assert_forward(by_column, x, s, 1)
+    # a shared (size-1) scale, batched and not
+    _assert_forward(jax.vmap(one, (0, None))(x, s[:1]), x, np.full_like(s, s[0]), 1)
+    for k, y in enumerate(jax.vmap(batch, (None, 0))(x, scales[:, :1])):
+        _assert_forward(y, x, np.full_like(s, scales[k, 0]), 1)
+    for k, y in enumerate(jax.vmap(batch, (None, 0))(x, scales)):  # an ensemble
+        _assert_forward(y, x, scales[k], 1)
+    # a broadcast input under jit (XLA once rewrote the ladder's Inf count into a flushed
+    # reciprocal there)
+    spread = jax.jit(lambda x, s: l2_normalize(jnp.broadcast_to(x, (2, *x.shape)), s, axis=2))
+    _assert_forward(spread(x, s)[1], x, s, 1)
+    xs = np.stack([x, -2 * x, x[::-1].copy()])
+    for k, y in enumerate(jax.vmap(batch, (0, 0))(xs, scales)):
+        _assert_forward(y, xs[k], scales[k], 1)
+    # nested: the scale outside, the input inside; both outside; the scale inside
+    outer_scale = jax.vmap(jax.vmap(one, (0, None)), (None, 0))(x, scales)
+    both = jax.vmap(jax.vmap(one, (0, None)), (0, 0))(xs, scales)
+    inner_scale = jax.vmap(jax.vmap(one, (None, 0)), (0, None))(x, scales)
+    for k in range(3):
+        _assert_forward(outer_scale[k], x, scales[k], 1)
+        _assert_forward(both[k], xs[k], scales[k], 1)
+        _assert_forward(inner_scale[:, k], x, scales[k], 1)
+
+
+def _loss(axis):
+    """``loss(x, s, c)``, whose cotangent is ``c``: the reference VJP's own input."""
+    return lambda x, s, c: jnp.sum(l2_normalize(x, s, axis=axis) * c)
+
+
+def test_per_example_gradients_of_input_and_scale(lowering):
+    x, s, g = _data()
+    grads = jax.jit(jax.vmap(jax.grad(_loss(0), (0, 1)), (0, None, 0)))(x, s, g)
+    for i in range(x.shape[0]):
+        _assert_vjp(grads[0][i], grads[1][i], x[i], s, g[i], 0)
+    # a shared scale (one number) per example
+    dx, ds = jax.vmap(jax.grad(_loss(0), (0, 1)), (0, None, 0))(x, s[:1], g)
+    for i in range(x.shape[0]):
+        _assert_vjp(dx[i], ds[i], x[i], s[:1], g[i], 0)
+    # an ensemble of scales on one input, and the cotangent batched alone
+    scales = np.stack([s, 3 * s])
+    dx, ds = jax.vmap(jax.grad(_loss(1), (0, 1)), (None, 0, None))(x, scales, g)
+    for k in range(2):
+        _assert_vjp(dx[k], ds[k], x, scales[k], g, 1)
+    cots = np.stack([g, -g[::-1].copy()])
+    pullback = jax.vmap(lambda c: jax.vjp(lambda x, s: l2_normalize(x, s, axis=1), x, s)[1](c))
+    dx, ds = pullback(cots)
+    for k in range(2):
+        _assert_vjp(dx[k], ds[k], x, s, cots[k], 1)
+
+
+def test_half_precision_vmap_grad(lowering):
+    x, s, g = _data(zero_slice=False)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        xh, gh = x.astype(dtype), g.astype(dtype)
+        dx, ds = jax.vmap(jax.grad(_loss(0), (0, 1)), (0, None, 0))(xh, s, gh)
+        assert dx.dtype == dtype
+        for i in range(x.shape[0]):
+            _assert_vjp(dx[i], ds[i], xh[i], s, gh[i], 0, np.dtype(dtype))
+
+
+# --------------------------------------------------------------------------- forward mode
+
+
+def _reference_jacobians(x, s, axis):
+    """``dy/dx`` and ``dy/ds`` in float64, one row per output from the reference VJP
+    (row ``i`` of a Jacobian is the VJP of the ``i``-th unit cotangent)."""
+    spec = Spec.create(axis=axis)
+    x64, s64 = np.asarray(x, np.float64), np.asarray(s, np.float64)
+    rows_x, rows_s = [], []
+    for i in range(x.size):
+        e = np.zeros(x.size)
+        e[i] = 1.0
+        dx, ds = reference.vjp(x64, s64, e.reshape(x.shape), spec)
+        rows_x.append(dx.reshape(-1))
+        rows_s.append(ds.reshape(-1))
+    return np.array(rows_x), np.array(rows_s)
+
+
+def test_jvp_and_jacfwd_match_the_reference_vjp(lowering):
+    # Small: the reference Jacobians take one VJP per output.
+    x, s, _ = _data((3, 4, 2), axis=1)
+    rng = np.random.default_rng(1)
+    f = lambda x, s: l2_normalize(x, s, axis=1)  # noqa: E731
+    # half precision without the zero slice: its exact tangent s tx / eps overflows them
+    smooth = _data((3, 4, 2), axis=1, zero_slice=False)[0]
+    for dtype, data in ((jnp.float32, x), (jnp.float16, smooth), (jnp.bfloat16, smooth)):
+        xd = data.astype(dtype)
+        jac_x, jac_s = _reference_jacobians(np.asarray(xd, np.float64), s, 1)
+        tx = rng.standard_normal(x.shape).astype(dtype)
+        ts = rng.standard_normal(s.shape).astype(np.float32)
+        y, ty = jax.jit(lambda x, s, tx, ts: jax.jvp(f, (x, s), (tx, ts)))(xd, s, tx, ts)
+        assert ty.dtype == dtype
+        _assert_forward(y, np.asarray(xd), s, 1, np.dtype(dtype))
+        t64 = np.asarray(tx, np.float64).reshape(-1)
+        want = jac_x @ t64 + jac_s @ ts
+        # eps relative to the terms summed, as for a gradient
+        terms = np.abs(jac_x) @ np.abs(t64) + np.abs(jac_s) @ np.abs(ts)
+        error = np.max(np.abs(np.asarray(ty, np.float64).reshape(-1) - want) / terms)
+        assert error <= GRAD_EPS * float(jnp.finfo(dtype).eps), (dtype, error)
+    # jacfwd: row i is the VJP of the unit cotangent i
+    got_x, got_s = jax.jacfwd(f, (0, 1))(x, s)
+    got_x = np.asarray(got_x).reshape(x.size, x.size)
+    got_s = np.asarray(got_s).reshape(x.size, s.size)
+    jac_x, jac_s = _reference_jacobians(x, s, 1)
+    for i in range(x.size):
+        e = np.zeros(x.size, np.float32)
+        e[i] = 1.0
+        _assert_vjp(got_x[i].reshape(x.shape), got_s[i], x, s, e.reshape(x.shape), 1)
+
+
+# --------------------------------------------------------------------------- higher order
+
+
+def _finite_difference(fn, v, h):
+    """``d fn / dv`` (columns) by central differences in float64."""
+    columns = []
+    for j in range(v.size):
+        e = np.zeros(v.size)
+        e[j] = h
+        columns.append((fn(v + e) - fn(v - e)) / (2 * h))
+    return np.stack(columns, axis=-1)
+
+
+def _relative(got, want):
+    return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
+
+
+#: Second derivatives (a derivative of the ladder, in float32) against float64
+#: differences: within 2**-14 of the largest entry (float32 has 2**-23; the second
+#: derivative of x / n loses a few bits to cancellation).
+SECOND_ORDER = 2.0**-14
+
+
+def test_hessian_and_grad_of_grad(lowering):
+    # no zero slice: the central differences must not cross eps's kink
+    x, s, g = _data((2, 5), axis=1, zero_slice=False)
+    spec = Spec.create(axis=1)
+    n_x = x.size
+
+    def ref_grad(v):  # float64 gradient of sum(y * g) in x and s, flattened
+        dx, ds = reference.vjp(v[:n_x].reshape(x.shape), v[n_x:], g.astype(np.float64), spec)
+        return np.concatenate([dx.reshape(-1), ds.reshape(-1)])
+
+    v0 = np.concatenate([x.reshape(-1), s]).astype(np.float64)
+    want = _finite_difference(ref_grad, v0, 1e-5)
+
+    hess = jax.jit(jax.hessian(_loss(1), (0, 1)))(x, s, g)
+    got = np.block(
+        [
+            [np.asarray(hess[0][0]).reshape(n_x, n_x), np.asarray(hess[0][1]).reshape(n_x, -1)],
+            [np.asarray(hess[1][0]).reshape(-1, n_x), np.asarray(hess[1][1]).reshape(-1, s.size)],
+        ]
+    )
+    assert _relative(got, want) <= SECOND_ORDER
+    # grad of grad: d/dv <grad(v), w> = H w
+    w = np.random.default_rng(2).standard_normal(v0.size).astype(np.float32)
+
+    def inner(x, s):
+        dx, ds = jax.grad(_loss(1), (0, 1))(x, s, g)
+        return jnp.sum(dx.reshape(-1) * w[:n_x]) + jnp.sum(ds * w[n_x:])
+
+    gx, gs = jax.jit(jax.grad(inner, (0, 1)))(x, s)
+    assert _relative(np.concatenate([np.ravel(gx), gs]), want @ w) <= SECOND_ORDER
+    # third order (forward over reverse over reverse): d(H w)/dx, against differences of
+    # the differences above
+    third = jax.jit(jax.jacfwd(lambda x: jax.grad(inner)(x, s)))(x)
+
+    def ref_hw(v):  # H w at (v, s), the x part
+        full = np.concatenate([v, s.astype(np.float64)])
+        return (_finite_difference(ref_grad, full, 1e-5) @ w)[:n_x]
+
+    want3 = _finite_difference(ref_hw, x.reshape(-1).astype(np.float64), 1e-4)
+    assert _relative(np.asarray(third).reshape(n_x, n_x), want3) <= 2.0**-8
+
+
+# --------------------------------------------------------------------------- sharding
+
+_COLLECTIVE = re.compile(r"(all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce)")
+
+
+def _collectives(program: str) -> list[str]:
+    """The collective instructions of a compiled (HLO) program, one line each."""
+    return [
+        line.strip() for line in program.splitlines() if _COLLECTIVE.search(line) and "=" in line
+    ]
+
+
+@pytest.mark.parametrize(
+    "shape, axis", [((8, 4, 4, 32), -1), ((8, 32, 4, 4), 1)], ids=["NHWC", "NCHW"]
+)
+def test_batch_sharded_input_stays_sharded(lowering, shape, axis):
+    devices = jax.devices()
+    assert len(devices) >= 4, "run with XLA_FLAGS=--xla_force_host_platform_device_count=4"
+    mesh = Mesh(np.array(devices[:4]), ("data",))
+    x, s, g = _data(shape, axis)
+    forward = jax.jit(lambda x, s: l2_normalize(x, s, axis=axis))
+    backward = jax.jit(jax.grad(_loss(axis), (0, 1)))
+    batch = NamedSharding(mesh, P("data"))
+    xs, gs = jax.device_put(x, batch), jax.device_put(g, batch)
+    ss = jax.device_put(s, NamedSharding(mesh, P()))
+
+    y = forward(xs, ss)
+    assert y.sharding.is_equivalent_to(batch, x.ndim)
+    _assert_forward(y, x, s, axis)
+    dx, ds = backward(xs, ss, gs)
+    assert dx.sharding.is_equivalent_to(batch, x.ndim)
+    _assert_vjp(dx, ds, x, s, g, axis)
+
+    assert _collectives(forward.lower(xs, ss).compile().as_text()) == []
+    # the one collective: the data-parallel sum of the scale gradient (C numbers)
+    for line in _collectives(backward.lower(xs, ss, gs).compile().as_text()):
+        assert "all-reduce" in line and f"f32[{shape[axis]}]" in line, line
+
+
+def test_sharded_normalized_axis_is_gathered_not_wrong(lowering):
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    x, s, g = _data((4, 4, 2, 32), -1)
+    xs = jax.device_put(x, NamedSharding(mesh, P(None, None, None, "data")))
+    y = jax.jit(lambda x, s: l2_normalize(x, s))(xs, s)
+    _assert_forward(y, x, s, -1)
+    dx, ds = jax.jit(jax.grad(_loss(-1), (0, 1)))(xs, s, g)
+    _assert_vjp(dx, ds, x, s, g, -1)
+
+
+# --------------------------------------------------------------------------- Flax, scan
+
+
+def test_nnx_vmap_ensemble_with_a_shared_input(lowering):
+    x, s, g = _data((2, 3, 3, 8), -1)
+    scales = np.stack([s, 2 * s, s[::-1].copy()])
+    layer = NnxL2Norm(8)
+    graphdef, params = nnx.split(layer, nnx.Param)
+    stacked = jax.tree.map(lambda p: jnp.asarray(scales), params)
+
+    def member(params, x):
+        return nnx.merge(graphdef, params)(x)
+
+    ys = nnx.vmap(member, in_axes=(0, None))(stacked, x)
+    grads = jax.grad(lambda p: jnp.sum(nnx.vmap(member, in_axes=(0, None))(p, x) * g))(stacked)
+    dscales = jax.tree.leaves(grads)[0]
+    for k in range(3):
+        _assert_forward(ys[k], x, scales[k], -1)
+        _assert_vjp(None, dscales[k], x, scales[k], g, -1)
+
+
+def test_remat_and_scan_match_a_python_loop(lowering):
+    x, s, _ = _data((2, 6, 5), axis=1)
+    scales = np.stack([s, s[::-1].copy(), 0.5 * s])
+
+    def step(h, s):
+        return jnp.tanh(l2_normalize(h, s, axis=1)) + 0.5 * h, None
+
+    def scanned(x, scales):
+        return jnp.sum(jnp.sin(jax.lax.scan(jax.checkpoint(step), x, scales)[0]))
+
+    def looped(x, scales):
+        for k in range(scales.shape[0]):
+            x = step(x, scales[k])[0]
+        return jnp.sum(jnp.sin(x))
+
+    got = jax.jit(jax.value_and_grad(scanned, (0, 1)))(x, scales)
+    want = jax.jit(jax.value_and_grad(looped, (0, 1)))(x, scales)
+    # the same computation rematerialized: equal up to XLA's fusion of the elementwise ops
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        ulps = conformance.forward_error(np.asarray(a), np.asarray(b), F32, True)
+        assert ulps <= 4, ulps
+
+
+# --------------------------------------------------------------------------- zero size
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 5), (4, 0, 5), (4, 6, 0)])
+def test_zero_size_inputs_give_empty_results(lowering, shape):
+    x = jnp.zeros(shape, jnp.float32)
+    s = jnp.ones(shape[1], jnp.float32)
+    f = lambda x, s: l2_normalize(x, s, axis=1)  # noqa: E731
+    for run in (f, jax.jit(f)):
+        y = run(x, s)
+        assert y.shape == shape and y.dtype == x.dtype
+    dx, ds = jax.grad(lambda x, s: jnp.sum(f(x, s)), (0, 1))(x, s)
+    assert dx.shape == shape
+    np.testing.assert_array_equal(ds, np.zeros(shape[1]))
+    _, ty = jax.jvp(f, (x, s), (x, s))
+    assert ty.shape == shape
+    assert jax.vmap(f, (0, None))(x[None], s).shape == (1, *shape)
+    assert jax.vmap(f, (None, 0))(x, jnp.ones((0, shape[1]))).shape == (0, *shape)
