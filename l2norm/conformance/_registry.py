@@ -163,6 +163,7 @@ _TABLE: dict[str, LazyBackend] = {
         ),
         LazyBackend("jax", ("jax",), "jax", f"{_PKG}._jax:build"),
         LazyBackend("jax-ops", ("jax",), "jax", f"{_PKG}._jax:build"),
+        LazyBackend("jax-pallas", ("jax",), "jax", f"{_PKG}._pallas:build"),
         LazyBackend("nnx", ("jax", "flax"), "jax", f"{_PKG}._jax:build"),
         LazyBackend("linen", ("jax", "flax"), "jax", f"{_PKG}._jax:build"),
         # Keras comes with the tensorflow extra; its other backends need their framework too.

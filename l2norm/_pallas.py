@@ -1,0 +1,754 @@
+r"""Pallas kernels for JAX on GPUs (Pallas' Triton backend) and TPUs (Mosaic): one fused
+kernel per pass, float32 arithmetic only, within the suite's bounds.
+
+The op runs over *rows*: ``x`` seen as ``(rows, L)`` with the normalized axes last and
+contiguous (``L = C`` for one normalized axis). The wrappers (:func:`forward`,
+:func:`vjp`) move the normalized axes last where they are not (an XLA transpose each
+way: NCHW costs two extra passes over memory; a strided kernel for it is future work).
+A program holds ``R`` whole rows (``R`` and the padded width from :func:`block_config`,
+a function of ``(L, platform)`` only, never of the number of rows).
+
+Arithmetic (docs/maths.md's double-word scheme, with no float64 anywhere: TPUs have none,
+and JAX's float64 would hang on the global ``jax_enable_x64`` flag):
+
+* **Scale.** Each row is read into ``x' = x 2**s`` with ``max |x'|`` in ``[1/4, 1/2)``,
+  ``s`` from the exponent of the row's largest magnitude (an integer max of the bits, so
+  subnormals count on hardware that flushes them: TPUs, XLA:CPU). ``x'`` is built from
+  the bits (an exponent add; a subnormal's integer significand converted and scaled), so
+  a row of subnormals is normalized exactly wherever it runs. ``s`` is capped so that
+  eps, scaled along (``eps 2**s`` or ``eps 4**s``), stays below ``2**62``: above the cap
+  eps dominates the norm by ``2**55`` or more and the norm's precision no longer matters.
+* **Sums.** Each square (each product of the backward's inner product) is split
+  exactly into two floats (halves of the significands by their bits, so that a fused
+  multiply-add changes nothing), summed pairwise as double-floats (Knuth's TwoSum) down
+  to 128 lanes, and the last lanes by error-free extraction (Rump, Ogita and Oishi: cut
+  at a power of two ``sigma >= 2 sum |h|``, the cut parts summed exactly in any order,
+  the remainders plainly): a relative error below ``2**-33`` of ``sum |h|``, whatever
+  order the hardware reduces in.
+* **Per row**, ``n``, ``d(n)``, ``1 / d`` and ``r`` are computed in double-word
+  arithmetic by :mod:`l2norm._compensated` running the table of :mod:`l2norm._modes`
+  (each placement written once), eps carried as a pair from its float64 value.
+* **Output**: ``y = w x' (1 / d')`` with ``x' (1 / d')`` formed exactly as a pair and
+  multiplied by ``w`` exactly enough: one rounding of a value within about ``2**-44`` of
+  the exact one, so within 1 ULP (faithful) in float32 and, rounded again, in bfloat16
+  and float16. The power of two cancels (``x'`` and ``d'`` carry the same one).
+* **Backward**: ``dx = (w g - K' x') (1 / d') 2**s`` with ``K' = r <w g, x'> / n'**2``,
+  ``w g`` and ``K' x'`` exact pairs and their difference by TwoSum, then one rounding:
+  the input gradient is faithful too. The scale's gradient ``sum g u`` (``u = x / d``)
+  is summed in float32 over each program's rows into a row of partials, then over the
+  programs in a fixed order (no atomics).
+
+NaN and Inf rows are handled by selects (no branch): a row holding NaN is NaN; a row
+holding +-Inf takes the reference's limit (``+-w / sqrt(k)`` on its ``k`` infinities, 0
+elsewhere, gradient 0). Input gradients beyond the dtype saturate at its largest value
+(:func:`l2norm.reference.saturate`).
+
+Batch invariance: a row's arithmetic depends on that row, ``L`` and the platform only; the
+reductions inside a row are exact (extraction) or error-free (TwoSum) up to terms of
+``2**-33`` relative, in an order fixed by the block shape. Determinism: no atomics.
+Bits: Triton, Mosaic and the interpreter may contract, order or flush differently, so
+results on a GPU or TPU may differ from interpret mode (and from the CPU kernel) in the
+last place; the 1 ULP bound is what holds everywhere.
+
+Examples:
+    >>> import jax.numpy as jnp
+    >>> from l2norm import _pallas
+    >>> x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
+    >>> _pallas.forward(x, None, channel=1, eps_mode="clamp_norm", eps=1e-12, interpret=True)
+    Array([[0.6, 0.8],
+           [0. , 0. ]], dtype=float32)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from l2norm._compensated import Pair, PairNamespace, two_prod, two_sum
+from l2norm._modes import EpsMode, get_mode
+
+__all__ = ["DTYPES", "MAX_WIDTH", "BlockConfig", "applies", "block_config", "forward", "vjp"]
+
+#: The data types the kernels take (float64 stays on the ladder: TPUs have no float64).
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+#: The widest row (normalized size) a program holds whole; wider rows take the ladder.
+MAX_WIDTH = 8192
+#: Platforms with a Pallas lowering: the Triton backend on GPUs, Mosaic on TPUs.
+PLATFORMS: tuple[str, ...] = ("cuda", "rocm", "tpu")
+
+_F32 = jnp.float32
+_I32 = jnp.int32
+_LANES = 128  # below this width rows are summed by extraction alone
+_EPS_HEADROOM = 62  # the scaled eps stays below 2**62 (see the module docstring)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+class BlockConfig(NamedTuple):
+    """How a row of width ``L`` is tiled on one platform.
+
+    Attributes:
+        rows: rows per program (a power of two; a multiple of 8 on TPUs).
+        width: the padded row width a program holds (a power of two on GPUs, where
+            Triton needs one; on TPUs ``L`` itself below 128 lanes, else the next power of
+            two, so that rows halve into 128-lane groups).
+        num_warps: Triton warps per program (GPU only).
+    """
+
+    rows: int
+    width: int
+    num_warps: int
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def block_config(width: int, platform: str) -> BlockConfig:
+    """The tile of rows of ``width`` entries on ``platform`` (``"cuda"``/``"rocm"`` or
+    ``"tpu"``): a function of these two only, so a row computes the same way in any batch.
+
+    GPU: about 2048 entries per program, 32 to 64 per thread. TPU: blocks of about 64K
+    entries (256 KiB in float32: the double-buffered blocks and the kernel's temporaries
+    stay well inside the 16 MiB of scoped VMEM).
+
+    Examples:
+        >>> block_config(512, "cuda")
+        BlockConfig(rows=4, width=512, num_warps=2)
+        >>> block_config(24, "tpu")
+        BlockConfig(rows=256, width=24, num_warps=0)
+    """
+    if platform in ("cuda", "rocm"):
+        padded = _next_pow2(width)
+        rows = max(1, 2048 // padded)
+        return BlockConfig(rows, padded, min(8, max(1, rows * padded // 1024)))
+    padded = width if width <= _LANES else _next_pow2(width)
+    lanes = max(padded, _LANES)  # a row occupies whole 128-lane vectors in VMEM
+    return BlockConfig(max(8, min(256, _next_pow2(65536 // lanes + 1) // 2)), padded, 0)
+
+
+def applies(dtype: str, axes: Any, platform: str) -> bool:
+    """Whether the kernels take a call with data of ``dtype`` normalized over ``axes``
+    (:class:`l2norm._spec.Axes`, or a sequence of axes with the channel axis first, then
+    ``shape`` unknown) on ``platform``: a GPU or TPU, a dtype of :data:`DTYPES`.
+
+    The row width is checked by :func:`fits` once the shape is known.
+
+    Examples:
+        >>> from l2norm._spec import Spec
+        >>> applies("bfloat16", Spec.create(axis=1).resolve(4), "tpu")
+        True
+        >>> applies("float64", Spec.create(axis=-1).resolve(2), "cuda")
+        False
+    """
+    del axes  # every layout is moved to rows by the wrappers
+    return platform in PLATFORMS and dtype in DTYPES
+
+
+def fits(width: int) -> bool:
+    """Whether rows of ``width`` entries fit one program (:data:`MAX_WIDTH`)."""
+    return 0 < width <= MAX_WIDTH
+
+
+# --------------------------------------------------------------------------- bits
+
+
+def _bits(v: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(v, _I32)
+
+
+def _float(bits: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(bits, _F32)
+
+
+def _pow2(e: jax.Array) -> jax.Array:
+    """``2**e`` for integers ``e`` in ``[-126, 127]`` (normal powers), from the bits."""
+    return _float((e + 127) << 23)
+
+
+def _ldexp(v: jax.Array, e: jax.Array) -> jax.Array:
+    """``v 2**e`` by up to three normal powers of two: exact unless the result leaves the
+    normal range (overflow gives Inf, underflow the rounded or flushed value)."""
+    for _ in range(3):
+        step = jnp.clip(e, -126, 127)
+        v, e = v * _pow2(step), e - step
+    return v
+
+
+def _split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v = hi + lo`` exactly, ``hi`` the top 12 bits of the significand (by its bits)
+    and ``lo`` the rest: products of halves are exact (:func:`l2norm._compensated.two_prod`)."""
+    hi = _float(_bits(v) & jnp.int32(-4096))
+    return hi, v - hi
+
+
+def _read(v: jax.Array) -> jax.Array:
+    """Entries in float32, exactly: bfloat16 by its bits (a conversion flushes its
+    subnormals on hardware that flushes float32 ones)."""
+    if v.dtype == jnp.bfloat16:
+        return _float(lax.bitcast_convert_type(v, jnp.uint16).astype(_I32) << 16)
+    return v.astype(_F32)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+class _Rows(NamedTuple):
+    """Per row (``(R, 1)``) and per entry (``(R, W)``) quantities of a tile of rows."""
+
+    xs: jax.Array  # x 2**s (0 at infinities and NaNs)
+    shift: jax.Array  # s
+    nan: jax.Array  # the row holds a NaN
+    inf: jax.Array  # the row holds +-Inf and no NaN
+    limit: jax.Array  # the limit direction's signs of an Inf row: +-1 at infinities
+
+
+def _scaled_rows(x: jax.Array, cap: int) -> _Rows:
+    """Each row read as ``x 2**s`` from the bits, ``max |x 2**s|`` in ``[1/4, 1/2)`` (``s``
+    at most ``cap``; zero rows get ``cap``, NaN and Inf rows 0)."""
+    bits = _bits(x)
+    magnitude = bits & 0x7FFFFFFF
+    largest = jnp.max(magnitude, axis=-1, keepdims=True)
+    top_exp = largest >> 23
+    # The exponent of a subnormal largest entry: that of its significand, as a float.
+    sub_exp = ((_bits((largest & 0x7FFFFF).astype(_F32)) >> 23) - 127) - 149
+    exponent = jnp.where(top_exp > 0, top_exp - 127, sub_exp)
+    special = top_exp == 255
+    shift = jnp.where(special, 0, jnp.where(largest == 0, cap, jnp.minimum(-2 - exponent, cap)))
+    entry_exp = magnitude >> 23
+    normal = _float(bits + (shift << 23))
+    sign = bits & jnp.int32(-(2**31))
+    sub_scale = _pow2(jnp.maximum(shift - 149, -126))
+    subnormal = _float(_bits((magnitude & 0x7FFFFF).astype(_F32) * sub_scale) | sign)
+    xs = jnp.where(
+        entry_exp == 0,
+        jnp.where(shift >= 23, subnormal, 0.0),
+        jnp.where((entry_exp + shift >= 1) & ~special, normal, 0.0),
+    )
+    infinity = magnitude == 0x7F800000
+    limit = jnp.where(infinity, jnp.where(bits < 0, -1.0, 1.0), 0.0).astype(_F32)
+    nan = largest > 0x7F800000
+    return _Rows(xs, shift, nan, special & ~nan, limit)
+
+
+def _halves(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    a, b = jnp.split(v, 2, axis=-1)
+    return a, b
+
+
+def _pow2_floor(v: jax.Array) -> jax.Array:
+    """The power of two at or below each positive normal ``v`` (its exponent bits)."""
+    return _float(_bits(v) & jnp.int32(0x7F800000))
+
+
+def _row_sum(hi: jax.Array, lo: jax.Array) -> Pair:
+    """Each row's ``sum(hi + lo)`` as a pair, to ``2**-33`` of ``sum |hi|`` in any order
+    of reduction: TwoSum halving down to 128 lanes, then error-free extraction."""
+    while hi.shape[-1] > _LANES and hi.shape[-1] % (2 * _LANES) == 0:
+        (a, b), (c, d) = _halves(hi), _halves(lo)
+        hi, err = two_sum(a, b)
+        lo = err + (c + d)
+    total = jnp.sum(jnp.abs(hi), axis=-1, keepdims=True)
+    usable = (total > 0) & (total < 2.0**120)  # NaN and Inf rows are the callers'
+    # 4 * (the power of two at or below total * (1 + 2**-10)) >= 2 sum |hi| (the plain
+    # sum misses by at most 128 u): every |hi| <= sigma / 2, so each cut part is a
+    # multiple of 2**-24 sigma and their sum (at most sigma) is exact in any order.
+    sigma = jnp.where(usable, _pow2_floor(total * (1 + 2.0**-10)) * 4, 1.0)
+    cut = (sigma + hi) - sigma
+    exact = jnp.sum(cut, axis=-1, keepdims=True)
+    rest = jnp.sum((hi - cut) + lo, axis=-1, keepdims=True)
+    return Pair(*two_sum(exact, rest), _split)
+
+
+def _square_sum(xs: jax.Array) -> Pair:
+    p, e = two_prod(xs, xs, _split)
+    return _row_sum(p, e)
+
+
+class _Eps(NamedTuple):
+    """eps as ``mant 2**exp`` with ``mant`` a float32 pair in ``[1/2, 1)`` (exact enough:
+    ``2**-48``) and the largest row shift ``cap`` that keeps it below ``2**62``."""
+
+    hi: float
+    lo: float
+    exp: int
+    cap: int
+
+
+def _eps_parts(mode: EpsMode, eps: float) -> _Eps:
+    mant, exp = math.frexp(eps)
+    hi = float(np.float32(mant))
+    cap = (_EPS_HEADROOM - exp) // mode.power
+    return _Eps(hi, float(np.float32(mant - hi)), exp, min(cap, 160))
+
+
+class _Terms(NamedTuple):
+    """Per row: ``1 / d'`` and ``K' = r / n'**2`` as pairs (``d'``, ``n'`` in the units
+    of ``x 2**s``), and whether the row's sum is positive."""
+
+    inv_d: Pair
+    r_over_n2: Pair
+    positive: jax.Array
+
+
+def _slice_terms(mode: EpsMode, eps: _Eps, sumsq: Pair, shift: jax.Array) -> _Terms:
+    """The table of :mod:`l2norm._modes` on pairs (:class:`l2norm._compensated.Pair`)."""
+    pxp = PairNamespace(jnp, _split)
+    finite = jnp.isfinite(sumsq.hi) & jnp.isfinite(sumsq.lo)
+    positive = finite & (sumsq.hi > 0)
+    a = pxp.pair(jnp.where(finite, sumsq.hi, 1.0), jnp.where(finite, sumsq.lo, 0.0))
+    scaled = _ldexp(jnp.full_like(sumsq.hi, 1.0), eps.exp + mode.power * shift)
+    e = pxp.pair(scaled * eps.hi, scaled * eps.lo)
+    n = pxp.sqrt(a)
+    d = mode.denominator(pxp, a, n, e)
+    r, _ = mode.ratio(pxp, a, n, d, e)
+    safe = pxp.where(positive, a, pxp.ones_like(a))
+    return _Terms(1.0 / d, r / safe, positive)
+
+
+def _inf_share(rows: _Rows) -> Pair:
+    """``1 / sqrt(k)`` of each row's ``k`` infinities, as a pair."""
+    count = jnp.sum(jnp.abs(rows.limit), axis=-1, keepdims=True)
+    pxp = PairNamespace(jnp, _split)
+    return 1.0 / pxp.sqrt(jnp.maximum(count, 1.0))
+
+
+def _forward_rows(x: jax.Array, w: jax.Array | None, mode: EpsMode, eps: _Eps) -> jax.Array:
+    """``y = w x / d`` of a tile of rows (float32 in, float32 out; ``w`` ``(1, W)`` or
+    None)."""
+    rows = _scaled_rows(x, eps.cap)
+    terms = _slice_terms(mode, eps, _square_sum(rows.xs), rows.shift)
+    share = _inf_share(rows)
+    g_hi = jnp.where(rows.inf, share.hi, terms.inv_d.hi)
+    g_lo = jnp.where(rows.inf, share.lo, terms.inv_d.lo)
+    xs = jnp.where(rows.inf, rows.limit, rows.xs)
+    # x' (1 / d') as an exact pair, then times w: one rounding at the end.
+    p, e = two_prod(xs, g_hi, _split)
+    lo = e + xs * g_lo
+    if w is None:
+        y = p + lo
+    else:
+        q, f = two_prod(p, w, _split)
+        y = q + (f + lo * w)
+    return jnp.where(rows.nan, jnp.nan, y)
+
+
+def _saturate(v: jax.Array, top: float) -> jax.Array:
+    return jnp.where(v > top, top, jnp.where(v < -top, -top, v))
+
+
+def _backward_rows(
+    x: jax.Array, g: jax.Array, w: jax.Array | None, mode: EpsMode, eps: _Eps, top: float
+) -> tuple[jax.Array, jax.Array]:
+    """``(dx, g u)`` of a tile of rows: the input gradient (saturated at ``top``) and
+    each entry's share of the scale's gradient, ``u = x / d`` (float32)."""
+    rows = _scaled_rows(x, eps.cap)
+    xs = rows.xs
+    if w is None:
+        s_hi, s_lo = g, jnp.zeros_like(g)
+    else:
+        s_hi, s_lo = two_prod(w, g, _split)
+    p, e = two_prod(s_hi, xs, _split)
+    inner = _row_sum(p, e + s_lo * xs)
+    terms = _slice_terms(mode, eps, _square_sum(xs), rows.shift)
+    k = terms.r_over_n2 * inner
+    k_hi = jnp.where(terms.positive, k.hi, 0.0)
+    k_lo = jnp.where(terms.positive, k.lo, 0.0)
+    # t = w g - K' x' with every product exact and the difference error-free.
+    p, e = two_prod(k_hi, xs, _split)
+    t, err = two_sum(s_hi, -p)
+    t_lo = err + ((s_lo - e) - k_lo * xs)
+    inv = terms.inv_d
+    q, f = two_prod(t, inv.hi, _split)
+    dx = _ldexp(q + (f + (t * inv.lo + t_lo * inv.hi)), rows.shift)
+    dx = jnp.where(rows.inf, 0.0, _saturate(dx, top))
+    dx = jnp.where(rows.nan, jnp.nan, dx)
+    share = _inf_share(rows)
+    u = jnp.where(rows.inf, rows.limit * share.hi, xs * inv.hi)
+    return dx, jnp.where(rows.nan, jnp.nan, g * u)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+class _Static(NamedTuple):
+    """What a kernel is specialised on (hashable: kernels are cached by it)."""
+
+    rows: int  # the array's rows
+    length: int  # the row width
+    dtype: str
+    has_scale: bool
+    mode: str
+    eps: float
+    platform: str  # "cuda", "rocm" or "tpu": which kernel shape
+    interpret: bool
+
+
+def _top(dtype: str) -> float:
+    info = ml_dtypes.finfo(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.finfo(dtype)
+    return float(info.max)
+
+
+def _triton_io(static: _Static, cfg: BlockConfig) -> tuple[Callable, Callable]:
+    """Masked loads and stores of a program's ``(R, W)`` tile on a whole-array ref
+    (Pallas' Triton backend: every tensor a power of two, no bounds checks)."""
+    from jax.experimental.pallas import triton as pltriton
+
+    def indices() -> tuple[Any, Any, jax.Array]:
+        start = pl.program_id(0) * cfg.rows
+        row = start + lax.broadcasted_iota(_I32, (cfg.rows, cfg.width), 0)
+        col = lax.broadcasted_iota(_I32, (cfg.rows, cfg.width), 1)
+        mask = (row < static.rows) & (col < static.length)
+        return pl.ds(start, cfg.rows), pl.ds(0, cfg.width), mask
+
+    def load(ref: Any) -> tuple[jax.Array, jax.Array]:
+        rows, cols, mask = indices()
+        v = pltriton.load(ref.at[rows, cols], mask=mask, other=0)
+        return _read(v), mask
+
+    def store(ref: Any, v: jax.Array) -> None:
+        rows, cols, mask = indices()
+        pltriton.store(ref.at[rows, cols], v.astype(ref.dtype), mask=mask)
+
+    return load, store
+
+
+def _tpu_io(static: _Static, cfg: BlockConfig) -> tuple[Callable, Callable]:
+    """Loads and stores of a program's block (Mosaic: BlockSpecs, the last block padded;
+    the padding is masked to 0 before any arithmetic)."""
+
+    def load(ref: Any) -> tuple[jax.Array, jax.Array]:
+        shape = (cfg.rows, cfg.width)
+        row = pl.program_id(0) * cfg.rows + lax.broadcasted_iota(_I32, shape, 0)
+        col = lax.broadcasted_iota(_I32, shape, 1)
+        mask = (row < static.rows) & (col < static.length)
+        return jnp.where(mask, _read(ref[...]), 0.0), mask
+
+    def store(ref: Any, v: jax.Array) -> None:
+        ref[...] = v.astype(ref.dtype)
+
+    return load, store
+
+
+def _io(static: _Static, cfg: BlockConfig) -> tuple[Callable, Callable]:
+    if static.platform == "tpu":
+        return _tpu_io(static, cfg)
+    return _triton_io(static, cfg)
+
+
+def _call(
+    static: _Static,
+    body: Callable,
+    operands: Sequence[jax.Array],
+    out_shape: Any,
+    row_blocked: Sequence[bool],
+    out_row_blocked: Sequence[bool],
+) -> Any:
+    """``pallas_call`` of ``body`` over ``cdiv(rows, R)`` programs, with the platform's
+    block specs and compiler parameters."""
+    cfg = block_config(static.length, static.platform)
+    grid = (pl.cdiv(static.rows, cfg.rows),)
+    if static.platform == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        def spec(blocked: bool, ndim: int) -> pl.BlockSpec:
+            if blocked:
+                return pl.BlockSpec((cfg.rows, cfg.width), lambda i: (i, 0))
+            if ndim == 3:  # one row of partials per program
+                return pl.BlockSpec((None, 1, cfg.width), lambda i: (i, 0, 0))
+            return pl.BlockSpec((1, cfg.width), lambda i: (0, 0))
+
+        outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
+        out_specs = tuple(spec(b, len(o.shape)) for b, o in zip(out_row_blocked, outs, strict=True))
+        return pl.pallas_call(
+            body,
+            out_shape=out_shape,
+            grid=grid,
+            in_specs=[spec(b, 2) for b in row_blocked],
+            out_specs=out_specs if isinstance(out_shape, tuple) else out_specs[0],
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+            interpret=static.interpret,
+            name="l2norm",
+        )(*operands)
+    from jax.experimental.pallas import triton as pltriton
+
+    return pl.pallas_call(
+        body,
+        out_shape=out_shape,
+        grid=grid,
+        compiler_params=pltriton.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=static.interpret,
+        name="l2norm",
+    )(*operands)
+
+
+def _scale_row(static: _Static, w_ref: Any, cfg: BlockConfig) -> jax.Array:
+    """The scale along the row, ``(1, W)`` float32 (padded with zeros by the wrapper)."""
+    if static.platform == "tpu":
+        return w_ref[...]
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.load(w_ref.at[pl.ds(0, 1), pl.ds(0, cfg.width)])
+
+
+def _forward_kernel(static: _Static) -> Callable:
+    cfg = block_config(static.length, static.platform)
+    mode = get_mode(static.mode)
+    eps = _eps_parts(mode, static.eps)
+    load, store = _io(static, cfg)
+
+    def body(*refs: Any) -> None:
+        x_ref, *w_refs, y_ref = refs
+        x, _ = load(x_ref)
+        w = _scale_row(static, w_refs[0], cfg) if w_refs else None
+        store(y_ref, _forward_rows(x, w, mode, eps))
+
+    return body
+
+
+def _backward_kernel(static: _Static) -> Callable:
+    cfg = block_config(static.length, static.platform)
+    mode = get_mode(static.mode)
+    eps = _eps_parts(mode, static.eps)
+    load, store = _io(static, cfg)
+    top = _top(static.dtype)
+
+    def body(*refs: Any) -> None:
+        x_ref, g_ref, *w_refs, dx_ref, dw_ref = refs
+        x, mask = load(x_ref)
+        g, _ = load(g_ref)
+        w = _scale_row(static, w_refs[0], cfg) if w_refs else None
+        dx, gu = _backward_rows(x, g, w, mode, eps, top)
+        store(dx_ref, dx)
+        # The padding rows (garbage beyond the array on TPUs) must not reach the sums.
+        partial = jnp.sum(jnp.where(mask, gu, 0.0), axis=0, keepdims=True)
+        if static.platform == "tpu":
+            dw_ref[...] = partial
+        else:
+            from jax.experimental.pallas import triton as pltriton
+
+            pltriton.store(dw_ref.at[pl.program_id(0), pl.ds(0, 1), pl.ds(0, cfg.width)], partial)
+
+    return body
+
+
+def _rows_forward(static: _Static, x: jax.Array, w: jax.Array | None) -> jax.Array:
+    """The forward kernel on ``x`` of shape ``(rows, L)``; ``w`` a ``(1, W)`` row or None."""
+    operands = [x] if w is None else [x, w]
+    return _call(
+        static,
+        _forward_kernel(static),
+        operands,
+        jax.ShapeDtypeStruct(x.shape, x.dtype),
+        [True] + [False] * (w is not None),
+        [True],
+    )
+
+
+def _rows_vjp(
+    static: _Static, x: jax.Array, g: jax.Array, w: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
+    """``(dx, partials)`` on ``(rows, L)``: ``partials`` ``(programs, 1, W)`` float32."""
+    cfg = block_config(static.length, static.platform)
+    programs = pl.cdiv(static.rows, cfg.rows)
+    operands = [x, g] if w is None else [x, g, w]
+    return _call(
+        static,
+        _backward_kernel(static),
+        operands,
+        (
+            jax.ShapeDtypeStruct(x.shape, x.dtype),
+            jax.ShapeDtypeStruct((programs, 1, cfg.width), _F32),
+        ),
+        [True, True] + [False] * (w is not None),
+        [True, False],
+    )
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+class _Layout(NamedTuple):
+    """How an array is viewed as rows: its normalized axes moved last (the channel axis
+    first among them) and flattened."""
+
+    order: tuple[int, ...]  # the transpose to rows
+    rows: int
+    length: int
+    channels: int
+    inner: int  # entries per channel within a row (1 for one normalized axis)
+
+
+def _layout(shape: tuple[int, ...], channel: int, norm_axes: Sequence[int] | None) -> _Layout:
+    ndim = len(shape)
+    channel %= ndim
+    norm = [channel] + sorted({a % ndim for a in (norm_axes or (channel,))} - {channel})
+    order = tuple(a for a in range(ndim) if a not in norm) + tuple(norm)
+    length = math.prod(shape[a] for a in norm)
+    rows = math.prod(shape) // max(length, 1)
+    return _Layout(order, rows, length, shape[channel], length // max(shape[channel], 1))
+
+
+def _platforms(platform: str | None, interpret: bool) -> str | None:
+    if platform is None:
+        return "tpu" if interpret else None
+    if platform not in PLATFORMS:
+        raise ValueError(f"no Pallas kernel for platform {platform!r}; expected one of {PLATFORMS}")
+    return platform
+
+
+def _scale_row_array(s: Any, lay: _Layout, width: int) -> jax.Array | None:
+    """The scale along a row, ``(1, width)`` float32 zero-padded, or None (no scale)."""
+    if s is None:
+        return None
+    s = jnp.asarray(s, _F32).reshape(-1)
+    per_entry = jnp.broadcast_to(s[:, None], (lay.channels, lay.inner)) if s.size > 1 else None
+    row = (
+        per_entry.reshape(-1)
+        if per_entry is not None
+        else jnp.broadcast_to(s.reshape(()), (lay.length,))
+    )
+    return jnp.pad(row, (0, width - lay.length)).reshape(1, width)
+
+
+def _dispatch(run: Callable, platform: str | None, interpret: bool, *args: Any) -> Any:
+    """``run(platform, ...)`` for the platform given, or chosen while lowering: the
+    Triton kernel on GPUs, Mosaic on TPUs, the TPU kernel interpreted elsewhere."""
+    chosen = _platforms(platform, interpret)
+    if chosen is not None:
+        return run(chosen, interpret, *args)
+    return lax.platform_dependent(
+        *args,
+        cuda=functools.partial(run, "cuda", False),
+        rocm=functools.partial(run, "rocm", False),
+        tpu=functools.partial(run, "tpu", False),
+        default=functools.partial(run, "tpu", True),
+    )
+
+
+def _check(x: jax.Array, lay: _Layout) -> None:
+    dtype = jnp.dtype(x.dtype).name
+    if dtype not in DTYPES:
+        raise TypeError(f"the Pallas kernels take {DTYPES}, got {dtype}")
+    if not fits(lay.length):
+        raise ValueError(
+            f"rows of {lay.length} entries: the Pallas kernels take 1 to {MAX_WIDTH} "
+            "(wider slices take the ladder lowering)"
+        )
+
+
+def forward(
+    x: jax.Array,
+    s: Any,
+    *,
+    channel: int,
+    eps_mode: str,
+    eps: float,
+    interpret: bool = False,
+    platform: str | None = None,
+    norm_axes: Sequence[int] | None = None,
+) -> jax.Array:
+    """``y = s x / d(||x||)`` over ``channel`` (and ``norm_axes``, if given) by the Pallas
+    forward kernel; ``y`` has ``x``'s dtype.
+
+    Args:
+        x: float32, bfloat16 or float16, normalized size at most :data:`MAX_WIDTH`.
+        s: None, a one-element scale, or one value per channel (any float dtype; used in
+            float32).
+        channel: the axis a per-channel scale runs along (normalized).
+        eps_mode, eps: the placement (:mod:`l2norm._modes`) and its epsilon.
+        interpret: run in Pallas' interpret mode (any platform; the CPU tests).
+        platform: ``"cuda"``, ``"rocm"`` or ``"tpu"``: that platform's kernel; None:
+            chosen while lowering (``lax.platform_dependent``), the TPU kernel interpreted
+            on other platforms (or with ``interpret``).
+        norm_axes: all normalized axes (the channel axis among them), default
+            ``(channel,)``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> x = jnp.array([[3.0, 4.0]], jnp.bfloat16)
+        >>> forward(x, jnp.array([20.0, 10.0]), channel=-1, eps_mode="add_norm", eps=1e-10,
+        ...         interpret=True)
+        Array([[12, 8]], dtype=bfloat16)
+    """
+    x = jnp.asarray(x)
+    lay = _layout(x.shape, channel, norm_axes)
+    _check(x, lay)
+    if x.size == 0:
+        return x
+
+    def run(plat: str, interp: bool, x: jax.Array, *scale: jax.Array) -> jax.Array:
+        cfg = block_config(lay.length, plat)
+        static = _Static(
+            lay.rows, lay.length, jnp.dtype(x.dtype).name, bool(scale), eps_mode, eps, plat, interp
+        )
+        rows = jnp.transpose(x, lay.order).reshape(lay.rows, lay.length)
+        w = _scale_row_array(scale[0], lay, cfg.width) if scale else None
+        y = _rows_forward(static, rows, w)
+        shape = [x.shape[a] for a in lay.order]
+        return jnp.transpose(y.reshape(shape), np.argsort(lay.order))
+
+    args = (x,) if s is None else (x, jnp.asarray(s, _F32))
+    return _dispatch(run, platform, interpret, *args)
+
+
+def vjp(
+    x: jax.Array,
+    s: Any,
+    g: jax.Array,
+    *,
+    channel: int,
+    eps_mode: str,
+    eps: float,
+    interpret: bool = False,
+    platform: str | None = None,
+    norm_axes: Sequence[int] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(dx, ds)`` of :func:`forward` for the cotangent ``g``: ``dx`` in ``x``'s dtype,
+    ``ds`` the scale's gradient *per channel* in float32 (``sum g x / d`` over all but
+    the channel axis, summed in a fixed order: a shared scale's gradient is its sum;
+    zeros when ``s`` is None). Arguments as :func:`forward`.
+
+    The JAX primitives' tangent ``s J tx + ts u`` follows from it (``J`` is symmetric):
+    ``J tx`` is ``vjp(x, None, tx)[0]`` and ``u`` is ``forward(x, None)``.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> dx, ds = vjp(jnp.zeros((1, 3)), 2.0, jnp.ones((1, 3)), channel=1,
+        ...              eps_mode="add_norm", eps=0.5, interpret=True)
+        >>> dx  # finite at zero: scale * cotangent / eps
+        Array([[4., 4., 4.]], dtype=float32)
+    """
+    x, g = jnp.asarray(x), jnp.asarray(g)
+    lay = _layout(x.shape, channel, norm_axes)
+    _check(x, lay)
+    if x.size == 0:
+        return jnp.zeros_like(x), jnp.zeros((lay.channels,), _F32)
+
+    def run(plat: str, interp: bool, x: jax.Array, g: jax.Array, *scale: jax.Array):
+        cfg = block_config(lay.length, plat)
+        static = _Static(
+            lay.rows, lay.length, jnp.dtype(x.dtype).name, bool(scale), eps_mode, eps, plat, interp
+        )
+        rows = jnp.transpose(x, lay.order).reshape(lay.rows, lay.length)
+        g_rows = jnp.transpose(g.astype(x.dtype), lay.order).reshape(lay.rows, lay.length)
+        w = _scale_row_array(scale[0], lay, cfg.width) if scale else None
+        dx, partials = _rows_vjp(static, rows, g_rows, w)
+        shape = [x.shape[a] for a in lay.order]
+        dx = jnp.transpose(dx.reshape(shape), np.argsort(lay.order))
+        # Programs, then the entries of a channel within a row: fixed orders.
+        per_entry = jnp.sum(partials[:, 0, : lay.length], axis=0)
+        return dx, jnp.sum(per_entry.reshape(lay.channels, lay.inner), axis=1)
+
+    args = (x, g) if s is None else (x, g, jnp.asarray(s, _F32))
+    return _dispatch(run, platform, interpret, *args)
