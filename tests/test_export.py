@@ -23,6 +23,7 @@ from l2norm._spec import EPS_MODES, Spec
 from l2norm.conformance._cases import cases, numpy_dtype
 from l2norm.conformance._measures import gradient_error, gradient_magnitudes
 from l2norm.testing.frameworks import numpy_to_torch, torch_to_numpy
+from l2norm.torch import L2Norm
 from l2norm.torch._export import forward
 
 #: Every operator an exported graph may hold: the ONNX standard set's most common
@@ -87,6 +88,16 @@ def _operators(model: onnx.ModelProto) -> Counter:
     return Counter(node.op_type for node in model.graph.node)
 
 
+def _computes_in_float64(model: onnx.ModelProto) -> bool:
+    """Whether the graph holds a float64 tensor or cast (TensorRT and TFLite have none)."""
+    graph = model.graph
+    values = [*graph.input, *graph.output, *graph.value_info]
+    types = {v.type.tensor_type.elem_type for v in values}
+    types |= {t.data_type for t in graph.initializer}
+    types |= {a.i for node in graph.node for a in node.attribute if a.name == "to"}
+    return onnx.TensorProto.DOUBLE in types
+
+
 @pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("option_set", [f"mode={m}" for m in EPS_MODES] + ["tiny-eps"])
@@ -101,6 +112,7 @@ def test_onnx_graph_is_small_standard_and_within_the_bound(exporter, dtype, opti
     casts = 2 if dtype == "float16" else 0  # half precision is computed in float32
     assert operators["Cast"] == casts, operators
     assert sum(operators.values()) - operators["Constant"] - casts <= MAX_OPERATORS, operators
+    assert not _computes_in_float64(model)  # float16 in float32, float32 in float32
 
     session = onnxruntime.InferenceSession(
         model.SerializeToString(), providers=["CPUExecutionProvider"]
@@ -121,6 +133,27 @@ def test_onnx_across_spatial(exporter):
     )
     (y,) = session.run(None, {"x" if exporter == "legacy" else session.get_inputs()[0].name: x})
     exported_error(y, x, scale, options)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "legacy"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_the_layer_exports_the_formula(exporter, dtype):
+    # l2norm.torch.L2Norm as users export it: the dispatch records the same small graph.
+    case_id, export_shape = LAYOUTS["per-pixel"]
+    x, scale, options = hostile_inputs(case_id.format(option_set="preset=caffe", dtype=dtype))
+    spec = Spec.create(**options)
+    layer = L2Norm(
+        16, scale_init=numpy_to_torch(scale), preset="caffe", dtype=getattr(torch, dtype)
+    )
+    model = _onnx_model(layer.eval(), torch.randn(export_shape).to(getattr(torch, dtype)), exporter)
+    operators = _operators(model)
+    assert set(operators) <= STANDARD_OPS, operators
+    assert sum(operators.values()) - operators["Constant"] - operators["Cast"] <= MAX_OPERATORS
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    (y,) = session.run(None, {session.get_inputs()[0].name: x})
+    exported_error(y, x, scale, {"axis": 1, "eps_mode": spec.eps_mode, "eps": spec.eps})
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -186,13 +219,3 @@ def test_zero_size_inputs_give_empty_results(shape):
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape
-
-
-def test_half_precision_needs_no_wider_type_than_float32():
-    # Deployment runtimes without float64 (TensorRT, TFLite) run every graph: float16
-    # data in float32, float32 in float32.
-    for dtype in (torch.float16, torch.float32):
-        model = _onnx_model(Layer(None, {"axis": 1}), torch.randn(2, 8, 2, 2).to(dtype), "dynamo")
-        types = {t.type.tensor_type.elem_type for t in model.graph.value_info}
-        types |= {a.i for node in model.graph.node for a in node.attribute if a.name == "to"}
-        assert onnx.TensorProto.DOUBLE not in types
