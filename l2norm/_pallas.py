@@ -214,8 +214,8 @@ class _Rows(NamedTuple):
 
 
 def _scaled_rows(x: jax.Array, cap: int) -> _Rows:
-    """Each row read as ``x 2**s`` from the bits, ``max |x 2**s|`` in ``[1/4, 1/2)`` (``s``
-    at most ``cap``; zero rows get ``cap``, NaN and Inf rows 0)."""
+    """Each row read as ``x 2**s`` from the bits, ``max |x 2**s|`` in ``[1/4, 1/2)`` (zero
+    rows get ``s = cap``, NaN and Inf rows 0)."""
     bits = _bits(x)
     magnitude = bits & 0x7FFFFFFF
     largest = jnp.max(magnitude, axis=-1, keepdims=True)
@@ -224,7 +224,7 @@ def _scaled_rows(x: jax.Array, cap: int) -> _Rows:
     sub_exp = ((_bits((largest & 0x7FFFFF).astype(_F32)) >> 23) - 127) - 149
     exponent = jnp.where(top_exp > 0, top_exp - 127, sub_exp)
     special = top_exp == 255
-    shift = jnp.where(special, 0, jnp.where(largest == 0, cap, jnp.minimum(-2 - exponent, cap)))
+    shift = jnp.where(special, 0, jnp.where(largest == 0, cap, -2 - exponent))
     entry_exp = magnitude >> 23
     normal = _float(bits + (shift << 23))
     sign = bits & jnp.int32(-(2**31))
@@ -293,27 +293,42 @@ def _eps_parts(mode: EpsMode, eps: float) -> _Eps:
 
 
 class _Terms(NamedTuple):
-    """Per row: ``1 / d'`` and ``K' = r / n'**2`` as pairs (``d'``, ``n'`` in the units
-    of ``x 2**s``), and whether the row's sum is positive."""
+    """Per row: ``1 / d`` as ``G 2**out`` (``G`` a pair near 1, ``2**out`` the power of
+    two that takes ``w x' G`` to ``y``; ``2**(out + s)`` takes ``t G`` to ``dx``),
+    ``K' = r / n'**2`` as a pair (``n'`` the norm of ``x' = x 2**s``), and whether the
+    row's sum is positive."""
 
-    inv_d: Pair
+    inv_hi: jax.Array
+    inv_lo: jax.Array
+    out: jax.Array
     r_over_n2: Pair
     positive: jax.Array
 
 
 def _slice_terms(mode: EpsMode, eps: _Eps, sumsq: Pair, shift: jax.Array) -> _Terms:
-    """The table of :mod:`l2norm._modes` on pairs (:class:`l2norm._compensated.Pair`)."""
+    """The table of :mod:`l2norm._modes` on pairs (:class:`l2norm._compensated.Pair`).
+
+    ``d`` is computed at the shift ``min(s, cap)``, where eps (scaled along) stays below
+    ``2**62``; the sum of squares ``sumsq`` (of ``x 2**s``) is brought down to it exactly
+    (or to where it no longer matters next to eps)."""
     pxp = PairNamespace(jnp, _split)
     finite = jnp.isfinite(sumsq.hi) & jnp.isfinite(sumsq.lo)
     positive = finite & (sumsq.hi > 0)
     a = pxp.pair(jnp.where(finite, sumsq.hi, 1.0), jnp.where(finite, sumsq.lo, 0.0))
-    scaled = _ldexp(jnp.full_like(sumsq.hi, 1.0), eps.exp + mode.power * shift)
+    low = jnp.minimum(shift, eps.cap)
+    down = 2 * (low - shift)
+    at_low = pxp.pair(_ldexp(a.hi, down), _ldexp(a.lo, down))
+    scaled = _ldexp(jnp.full_like(sumsq.hi, 1.0), eps.exp + mode.power * low)
     e = pxp.pair(scaled * eps.hi, scaled * eps.lo)
-    n = pxp.sqrt(a)
-    d = mode.denominator(pxp, a, n, e)
-    r, _ = mode.ratio(pxp, a, n, d, e)
+    n = pxp.sqrt(at_low)
+    d = mode.denominator(pxp, at_low, n, e)
+    r, _ = mode.ratio(pxp, at_low, n, d, e)
+    inv = 1.0 / d
+    # 1 / d = G 2**t with G in [1, 2): products with G keep their error terms normal.
+    t = ((_bits(inv.hi) >> 23) & 0xFF) - 127
+    unit = _pow2(-t)
     safe = pxp.where(positive, a, pxp.ones_like(a))
-    return _Terms(1.0 / d, r / safe, positive)
+    return _Terms(inv.hi * unit, inv.lo * unit, t + low - shift, r / safe, positive)
 
 
 def _inf_share(rows: _Rows) -> Pair:
@@ -323,16 +338,24 @@ def _inf_share(rows: _Rows) -> Pair:
     return 1.0 / pxp.sqrt(jnp.maximum(count, 1.0))
 
 
+def _unit(rows: _Rows, terms: _Terms) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(x', G_hi, G_lo, out)`` with ``x / d = x' G 2**out``; an Inf row's limit
+    direction (``+-1`` at its infinities, ``G = 1 / sqrt(k)``, ``out = 0``)."""
+    share = _inf_share(rows)
+    g_hi = jnp.where(rows.inf, share.hi, terms.inv_hi)
+    g_lo = jnp.where(rows.inf, share.lo, terms.inv_lo)
+    out = jnp.where(rows.inf, 0, terms.out)
+    return jnp.where(rows.inf, rows.limit, rows.xs), g_hi, g_lo, out
+
+
 def _forward_rows(x: jax.Array, w: jax.Array | None, mode: EpsMode, eps: _Eps) -> jax.Array:
     """``y = w x / d`` of a tile of rows (float32 in, float32 out; ``w`` ``(1, W)`` or
     None)."""
     rows = _scaled_rows(x, eps.cap)
     terms = _slice_terms(mode, eps, _square_sum(rows.xs), rows.shift)
-    share = _inf_share(rows)
-    g_hi = jnp.where(rows.inf, share.hi, terms.inv_d.hi)
-    g_lo = jnp.where(rows.inf, share.lo, terms.inv_d.lo)
-    xs = jnp.where(rows.inf, rows.limit, rows.xs)
-    # x' (1 / d') as an exact pair, then times w: one rounding at the end.
+    xs, g_hi, g_lo, out = _unit(rows, terms)
+    # x' G as an exact pair, then times w: one rounding, then the power of two (exact but
+    # in the subnormal range).
     p, e = two_prod(xs, g_hi, _split)
     lo = e + xs * g_lo
     if w is None:
@@ -340,7 +363,7 @@ def _forward_rows(x: jax.Array, w: jax.Array | None, mode: EpsMode, eps: _Eps) -
     else:
         q, f = two_prod(p, w, _split)
         y = q + (f + lo * w)
-    return jnp.where(rows.nan, jnp.nan, y)
+    return jnp.where(rows.nan, jnp.nan, _ldexp(y, out))
 
 
 def _saturate(v: jax.Array, top: float) -> jax.Array:
@@ -368,14 +391,12 @@ def _backward_rows(
     p, e = two_prod(k_hi, xs, _split)
     t, err = two_sum(s_hi, -p)
     t_lo = err + ((s_lo - e) - k_lo * xs)
-    inv = terms.inv_d
-    q, f = two_prod(t, inv.hi, _split)
-    dx = _ldexp(q + (f + (t * inv.lo + t_lo * inv.hi)), rows.shift)
+    q, f = two_prod(t, terms.inv_hi, _split)
+    dx = _ldexp(q + (f + (t * terms.inv_lo + t_lo * terms.inv_hi)), terms.out + rows.shift)
     dx = jnp.where(rows.inf, 0.0, _saturate(dx, top))
     dx = jnp.where(rows.nan, jnp.nan, dx)
-    share = _inf_share(rows)
-    u = jnp.where(rows.inf, rows.limit * share.hi, xs * inv.hi)
-    return dx, jnp.where(rows.nan, jnp.nan, g * u)
+    unit, g_hi, _, out = _unit(rows, terms)
+    return dx, jnp.where(rows.nan, jnp.nan, g * _ldexp(unit * g_hi, out))
 
 
 # --------------------------------------------------------------------------- kernels
