@@ -78,34 +78,51 @@ def _assert_vjp(dx, ds, x, s, g, axis, dtype=F32):
 def test_vmap_over_input_scale_both_and_nested(lowering):
     x, s, _ = _data()
     scales = np.stack([s, 2 * s, s[::-1].copy()])
-    one = jax.jit(lambda x, s: l2_normalize(x, s, axis=0))  # one example (C, W)
-    batch = jax.jit(lambda x, s: l2_normalize(x, s, axis=1))  # (N, C, W)
-
-    _assert_forward(jax.vmap(one, (0, None))(x, s), x, s, 1)
-    # over the last axis: a batch axis that is not leading
-    by_column = jax.vmap(lambda xj, s: l2_normalize(xj, s, axis=1), (2, None), 2)(x, s)
-    _assert_forward(by_column, x, s, 1)
-    # a shared (size-1) scale, batched and not
-    _assert_forward(jax.vmap(one, (0, None))(x, s[:1]), x, np.full_like(s, s[0]), 1)
-    for k, y in enumerate(jax.vmap(batch, (None, 0))(x, scales[:, :1])):
-        _assert_forward(y, x, np.full_like(s, scales[k, 0]), 1)
-    for k, y in enumerate(jax.vmap(batch, (None, 0))(x, scales)):  # an ensemble
-        _assert_forward(y, x, scales[k], 1)
-    # a broadcast input under jit (XLA once rewrote the ladder's Inf count into a flushed
-    # reciprocal there)
-    spread = jax.jit(lambda x, s: l2_normalize(jnp.broadcast_to(x, (2, *x.shape)), s, axis=2))
-    _assert_forward(spread(x, s)[1], x, s, 1)
     xs = np.stack([x, -2 * x, x[::-1].copy()])
-    for k, y in enumerate(jax.vmap(batch, (0, 0))(xs, scales)):
-        _assert_forward(y, xs[k], scales[k], 1)
-    # nested: the scale outside, the input inside; both outside; the scale inside
-    outer_scale = jax.vmap(jax.vmap(one, (0, None)), (None, 0))(x, scales)
-    both = jax.vmap(jax.vmap(one, (0, None)), (0, 0))(xs, scales)
-    inner_scale = jax.vmap(jax.vmap(one, (None, 0)), (0, None))(x, scales)
-    for k in range(3):
-        _assert_forward(outer_scale[k], x, scales[k], 1)
-        _assert_forward(both[k], xs[k], scales[k], 1)
-        _assert_forward(inner_scale[:, k], x, scales[k], 1)
+    shared = [np.full_like(s, v) for v in scales[:, 0]]
+    vmap = jax.vmap
+
+    def one(x, s):  # one example (C, W)
+        return l2_normalize(x, s, axis=0)
+
+    def batch(x, s):  # (N, C, W)
+        return l2_normalize(x, s, axis=1)
+
+    @jax.jit  # one program: compiling dominates
+    def run(x, s, scales, xs):
+        return {
+            "input": vmap(one, (0, None))(x, s),
+            "a non-leading axis": vmap(lambda xj, s: batch(xj, s), (2, None), 2)(x, s),
+            "input, one shared scale": vmap(one, (0, None))(x, s[:1]),
+            "shared scales": vmap(batch, (None, 0))(x, scales[:, :1]),
+            "scales (an ensemble)": vmap(batch, (None, 0))(x, scales),
+            "both": vmap(batch, (0, 0))(xs, scales),
+            "nested, scale outside": vmap(vmap(one, (0, None)), (None, 0))(x, scales),
+            "nested, both outside": vmap(vmap(one, (0, None)), (0, 0))(xs, scales),
+            "nested, scale inside": vmap(vmap(one, (None, 0)), (0, None))(x, scales),
+            # XLA once rewrote the ladder's Inf count of a broadcast into a flushed reciprocal
+            "a broadcast input": batch(jnp.broadcast_to(x, (3, *x.shape)).reshape(-1, 6, 5), s),
+        }
+
+    got = run(x, s, scales, xs)
+    want = {
+        "input": [(x, s)],
+        "a non-leading axis": [(x, s)],
+        "input, one shared scale": [(x, shared[0])],
+        "shared scales": [(x, shared[k]) for k in range(3)],
+        "scales (an ensemble)": [(x, scales[k]) for k in range(3)],
+        "both": [(xs[k], scales[k]) for k in range(3)],
+        "nested, scale outside": [(x, scales[k]) for k in range(3)],
+        "nested, both outside": [(xs[k], scales[k]) for k in range(3)],
+        "nested, scale inside": [(x, scales[k]) for k in range(3)],
+        "a broadcast input": [(np.concatenate([x] * 3), s)],
+    }
+    for name, cases in want.items():
+        y = got[name]
+        if name == "nested, scale inside":
+            y = jnp.moveaxis(y, 1, 0)
+        for k, (xk, sk) in enumerate(cases):
+            _assert_forward(y if len(cases) == 1 else y[k], xk, sk, 1)
 
 
 def _loss(axis):
@@ -115,30 +132,41 @@ def _loss(axis):
 
 def test_per_example_gradients_of_input_and_scale(lowering):
     x, s, g = _data()
-    grads = jax.jit(jax.vmap(jax.grad(_loss(0), (0, 1)), (0, None, 0)))(x, s, g)
-    for i in range(x.shape[0]):
-        _assert_vjp(grads[0][i], grads[1][i], x[i], s, g[i], 0)
-    # a shared scale (one number) per example
-    dx, ds = jax.vmap(jax.grad(_loss(0), (0, 1)), (0, None, 0))(x, s[:1], g)
-    for i in range(x.shape[0]):
-        _assert_vjp(dx[i], ds[i], x[i], s[:1], g[i], 0)
-    # an ensemble of scales on one input, and the cotangent batched alone
     scales = np.stack([s, 3 * s])
-    dx, ds = jax.vmap(jax.grad(_loss(1), (0, 1)), (None, 0, None))(x, scales, g)
-    for k in range(2):
-        _assert_vjp(dx[k], ds[k], x, scales[k], g, 1)
     cots = np.stack([g, -g[::-1].copy()])
-    pullback = jax.vmap(lambda c: jax.vjp(lambda x, s: l2_normalize(x, s, axis=1), x, s)[1](c))
-    dx, ds = pullback(cots)
-    for k in range(2):
-        _assert_vjp(dx[k], ds[k], x, s, cots[k], 1)
+    per_example = jax.vmap(jax.grad(_loss(0), (0, 1)), (0, None, 0))
+
+    @jax.jit  # one program: compiling dominates
+    def run(x, s, g, scales, cots):
+        return {
+            "per example": per_example(x, s, g),
+            "per example, one shared scale": per_example(x, s[:1], g),
+            "an ensemble on one input": jax.vmap(jax.grad(_loss(1), (0, 1)), (None, 0, None))(
+                x, scales, g
+            ),
+            "the cotangent alone": jax.vmap(
+                lambda c: jax.vjp(lambda x, s: l2_normalize(x, s, axis=1), x, s)[1](c)
+            )(cots),
+        }
+
+    got = run(x, s, g, scales, cots)
+    want = {
+        "per example": [(x[i], s, g[i], 0) for i in range(x.shape[0])],
+        "per example, one shared scale": [(x[i], s[:1], g[i], 0) for i in range(x.shape[0])],
+        "an ensemble on one input": [(x, scales[k], g, 1) for k in range(2)],
+        "the cotangent alone": [(x, s, cots[k], 1) for k in range(2)],
+    }
+    for name, cases in want.items():
+        dx, ds = got[name]
+        for k, (xk, sk, gk, axis) in enumerate(cases):
+            _assert_vjp(dx[k], ds[k], xk, sk, gk, axis)
 
 
 def test_half_precision_vmap_grad(lowering):
     x, s, g = _data(zero_slice=False)
     for dtype in (jnp.float16, jnp.bfloat16):
         xh, gh = x.astype(dtype), g.astype(dtype)
-        dx, ds = jax.vmap(jax.grad(_loss(0), (0, 1)), (0, None, 0))(xh, s, gh)
+        dx, ds = jax.jit(jax.vmap(jax.grad(_loss(0), (0, 1)), (0, None, 0)))(xh, s, gh)
         assert dx.dtype == dtype
         for i in range(x.shape[0]):
             _assert_vjp(dx[i], ds[i], xh[i], s, gh[i], 0, np.dtype(dtype))
@@ -230,7 +258,21 @@ def test_hessian_and_grad_of_grad(lowering):
     v0 = np.concatenate([x.reshape(-1), s]).astype(np.float64)
     want = _finite_difference(ref_grad, v0, 1e-5)
 
-    hess = jax.jit(jax.hessian(_loss(1), (0, 1)))(x, s, g)
+    w = np.random.default_rng(2).standard_normal(v0.size).astype(np.float32)
+
+    def inner(x, s):  # <grad(x, s), w>
+        dx, ds = jax.grad(_loss(1), (0, 1))(x, s, g)
+        return jnp.sum(dx.reshape(-1) * w[:n_x]) + jnp.sum(ds * w[n_x:])
+
+    @jax.jit  # one program: compiling dominates
+    def run(x, s):
+        return (
+            jax.hessian(_loss(1), (0, 1))(x, s, g),
+            jax.grad(inner, (0, 1))(x, s),  # grad of grad: H w
+            jax.jacfwd(lambda x: jax.grad(inner)(x, s))(x),  # third order: d(H w)/dx
+        )
+
+    hess, (gx, gs), third = run(x, s)
     got = np.block(
         [
             [np.asarray(hess[0][0]).reshape(n_x, n_x), np.asarray(hess[0][1]).reshape(n_x, -1)],
@@ -238,20 +280,9 @@ def test_hessian_and_grad_of_grad(lowering):
         ]
     )
     assert _relative(got, want) <= SECOND_ORDER
-    # grad of grad: d/dv <grad(v), w> = H w
-    w = np.random.default_rng(2).standard_normal(v0.size).astype(np.float32)
-
-    def inner(x, s):
-        dx, ds = jax.grad(_loss(1), (0, 1))(x, s, g)
-        return jnp.sum(dx.reshape(-1) * w[:n_x]) + jnp.sum(ds * w[n_x:])
-
-    gx, gs = jax.jit(jax.grad(inner, (0, 1)))(x, s)
     assert _relative(np.concatenate([np.ravel(gx), gs]), want @ w) <= SECOND_ORDER
-    # third order (forward over reverse over reverse): d(H w)/dx, against differences of
-    # the differences above
-    third = jax.jit(jax.jacfwd(lambda x: jax.grad(inner)(x, s)))(x)
 
-    def ref_hw(v):  # H w at (v, s), the x part
+    def ref_hw(v):  # H w at (v, s), the x part: differences of the differences above
         full = np.concatenate([v, s.astype(np.float64)])
         return (_finite_difference(ref_grad, full, 1e-5) @ w)[:n_x]
 
