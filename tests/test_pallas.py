@@ -1,0 +1,205 @@
+"""The Pallas kernels (:mod:`l2norm._pallas`) without an accelerator: both kernels (the
+GPU's Triton form and the TPU's Mosaic form) in Pallas' interpret mode on conformance
+cases against the reference, bitwise batch invariance, the exported lowerings for
+``cuda`` and ``tpu``, and the errors.
+
+Every conformance case runs in ``l2norm check --backends jax-pallas --full`` (the TPU
+kernel); here the few cases that together meet every layout, eps placement, scale kind,
+dtype on random and hostile data and the extreme eps values, since each case compiles a
+program of its own (about 2 s).
+"""
+
+from __future__ import annotations
+
+import doctest
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from l2norm import _pallas, conformance
+from l2norm._spec import Spec
+from l2norm.conformance import _pallas as pallas_backend
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _features(case: conformance.Case) -> set[tuple]:
+    """What a case exercises: its layout, eps placement, scale kind, dtype with its data,
+    and the option sets that put eps at an extreme."""
+    mode = Spec.create(**case.options).eps_mode
+    found = {("layout", case.layout), ("mode", mode), ("scale", case.scale_kind)}
+    found.add(("data", case.dtype, case.data))
+    if case.option_set in ("tiny-eps", "large-eps"):
+        found.add(("options", case.option_set))
+    return found
+
+
+def _covering_subset() -> list[conformance.Case]:
+    """A few cases that together exercise every layout, eps placement, scale kind, dtype
+    on random and hostile data, and the extreme eps: greedily, the case that adds most
+    (the first in :func:`l2norm.conformance.cases` order among equals)."""
+    taken = [c for c in conformance.cases() if c.dtype in _pallas.DTYPES]
+    wanted = set().union(*map(_features, taken))
+    chosen: list[conformance.Case] = []
+    while wanted:
+        best = max(taken, key=lambda c: len(_features(c) & wanted))
+        wanted -= _features(best)
+        chosen.append(best)
+    return chosen
+
+
+def _backend(platform: str) -> conformance.Backend:
+    built = pallas_backend.build("jax-pallas")
+
+    def forward(x, scale, options):
+        return pallas_backend.run(x, scale, np.zeros_like(x), options, platform)[0]
+
+    def vjp(x, scale, g, options):
+        return pallas_backend.run(x, scale, g, options, platform)[1:]
+
+    return conformance.Backend(
+        name=f"jax-pallas-{platform}",
+        forward=forward,
+        vjp=vjp,
+        flushes_subnormals=built.flushes_subnormals,
+        dtypes=built.dtypes,
+    )
+
+
+#: The covering cases and the default ones of ``l2norm check``.
+SUBSET = _covering_subset() + [c for c in conformance.default_cases() if c.dtype in _pallas.DTYPES]
+#: The two kernels share the arithmetic and differ in their loads and stores: the cases
+#: alternate between them.
+CASES = {"tpu": SUBSET[::2], "cuda": SUBSET[1::2]}
+
+
+@pytest.mark.parametrize(
+    ("platform", "case"),
+    [(p, c) for p, cases in CASES.items() for c in cases],
+    ids=lambda v: v if isinstance(v, str) else v.id,
+)
+def test_conformance_case_in_interpret_mode(platform, case):
+    result = conformance.run_case(_backend(platform), case)
+    assert result.passed, result
+
+
+def test_the_subset_meets_every_layout_mode_scale_and_dtype():
+    covered = set().union(*map(_features, SUBSET))
+    assert {f[1] for f in covered if f[0] == "layout"} == set(range(len(conformance.LAYOUTS)))
+    assert {f[1] for f in covered if f[0] == "mode"} == set(conformance.EPS_MODES)
+    assert {f[1] for f in covered if f[0] == "scale"} == set(conformance.SCALES)
+    data = {f[1:] for f in covered if f[0] == "data"}
+    assert data == {(d, k) for d in _pallas.DTYPES for k in ("random", "hostile")}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_batch_invariance_bitwise(platform):
+    """A row's output and input gradient are the same bits alone, among rows that fill
+    several programs (the last one partial), and next to zero, huge (squares overflow),
+    tiny (squares underflow), NaN and Inf rows.
+    ``l2norm check --backends jax-pallas`` runs the suite's own check on the TPU kernel."""
+    rng = np.random.default_rng(3)
+    width = 48
+    count = 3 * _pallas.block_config(width, platform).rows + 5
+    x = (rng.standard_normal((count, width)) * 3).astype(np.float32)
+    g = rng.standard_normal((count, width)).astype(np.float32)
+    s = rng.uniform(0.5, 20, width).astype(np.float32)
+    hostile = x.copy()
+    for row, value in ((1, 0.0), (count // 3, 1e25), (count // 2, 1e-25)):
+        hostile[row] = x[row] * value
+    hostile[count - 2, 3], hostile[count - 1, 5] = np.nan, np.inf
+    options = {"eps_mode": "clamp_norm", "eps": 1e-12, "interpret": True, "platform": platform}
+
+    @jax.jit
+    def run(x, g):
+        y = _pallas.forward(x, s, channel=1, **options)
+        return y, _pallas.vjp(x, s, g, channel=1, **options)[0]
+
+    pick = count - 3  # in the last, partial program
+    alone = [np.asarray(v) for v in run(x[pick : pick + 1], g[pick : pick + 1])]
+    for batch in (x, hostile):
+        together = [np.asarray(v)[pick : pick + 1] for v in run(batch, g)]
+        for a, b in zip(alone, together, strict=True):
+            assert a.tobytes() == b.tobytes()
+
+
+def _exported(platform: str, dtype: str, width: int) -> str:
+    def f(x, s, g):
+        options = {"channel": -1, "eps_mode": "add_sumsq", "eps": 1e-10}
+        y = _pallas.forward(x, s, **options)
+        dx, ds = _pallas.vjp(x, s, g, **options)
+        return y, dx, ds
+
+    x = jax.ShapeDtypeStruct((37, width), jnp.dtype(dtype))
+    s = jax.ShapeDtypeStruct((width,), jnp.float32)
+    # XLA's Triton custom call carries no compatibility guarantee for serialized
+    # artifacts; the check is about the lowering, so it is waived for that target only.
+    checks = [jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    exported = jax.export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)
+    return exported(x, s, x).mlir_module()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("width", [24, 512])
+def test_lowers_for_cuda_through_triton(dtype, width):
+    """Pallas' Triton backend turns both kernels into Triton IR in XLA's Triton custom
+    call, with the grid and warps of the block configuration; no interpreter."""
+    text = _exported("cuda", dtype, width)
+    assert re.findall(r"custom_call @([\w$.]+)", text) == [TRITON_CALL, TRITON_CALL]
+    cfg = _pallas.block_config(width, "cuda")
+    assert f"grid_x = {-(-37 // cfg.rows)} " in text
+    assert text.count(f"num_warps = {cfg.num_warps} ") == 2
+    assert "stablehlo.while" not in text  # interpret mode would loop over the grid
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("width", [24, 512])
+def test_lowers_for_tpu_through_mosaic(dtype, width):
+    """Pallas' Mosaic backend serializes both kernels into TPU custom calls."""
+    text = _exported("tpu", dtype, width)
+    assert re.findall(r"custom_call @([\w$.]+)", text) == ["tpu_custom_call", "tpu_custom_call"]
+    assert "stablehlo.while" not in text
+
+
+def test_block_configuration_depends_on_width_and_platform_only():
+    for width in (1, 3, 24, 128, 129, 512, 2048, _pallas.MAX_WIDTH):
+        gpu, tpu = _pallas.block_config(width, "cuda"), _pallas.block_config(width, "tpu")
+        assert gpu.width == 1 << (width - 1).bit_length() and gpu.rows * gpu.width >= 2048
+        assert tpu.rows % 8 == 0 and tpu.width >= width
+        assert tpu.width == width or (tpu.width % 128 == 0 and tpu.width & (tpu.width - 1) == 0)
+
+
+def test_what_the_kernels_take():
+    axes = Spec.create(axis=1).resolve(4)
+    assert _pallas.applies("bfloat16", axes, "tpu") and _pallas.applies("float16", axes, "cuda")
+    assert not _pallas.applies("float64", axes, "cuda")
+    assert not _pallas.applies("float32", axes, "cpu")
+    with pytest.raises(TypeError, match="int32"):
+        _pallas.forward(jnp.ones((2, 3), int), None, channel=1, eps_mode="add_norm", eps=1.0)
+    with pytest.raises(ValueError, match="8193 entries"):
+        _pallas.forward(jnp.ones((1, 8193)), None, channel=1, eps_mode="add_norm", eps=1.0)
+    with pytest.raises(ValueError, match="no Pallas kernel for platform 'cpu'"):
+        _pallas.forward(
+            jnp.ones((1, 4)), None, channel=1, eps_mode="add_norm", eps=1.0, platform="cpu"
+        )
+
+
+def test_zero_size_and_platform_chosen_while_lowering():
+    """Zero-size inputs give empty results; with no platform named, the CPU runs the
+    TPU kernel interpreted (``lax.platform_dependent``'s default branch)."""
+    options = {"channel": 1, "eps_mode": "clamp_norm", "eps": 1e-12}
+    empty = jnp.ones((0, 4))
+    assert _pallas.forward(empty, None, **options).shape == (0, 4)
+    dx, ds = _pallas.vjp(empty, jnp.ones(4), empty, **options)
+    assert dx.shape == (0, 4) and np.array_equal(np.asarray(ds), np.zeros(4))
+    x = jnp.array([[3.0, 4.0, 0.0, 0.0]])
+    y = jax.jit(lambda x: _pallas.forward(x, None, **options))(x)
+    assert np.array_equal(np.asarray(y), np.array([[0.6, 0.8, 0.0, 0.0]], np.float32))
+
+
+def test_docstring_examples():
+    result = doctest.testmod(_pallas, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
