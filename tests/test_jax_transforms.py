@@ -401,3 +401,6 @@ def test_zero_size_inputs_give_empty_results(lowering, shape):
     assert ty.shape == shape
     assert jax.vmap(f, (0, None))(x[None], s).shape == (1, *shape)
     assert jax.vmap(f, (None, 0))(x, jnp.ones((0, shape[1]))).shape == (0, *shape)
+    # an empty batch of non-empty examples
+    one = lambda x, s: l2_normalize(x, s, axis=0)  # noqa: E731
+    assert jax.vmap(one, (0, None))(jnp.zeros((0, 6, 5)), jnp.ones(6)).shape == (0, 6, 5)
