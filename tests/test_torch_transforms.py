@@ -214,7 +214,11 @@ def test_the_ops_vmap_rules_equal_a_loop():
     loop = [backward(x, w, g, *options) for g in gs]
     assert torch.equal(dx, torch.stack([d for d, _ in loop]))
     assert torch.equal(dw, torch.stack([d for _, d in loop]))
-    # Batched along the innermost axis in memory: folded into the kernel's pixels.
+    # Batched along the innermost axis in memory: per example, strided; folded, dense.
+    dx = torch.func.vmap(lambda xi, g: backward(xi, w, g, *options)[0], in_dims=3)(x, gs[0])
+    for i in range(2):
+        example = (x[..., i].contiguous(), w, gs[0][..., i].contiguous())
+        assert torch.equal(dx[i], backward(*example, *options)[0])
     ys = torch.func.vmap(lambda xi: forward(xi, w, *options), in_dims=3, out_dims=3)(x)
     examples = [forward(x[..., i].contiguous(), w, *options) for i in range(2)]
     assert torch.equal(ys, torch.stack(examples, 3))

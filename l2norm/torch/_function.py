@@ -305,8 +305,15 @@ _apply_recorded = super(torch.autograd.Function, _KernelFunction).apply
 
 
 def _example(arg: Any, dim: int | None, i: int) -> Any:
-    """Example ``i`` of a batched argument (``dim`` not None); any other as it is."""
-    return arg if dim is None else arg.select(dim, i)
+    """Example ``i`` of a batched argument (``dim`` not None), dense in memory as the
+    kernels read it (selected across an inner axis, it is strided); any other as it is."""
+    if dim is None:
+        return arg
+    example = arg.select(dim, i)
+    dense = example.is_contiguous() or (
+        example.dim() == 4 and example.is_contiguous(memory_format=torch.channels_last)
+    )
+    return example if dense else example.contiguous()
 
 
 def _per_example(info: Any, in_dims: tuple, op: Any, *args: Any) -> tuple:
