@@ -29,13 +29,13 @@ from l2norm.torch._layout import Layout, dense_layout
 
 __all__ = ["available", "backward", "forward", "layout", "require"]
 
-#: Entries per tile the launch configuration aims at (channels x slices).
-TILE = 4096
-#: Channels held in one tile at most; wider slices are walked in chunks of this many.
-MAX_BLOCK_C = 1024
-#: Entries per thread the warp count aims at: the tile stays in registers (within 128 per
-#: thread, no spills; tests/test_triton_aot.py checks every configuration).
-PER_THREAD = 16
+#: Channels per chunk: a slice wider than this is walked in chunks of it, adding entry by
+#: entry in registers and reducing across threads once per tile (few threads share a
+#: slice, so the per-slice work, float64 included, is spread over many entries).
+CHUNK = 32
+#: Entries per tile (chunk x slices): 8 per thread of 4 warps.
+TILE = 1024
+NUM_WARPS = 4
 
 
 def installed() -> bool:
@@ -105,18 +105,32 @@ def _eps_tensor(eps: float, device: torch.device) -> Tensor:
     return torch.tensor([eps], dtype=torch.float64, device=device)
 
 
-def _config(channels: int, rows: bool) -> tuple[int, int, int]:
+def _config(channels: int, rows: bool, backward: bool = False) -> tuple[int, int, int]:
     """``(BLOCK_C, BLOCK_S, num_warps)``, a function of the channel count and the layout
     only (the same for every dtype and architecture): a slice's reduction order never
-    depends on the batch.
+    depends on the batch. The kernel keeps the tile in registers where ``channels <=
+    BLOCK_C`` and walks chunks otherwise; the backward's tiles are half as tall.
 
     >>> _config(512, rows=False)
-    (512, 8, 8)
+    (32, 32, 4)
+    >>> _config(8, rows=True)
+    (8, 128, 4)
     """
-    block_c = min(_next_power_of_2(channels), MAX_BLOCK_C)
-    block_s = max(1, TILE // block_c) if rows else max(16, TILE // block_c)
-    num_warps = max(1, min(8, block_c * block_s // (32 * PER_THREAD)))
-    return block_c, block_s, num_warps
+    block_c = min(_next_power_of_2(channels), CHUNK)
+    tile = TILE // 2 if backward else TILE  # the backward holds x and g
+    block_s = tile // block_c if rows else max(tile // CHUNK, tile // block_c)
+    return block_c, block_s, NUM_WARPS
+
+
+def _alignment(view: Layout, itemsize: int) -> int:
+    """How many entries every row of a tile starts a multiple of: for rows, a 16-byte
+    vector where C allows it, else 1; for NCHW 1 (vector loads there hand each thread
+    several slices, whose per-slice work then costs more than the wider loads save). A
+    function of the shape and dtype only (torch allocates the base pointers 16-byte
+    aligned, and Triton specializes a kernel on that)."""
+    _, channels, inner = view.rows
+    vector = 16 // itemsize
+    return vector if inner == 1 and channels % vector == 0 else 1
 
 
 def _next_power_of_2(n: int) -> int:
@@ -146,10 +160,11 @@ def _scale_args(weight: Tensor | None, dummy: Tensor) -> tuple[Tensor, int]:
 
 def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float, **meta) -> int:
     """Launch ``kernel`` over ``view``'s tiles with the arguments every kernel shares
-    (``tensors`` first: inputs, outputs, the scale last); returns the number of programs."""
+    (``tensors`` first: inputs, outputs, the scale last); returns the number of programs.
+    ``meta`` holds the backward's own constants (``NEED_DW``)."""
     channels = view.rows[1]
     rows = view.rows[2] == 1
-    block_c, block_s, num_warps = _config(channels, rows)
+    block_c, block_s, num_warps = _config(channels, rows, "NEED_DW" in meta)
     grid, stride_c, count = _launch_args(view, block_s)
     *arrays, weight = tensors
     w, w_mode = _scale_args(weight, arrays[0])
@@ -168,6 +183,7 @@ def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         SINGLE=channels <= block_c,
+        ALIGN=_alignment(view, arrays[0].element_size()),
         BF16_BITS=_kernels_interpreted(),
         num_warps=num_warps,
         enable_fp_fusion=False,  # the only FMAs are the kernels' tl.fma
@@ -176,9 +192,9 @@ def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float,
     return grid[0] * grid[1]
 
 
-def programs(view: Layout) -> int:
+def programs(view: Layout, backward: bool = False) -> int:
     """How many programs (tiles) a launch over ``view`` runs."""
-    _, block_s, _ = _config(view.rows[1], view.rows[2] == 1)
+    _, block_s, _ = _config(view.rows[1], view.rows[2] == 1, backward)
     grid, _, _ = _launch_args(view, block_s)
     return grid[0] * grid[1]
 
@@ -201,7 +217,7 @@ def backward(
     channels = view.rows[1]
     need_dw = weight is not None
     shares = (
-        torch.empty((programs(view), channels), dtype=torch.float64, device=x.device)
+        torch.empty((programs(view, backward=True), channels), dtype=torch.float64, device=x.device)
         if need_dw
         else x3  # not written
     )

@@ -54,23 +54,40 @@ __all__ = ["backward_kernel", "forward_kernel"]
 
 
 @triton.jit
-def _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+def _offsets(
+    pid_a,
+    pid_b,
+    C,
+    stride_c,
+    count,
+    c,
+    ROWS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
+):
     """The tile's element offsets ``[BLOCK_C, BLOCK_S]`` (int64: tensors beyond 2**31
-    entries) and which of its slices exist (``count`` of them along the tile's axis)."""
+    entries) and which of its slices exist (``count`` of them along the tile's axis).
+    ``ALIGN``: how many entries each row of the tile starts a multiple of (16 bytes where
+    the shape allows: vector loads and stores)."""
     if ROWS:  # channels innermost: slice r starts at r * C
         s = pid_a.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-        offs = s[None, :] * C + c[:, None]
+        offs = ((s * (C // ALIGN)) * ALIGN)[None, :] + c[:, None]
     else:  # NCHW: sample pid_a, pixels pid_b * BLOCK_S + arange
         s = pid_b.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-        offs = pid_a.to(tl.int64) * C * stride_c + c[:, None] * stride_c + s[None, :]
+        rows = ((pid_a.to(tl.int64) * C + c) * (stride_c // ALIGN)) * ALIGN
+        offs = rows[:, None] + s[None, :]
     return offs, s < count
 
 
 @triton.jit
-def _chunk(offs, s_ok, c, c0, C, stride_c):
-    """The offsets, mask and channel validity of the chunk of channels from ``c0``."""
+def _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN: tl.constexpr, ROWS: tl.constexpr):
+    """The offsets, mask and channel validity of the chunk of channels from ``c0`` (the
+    shift written as a multiple of ``ALIGN``, so that vector accesses stay provable)."""
     c_ok = (c0 + c) < C
-    return offs + c0 * stride_c, c_ok[:, None] & s_ok[None, :], c_ok
+    if ROWS:  # channels contiguous: c0 is a multiple of the chunk
+        return offs + c0, c_ok[:, None] & s_ok[None, :], c_ok
+    shift = (c0 * (stride_c // ALIGN)) * ALIGN
+    return offs + shift, c_ok[:, None] & s_ok[None, :], c_ok
 
 
 @triton.jit
@@ -163,24 +180,22 @@ def _two_sum(a_hi, a_lo, b_hi, b_lo):
 
 
 @triton.jit
-def _square_sum(v, EXACT: tl.constexpr):
-    """Per slice, the sum of squares of the (scaled) tile ``v`` as ``(hi, lo)``: a
-    double-float of the exact squares where ``EXACT`` (float32 input), a plain float32 sum
-    of exact squares otherwise (half inputs: 16 or 22 bits a square)."""
-    p = v * v
+def _add_products(acc_hi, acc_lo, a, b, EXACT: tl.constexpr):
+    """``acc + a*b`` entry by entry: the exact product (``p = a*b``, ``e = fma(a, b, -p)``)
+    added as a double-float where ``EXACT`` (float32 input), a plain fused multiply-add
+    otherwise (a half square is exact in float32, its sum far inside 8 or 11 bits)."""
     if EXACT:
-        return tl.reduce((p, tl.fma(v, v, -p)), 0, _two_sum)
-    return tl.sum(p, axis=0), tl.zeros([v.shape[1]], tl.float32)
+        p = a * b
+        return _two_sum(acc_hi, acc_lo, p, tl.fma(a, b, -p))
+    return tl.fma(a, b, acc_hi), acc_lo
 
 
 @triton.jit
-def _product_sum(a, b, EXACT: tl.constexpr):
-    """Per slice, ``sum a*b`` as ``(hi, lo)``: products rounded once, summed as a
-    double-float where ``EXACT``, plainly otherwise."""
-    p = a * b
+def _slice_sum(acc_hi, acc_lo, EXACT: tl.constexpr):
+    """Per slice (the tile's columns), the sum of the entries' double-floats."""
     if EXACT:
-        return tl.reduce((p, tl.zeros_like(p)), 0, _two_sum)
-    return tl.sum(p, axis=0), tl.zeros([a.shape[1]], tl.float32)
+        return tl.reduce((acc_hi, acc_lo), 0, _two_sum)
+    return tl.sum(acc_hi, axis=0), tl.zeros([acc_hi.shape[1]], tl.float32)
 
 
 @triton.jit
@@ -192,33 +207,40 @@ def _wide(hi, lo):
 
 
 @triton.jit
+def _rsqrt(a):
+    """``1 / sqrt(a)`` in float64 for ``a > 0``: the hardware's approximation and one
+    Newton step (no division, no square root with a slow path)."""
+    y = tl.math.rsqrt(a)
+    return tl.fma(y * 0.5, tl.fma(-(a * y), y, 1.0), y)
+
+
+@triton.jit
 def _slice_terms(n2, eps, IS_ADD: tl.constexpr, POWER: tl.constexpr):
     """``(1 / d, r / n**2, Inf slice)`` per slice in float64, with ``r = n d'(n) / d(n)``:
     :class:`l2norm._modes.EpsMode`'s ``denominator`` and ``ratio`` (the CPU kernel's
-    ``slice_terms``)."""
-    n = tl.sqrt(n2)
+    ``slice_terms``), written with reciprocal square roots only."""
+    positive = n2 > 0.0
+    rs = _rsqrt(tl.where(n2 == 0.0, 1.0, n2))  # 1 / n; NaN for a NaN slice
+    n = tl.where(positive, n2 * rs, n2)  # keeps 0 and NaN
     if IS_ADD:
         if POWER == 1:
             d = n + eps
-            r = n / d
+            inv_d = _rsqrt(d * d)
+            r_over_n2 = inv_d * rs  # (n / d) / n**2
         else:
-            d = tl.sqrt(n2 + eps)
-            r = n2 / (d * d)
+            inv_d = _rsqrt(n2 + eps)
+            r_over_n2 = inv_d * inv_d  # (n**2 / d**2) / n**2
     else:
         if POWER == 1:
-            np_ = n
+            below = eps > n  # False for a NaN n: the NaN flows on
+            inv_d = tl.where(below, _rsqrt(eps * eps), rs)
         else:
-            np_ = n2
-        dp = tl.where(eps > np_, eps, np_)  # keeps a NaN np_
-        if POWER == 1:
-            d = dp
-        else:
-            d = tl.sqrt(dp)
-        r = tl.where(np_ >= eps, 1.0, 0.0)
+            below = eps > n2
+            inv_d = _rsqrt(tl.where(below, eps, n2))
+        r_over_n2 = tl.where(below, 0.0, rs * rs)
     infinite = n2 == float("inf")
-    inv_d = tl.where(infinite, 0.0, 1.0 / d)
-    r_over_n2 = tl.where(n2 > 0.0, r / tl.where(n2 > 0.0, n2, 1.0), 0.0)
-    return inv_d, tl.where(infinite, 0.0, r_over_n2), infinite
+    r_over_n2 = tl.where(positive & ~infinite, r_over_n2, 0.0)
+    return tl.where(infinite, 0.0, inv_d), r_over_n2, infinite
 
 
 @triton.jit
@@ -265,10 +287,32 @@ def _infinities(v):
 @triton.jit
 def _share(count):
     """``1 / sqrt(count)`` of an Inf slice as a double-float (float64, once per slice)."""
-    return _split(1.0 / tl.sqrt(tl.maximum(count, 1.0).to(tl.float64)))
+    return _split(_rsqrt(tl.maximum(count, 1.0).to(tl.float64)))
 
 
 # --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _largest(
+    x_ptr,
+    offs,
+    s_ok,
+    c,
+    C,
+    stride_c,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """Per slice, ``max |x|`` over a walk of the channel chunks (NaN ignored: it flows
+    through the sums anyway)."""
+    acc = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+        acc = tl.maximum(acc, tl.abs(_load(x_ptr, at, mask)))
+    return tl.max(acc, axis=0)
 
 
 @triton.jit
@@ -287,38 +331,39 @@ def forward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SINGLE: tl.constexpr,
+    ALIGN: tl.constexpr,
     BF16_BITS: tl.constexpr,
 ):
-    """``y = w * x / d(n)`` for one tile of slices."""
+    """``y = w * x / d(n)`` for one tile of slices: where the channels fit one chunk
+    (``SINGLE``) the tile is read once and stays in registers; otherwise each pass walks
+    the chunks, adding entry by entry, and reduces across threads once."""
     EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     SCALED: tl.constexpr = x_ptr.dtype.element_ty != tl.float16  # float16 squares fit
     pid_a, pid_b = tl.program_id(0), tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
-    offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S)
-    # Pass 1: the power of two of each slice's sum (from its largest magnitude).
+    offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S, ALIGN)
+    # Pass 1: the power of two of each slice's sum, from its largest magnitude.
     s = tl.zeros([BLOCK_S], tl.int32)
     if SINGLE:
-        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c)
+        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c, ALIGN, ROWS)
         v = _load(x_ptr, at, mask)
         if SCALED:
             s = _sum_scale(tl.max(tl.abs(v), axis=0))
     elif SCALED:
-        largest = tl.zeros([BLOCK_S], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
-            largest = tl.maximum(largest, tl.max(tl.abs(_load(x_ptr, at, mask)), axis=0))
-        s = _sum_scale(largest)
-    up = _pow2(s)
+        s = _sum_scale(_largest(x_ptr, offs, s_ok, c, C, stride_c, BLOCK_C, BLOCK_S, ALIGN, ROWS))
+    up = _pow2(s)[None, :]
     # Pass 2: the scaled sum of squares.
+    zero = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     if SINGLE:
-        hi, lo = _square_sum(v * up[None, :], EXACT)
+        xs = v * up
+        hi, lo = _slice_sum(*_add_products(zero, zero, xs, xs, EXACT), EXACT)
     else:
-        hi = tl.zeros([BLOCK_S], tl.float32)
-        lo = tl.zeros([BLOCK_S], tl.float32)
+        acc_hi, acc_lo = zero, zero
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
-            part_hi, part_lo = _square_sum(_load(x_ptr, at, mask) * up[None, :], EXACT)
-            hi, lo = _two_sum(hi, lo, part_hi, part_lo)
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+            xs = _load(x_ptr, at, mask) * up
+            acc_hi, acc_lo = _add_products(acc_hi, acc_lo, xs, xs, EXACT)
+        hi, lo = _slice_sum(acc_hi, acc_lo, EXACT)
     n2 = _wide(hi, lo) * _pow2_64(-2 * s)
     inv_d, _, infinite = _slice_terms(n2, tl.load(eps_ptr), IS_ADD, POWER)
     scale_t, g_hi, g_lo = _output_factor(inv_d)
@@ -329,29 +374,43 @@ def forward_kernel(
         else:
             infinities = tl.zeros([BLOCK_S], tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
                 infinities += _infinities(_load(x_ptr, at, mask))
         share_hi, share_lo = _share(infinities)
         g_hi = tl.where(infinite, share_hi, g_hi)
         g_lo = tl.where(infinite, share_lo, g_lo)
     # Pass 3: the outputs.
+    terms = (scale_t, g_hi, g_lo, infinite, any_inf)
     if SINGLE:
-        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c)
-        xt = v * scale_t[None, :]
-        if any_inf:
-            xt = tl.where(infinite[None, :], _limit(v), xt)
-        w = _scale_of(w_ptr, c, c_ok, W_MODE)
-        _store(y_ptr, at, mask, _scaled_output(xt, w, g_hi, g_lo, W_MODE, EXACT), 0.0, BF16_BITS)
+        _forward_chunk(v, w_ptr, y_ptr, at, mask, c, c_ok, terms, W_MODE, EXACT, BF16_BITS)
     else:
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
             v = _load(x_ptr, at, mask)
-            xt = v * scale_t[None, :]
-            if any_inf:
-                xt = tl.where(infinite[None, :], _limit(v), xt)
-            w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
-            y = _scaled_output(xt, w, g_hi, g_lo, W_MODE, EXACT)
-            _store(y_ptr, at, mask, y, 0.0, BF16_BITS)
+            _forward_chunk(v, w_ptr, y_ptr, at, mask, c0 + c, c_ok, terms, W_MODE, EXACT, BF16_BITS)
+
+
+@triton.jit
+def _forward_chunk(
+    v,
+    w_ptr,
+    y_ptr,
+    at,
+    mask,
+    channel,
+    c_ok,
+    terms,
+    W_MODE: tl.constexpr,
+    EXACT: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    """Store a chunk's outputs ``(x 2**t) (w G)`` (the limit direction in Inf slices)."""
+    scale_t, g_hi, g_lo, infinite, any_inf = terms
+    xt = v * scale_t[None, :]
+    if any_inf:
+        xt = tl.where(infinite[None, :], _limit(v), xt)
+    w = _scale_of(w_ptr, channel, c_ok, W_MODE)
+    _store(y_ptr, at, mask, _scaled_output(xt, w, g_hi, g_lo, W_MODE, EXACT), 0.0, BF16_BITS)
 
 
 @triton.jit
@@ -368,14 +427,11 @@ def _backward_factors(n2, ip, s, eps, IS_ADD: tl.constexpr, POWER: tl.constexpr)
 
 
 @triton.jit
-def _input_gradient(v, gv, w, up, k, inv_i, scale_v, W_MODE: tl.constexpr):
-    """``dx = (w g - K' x') I' 2**v`` for a chunk (float32; ``x' = x 2**s``)."""
+def _sigma(gv, w, W_MODE: tl.constexpr):
+    """``w g`` (float32, rounded once)."""
     if W_MODE == 0:
-        sigma = gv
-    else:
-        sigma = w[:, None] * gv
-    t = tl.fma(-k[None, :], v * up[None, :], sigma)
-    return (t * inv_i[None, :]) * scale_v[None, :]
+        return gv
+    return w[:, None] * gv
 
 
 @triton.jit
@@ -396,6 +452,7 @@ def backward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     SINGLE: tl.constexpr,
+    ALIGN: tl.constexpr,
     BF16_BITS: tl.constexpr,
     NEED_DW: tl.constexpr,
     OUT_MAX: tl.constexpr,
@@ -408,43 +465,35 @@ def backward_kernel(
     SCALED: tl.constexpr = x_ptr.dtype.element_ty != tl.float16
     pid_a, pid_b = tl.program_id(0), tl.program_id(1)
     c = tl.arange(0, BLOCK_C)
-    offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S)
+    offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S, ALIGN)
     s = tl.zeros([BLOCK_S], tl.int32)
     if SINGLE:
-        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c)
+        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c, ALIGN, ROWS)
         v = _load(x_ptr, at, mask)
         gv = _load(g_ptr, at, mask)
         w = _scale_of(w_ptr, c, c_ok, W_MODE)
         if SCALED:
             s = _sum_scale(tl.max(tl.abs(v), axis=0))
     elif SCALED:
-        largest = tl.zeros([BLOCK_S], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
-            largest = tl.maximum(largest, tl.max(tl.abs(_load(x_ptr, at, mask)), axis=0))
-        s = _sum_scale(largest)
-    up = _pow2(s)
+        s = _sum_scale(_largest(x_ptr, offs, s_ok, c, C, stride_c, BLOCK_C, BLOCK_S, ALIGN, ROWS))
+    up = _pow2(s)[None, :]
+    zero = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     if SINGLE:
-        xs = v * up[None, :]
-        hi, lo = _square_sum(xs, EXACT)
-        sigma = gv if W_MODE == 0 else w[:, None] * gv
-        ip_hi, ip_lo = _product_sum(sigma, xs, EXACT)
+        xs = v * up
+        hi, lo = _slice_sum(*_add_products(zero, zero, xs, xs, EXACT), EXACT)
+        ip_hi, ip_lo = _slice_sum(
+            *_add_products(zero, zero, _sigma(gv, w, W_MODE), xs, EXACT), EXACT
+        )
     else:
-        hi = tl.zeros([BLOCK_S], tl.float32)
-        lo = tl.zeros([BLOCK_S], tl.float32)
-        ip_hi = tl.zeros([BLOCK_S], tl.float32)
-        ip_lo = tl.zeros([BLOCK_S], tl.float32)
+        acc_hi, acc_lo, ip_acc_hi, ip_acc_lo = zero, zero, zero, zero
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
-            xs = _load(x_ptr, at, mask) * up[None, :]
-            gv = _load(g_ptr, at, mask)
-            sigma = gv
-            if W_MODE != 0:
-                sigma = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)[:, None] * gv
-            part_hi, part_lo = _square_sum(xs, EXACT)
-            hi, lo = _two_sum(hi, lo, part_hi, part_lo)
-            part_hi, part_lo = _product_sum(sigma, xs, EXACT)
-            ip_hi, ip_lo = _two_sum(ip_hi, ip_lo, part_hi, part_lo)
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+            xs = _load(x_ptr, at, mask) * up
+            sigma = _sigma(_load(g_ptr, at, mask), _scale_of(w_ptr, c0 + c, c_ok, W_MODE), W_MODE)
+            acc_hi, acc_lo = _add_products(acc_hi, acc_lo, xs, xs, EXACT)
+            ip_acc_hi, ip_acc_lo = _add_products(ip_acc_hi, ip_acc_lo, sigma, xs, EXACT)
+        hi, lo = _slice_sum(acc_hi, acc_lo, EXACT)
+        ip_hi, ip_lo = _slice_sum(ip_acc_hi, ip_acc_lo, EXACT)
     n2 = _wide(hi, lo) * _pow2_64(-2 * s)
     k, inv_i, scale_v, f, infinite = _backward_factors(
         n2, _wide(ip_hi, ip_lo), s, tl.load(eps_ptr), IS_ADD, POWER
@@ -457,37 +506,87 @@ def backward_kernel(
         else:
             infinities = tl.zeros([BLOCK_S], tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
                 infinities += _infinities(_load(x_ptr, at, mask))
         share_hi = _share(infinities)[0]
     row = pid_a.to(tl.int64) * tl.num_programs(1) + pid_b
     terms = (up, k, inv_i, scale_v, f, infinite, share_hi, any_inf)
     if SINGLE:
-        _backward_chunk(v, gv, w, at, mask, c_ok, c, dx_ptr, dw_ptr, row, C, terms,
-                        W_MODE, NEED_DW, OUT_MAX, BF16_BITS)
+        _backward_chunk(
+            v,
+            gv,
+            w,
+            at,
+            mask,
+            c_ok,
+            c,
+            dx_ptr,
+            dw_ptr,
+            row,
+            C,
+            terms,
+            W_MODE,
+            NEED_DW,
+            OUT_MAX,
+            BF16_BITS,
+        )
     else:
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c)
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
             v = _load(x_ptr, at, mask)
             gv = _load(g_ptr, at, mask)
             w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
-            _backward_chunk(v, gv, w, at, mask, c_ok, c0 + c, dx_ptr, dw_ptr, row, C, terms,
-                            W_MODE, NEED_DW, OUT_MAX, BF16_BITS)
+            _backward_chunk(
+                v,
+                gv,
+                w,
+                at,
+                mask,
+                c_ok,
+                c0 + c,
+                dx_ptr,
+                dw_ptr,
+                row,
+                C,
+                terms,
+                W_MODE,
+                NEED_DW,
+                OUT_MAX,
+                BF16_BITS,
+            )
 
 
 @triton.jit
-def _backward_chunk(v, gv, w, at, mask, c_ok, channel, dx_ptr, dw_ptr, row, C, terms,
-                    W_MODE: tl.constexpr, NEED_DW: tl.constexpr, OUT_MAX: tl.constexpr,
-                    BF16_BITS: tl.constexpr):
-    """Store a chunk's ``dx`` and its row of the scale's gradient (``sum g u`` over the
-    tile's slices, ``u = x' F`` or the limit direction)."""
+def _backward_chunk(
+    v,
+    gv,
+    w,
+    at,
+    mask,
+    c_ok,
+    channel,
+    dx_ptr,
+    dw_ptr,
+    row,
+    C,
+    terms,
+    W_MODE: tl.constexpr,
+    NEED_DW: tl.constexpr,
+    OUT_MAX: tl.constexpr,
+    BF16_BITS: tl.constexpr,
+):
+    """Store a chunk's ``dx = (w g - K' x') I' 2**v`` (0 in Inf slices) and its row of the
+    scale's gradient (``sum g u`` over the tile's slices, ``u = x' F`` or the limit
+    direction)."""
     up, k, inv_i, scale_v, f, infinite, share_hi, any_inf = terms
-    dx = _input_gradient(v, gv, w, up, k, inv_i, scale_v, W_MODE)
+    xs = v * up
+    t = tl.fma(-k[None, :], xs, _sigma(gv, w, W_MODE))
+    dx = (t * inv_i[None, :]) * scale_v[None, :]
     if any_inf:
         dx = tl.where(infinite[None, :], 0.0, dx)
     _store(dx_ptr, at, mask, dx, OUT_MAX, BF16_BITS)
     if NEED_DW:
-        u = (v * up[None, :]) * f[None, :]
+        u = xs * f[None, :]
         if any_inf:
             u = tl.where(infinite[None, :], _limit(v) * share_hi[None, :], u)
         share_dw = tl.sum(tl.where(mask, gv * u, 0.0), axis=1)
