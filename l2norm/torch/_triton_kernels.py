@@ -200,7 +200,10 @@ def _slice_sum(acc_hi, acc_lo, EXACT: tl.constexpr):
 
 @triton.jit
 def _wide(hi, lo):
-    return hi.to(tl.float64) + lo.to(tl.float64)
+    """A double-float as one float64; an infinite high part stays infinite (TwoSum makes
+    the low part of an Inf sum NaN, the sum of an Inf slice is Inf)."""
+    wide = hi.to(tl.float64)
+    return tl.where(hi == float("inf"), wide, wide + lo.to(tl.float64))
 
 
 # --------------------------------------------------------------------------- per slice
