@@ -118,20 +118,22 @@ def block_config(width: int, platform: str) -> BlockConfig:
     """The tile of rows of ``width`` entries on ``platform`` (``"cuda"``/``"rocm"`` or
     ``"tpu"``): a function of these two only, so a row computes the same way in any batch.
 
-    GPU: about 2048 entries per program, 32 to 64 per thread. TPU: blocks of about 64K
+    GPU: at least 2048 entries per program, 8 per thread up to 8192 entries (32 warps):
+    compiled for sm_90 (ptxas), the float32 kernels at widths 512 and 2048 use at most
+    128 registers and spill nothing. TPU: blocks of about 64K
     entries (256 KiB in float32: the double-buffered blocks and the kernel's temporaries
     stay well inside the 16 MiB of scoped VMEM).
 
     Examples:
         >>> block_config(512, "cuda")
-        BlockConfig(rows=4, width=512, num_warps=2)
+        BlockConfig(rows=4, width=512, num_warps=8)
         >>> block_config(24, "tpu")
         BlockConfig(rows=256, width=24, num_warps=0)
     """
     if platform in ("cuda", "rocm"):
         padded = _next_pow2(width)
         rows = max(1, 2048 // padded)
-        return BlockConfig(rows, padded, min(8, max(1, rows * padded // 1024)))
+        return BlockConfig(rows, padded, min(32, max(1, rows * padded // 256)))
     padded = width if width <= _LANES else _next_pow2(width)
     lanes = max(padded, _LANES)  # a row occupies whole 128-lane vectors in VMEM
     return BlockConfig(max(8, min(256, _next_pow2(65536 // lanes + 1) // 2)), padded, 0)
@@ -177,9 +179,10 @@ def _pow2(e: jax.Array) -> jax.Array:
 
 
 def _ldexp(v: jax.Array, e: jax.Array) -> jax.Array:
-    """``v 2**e`` by up to three normal powers of two: exact unless the result leaves the
+    """``v 2**e`` (``e`` in ``[-252, 254]``, or beyond where ``v 2**e`` over- or
+    underflows anyway) by two normal powers of two: exact unless the result leaves the
     normal range (overflow gives Inf, underflow the rounded or flushed value)."""
-    for _ in range(3):
+    for _ in range(2):
         step = jnp.clip(e, -126, 127)
         v, e = v * _pow2(step), e - step
     return v
@@ -206,16 +209,16 @@ def _read(v: jax.Array) -> jax.Array:
 class _Rows(NamedTuple):
     """Per row (``(R, 1)``) and per entry (``(R, W)``) quantities of a tile of rows."""
 
-    xs: jax.Array  # x 2**s (0 at infinities and NaNs)
+    xs: jax.Array  # x 2**s; an Inf row's limit direction (+-1 at infinities, 0 elsewhere)
     shift: jax.Array  # s
     nan: jax.Array  # the row holds a NaN
     inf: jax.Array  # the row holds +-Inf and no NaN
-    limit: jax.Array  # the limit direction's signs of an Inf row: +-1 at infinities
 
 
 def _scaled_rows(x: jax.Array, cap: int) -> _Rows:
     """Each row read as ``x 2**s`` from the bits, ``max |x 2**s|`` in ``[1/4, 1/2)`` (zero
-    rows get ``s = cap``, NaN and Inf rows 0)."""
+    rows get ``s = cap``). An Inf row is read as its limit direction, whose norm is
+    ``sqrt(k)`` for ``k`` infinities: the same arithmetic then gives the limit."""
     bits = _bits(x)
     magnitude = bits & 0x7FFFFFFF
     largest = jnp.max(magnitude, axis=-1, keepdims=True)
@@ -226,19 +229,20 @@ def _scaled_rows(x: jax.Array, cap: int) -> _Rows:
     special = top_exp == 255
     shift = jnp.where(special, 0, jnp.where(largest == 0, cap, -2 - exponent))
     entry_exp = magnitude >> 23
-    normal = _float(bits + (shift << 23))
     sign = bits & jnp.int32(-(2**31))
+    normal = _float(bits + (shift << 23))
     sub_scale = _pow2(jnp.maximum(shift - 149, -126))
     subnormal = _float(_bits((magnitude & 0x7FFFFF).astype(_F32) * sub_scale) | sign)
+    # Entries that would leave the normal range are below 2**-126 next to a largest one
+    # of at least 1/4: their squares do not count.
     xs = jnp.where(
         entry_exp == 0,
         jnp.where(shift >= 23, subnormal, 0.0),
-        jnp.where((entry_exp + shift >= 1) & ~special, normal, 0.0),
+        jnp.where(entry_exp + shift >= 1, normal, 0.0),
     )
-    infinity = magnitude == 0x7F800000
-    limit = jnp.where(infinity, jnp.where(bits < 0, -1.0, 1.0), 0.0).astype(_F32)
+    limit = _float(jnp.where(magnitude == 0x7F800000, sign | 0x3F800000, 0))  # +-1 at +-Inf
     nan = largest > 0x7F800000
-    return _Rows(xs, shift, nan, special & ~nan, limit)
+    return _Rows(jnp.where(special, limit, xs), shift, nan, special & ~nan)
 
 
 def _halves(v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -251,28 +255,36 @@ def _pow2_floor(v: jax.Array) -> jax.Array:
     return _float(_bits(v) & jnp.int32(0x7F800000))
 
 
-def _row_sum(hi: jax.Array, lo: jax.Array) -> Pair:
-    """Each row's ``sum(hi + lo)`` as a pair, to ``2**-33`` of ``sum |hi|`` in any order
-    of reduction: TwoSum halving down to 128 lanes, then error-free extraction."""
-    while hi.shape[-1] > _LANES and hi.shape[-1] % (2 * _LANES) == 0:
-        (a, b), (c, d) = _halves(hi), _halves(lo)
-        hi, err = two_sum(a, b)
-        lo = err + (c + d)
+def _row_sum(hi: jax.Array, lo: jax.Array | None) -> Pair:
+    """Each row's ``sum(hi + lo)`` (``lo`` None: 0) as a pair, whatever order the
+    hardware reduces in: with ``lo``, TwoSum halving down to 128 lanes, then error-free
+    extraction (to ``2**-33`` of ``sum |hi|`` for widths up to 8192); without, extraction
+    alone (to ``W**2 2**-46``: half-precision data)."""
+    if lo is not None:
+        while hi.shape[-1] > _LANES and hi.shape[-1] % (2 * _LANES) == 0:
+            (a, b), (c, d) = _halves(hi), _halves(lo)
+            hi, err = two_sum(a, b)
+            lo = err + (c + d)
     total = jnp.sum(jnp.abs(hi), axis=-1, keepdims=True)
-    usable = (total > 0) & (total < 2.0**120)  # NaN and Inf rows are the callers'
+    usable = (total > 0) & (total < 2.0**120)  # NaN rows are the callers'
     # 4 * (the power of two at or below total * (1 + 2**-10)) >= 2 sum |hi| (the plain
-    # sum misses by at most 128 u): every |hi| <= sigma / 2, so each cut part is a
+    # sum misses by at most W u): every |hi| <= sigma / 2, so each cut part is a
     # multiple of 2**-24 sigma and their sum (at most sigma) is exact in any order.
     sigma = jnp.where(usable, _pow2_floor(total * (1 + 2.0**-10)) * 4, 1.0)
     cut = (sigma + hi) - sigma
     exact = jnp.sum(cut, axis=-1, keepdims=True)
-    rest = jnp.sum((hi - cut) + lo, axis=-1, keepdims=True)
-    return Pair(*two_sum(exact, rest), _split)
+    rest = hi - cut if lo is None else (hi - cut) + lo
+    return Pair(*two_sum(exact, jnp.sum(rest, axis=-1, keepdims=True)), _split)
 
 
-def _square_sum(xs: jax.Array) -> Pair:
-    p, e = two_prod(xs, xs, _split)
-    return _row_sum(p, e)
+def _square_sum(xs: jax.Array, exact: bool) -> Pair:
+    """Each row's ``sum xs**2``: float32 data's squares split exactly (``xs = h + l`` by
+    the bits, ``xs**2 = h**2 + l (xs + h)``, the first exact and the second within
+    ``2**-34`` of the square); half data's squares are exact in float32."""
+    if not exact:
+        return _row_sum(xs * xs, None)
+    h, low = _split(xs)
+    return _row_sum(h * h, low * (xs + h))
 
 
 class _Eps(NamedTuple):
@@ -293,10 +305,10 @@ def _eps_parts(mode: EpsMode, eps: float) -> _Eps:
 
 
 class _Terms(NamedTuple):
-    """Per row: ``1 / d`` as ``G 2**out`` (``G`` a pair near 1, ``2**out`` the power of
-    two that takes ``w x' G`` to ``y``; ``2**(out + s)`` takes ``t G`` to ``dx``),
-    ``K' = r / n'**2`` as a pair (``n'`` the norm of ``x' = x 2**s``), and whether the
-    row's sum is positive."""
+    """Per row: ``1 / d`` as ``G 2**out`` (``G`` a pair in ``[1, 2)``, ``2**out`` the
+    power of two that takes ``w x' G`` to ``y``; ``2**(out + s)`` takes ``t G`` to
+    ``dx``), ``K' = r / n'**2`` as a pair (``n'`` the norm of ``x' = x 2**s``), and
+    whether the row's sum is positive."""
 
     inv_hi: jax.Array
     inv_lo: jax.Array
@@ -305,20 +317,20 @@ class _Terms(NamedTuple):
     positive: jax.Array
 
 
-def _slice_terms(mode: EpsMode, eps: _Eps, sumsq: Pair, shift: jax.Array) -> _Terms:
+def _slice_terms(mode: EpsMode, eps: _Eps, sumsq: Pair, rows: _Rows) -> _Terms:
     """The table of :mod:`l2norm._modes` on pairs (:class:`l2norm._compensated.Pair`).
 
     ``d`` is computed at the shift ``min(s, cap)``, where eps (scaled along) stays below
     ``2**62``; the sum of squares ``sumsq`` (of ``x 2**s``) is brought down to it exactly
-    (or to where it no longer matters next to eps)."""
+    (or to where it no longer matters next to eps). An Inf row has no eps (its limit)."""
     pxp = PairNamespace(jnp, _split)
     finite = jnp.isfinite(sumsq.hi) & jnp.isfinite(sumsq.lo)
     positive = finite & (sumsq.hi > 0)
     a = pxp.pair(jnp.where(finite, sumsq.hi, 1.0), jnp.where(finite, sumsq.lo, 0.0))
-    low = jnp.minimum(shift, eps.cap)
-    down = 2 * (low - shift)
+    low = jnp.minimum(rows.shift, eps.cap)
+    down = 2 * (low - rows.shift)
     at_low = pxp.pair(_ldexp(a.hi, down), _ldexp(a.lo, down))
-    scaled = _ldexp(jnp.full_like(sumsq.hi, 1.0), eps.exp + mode.power * low)
+    scaled = jnp.where(rows.inf, 0.0, _ldexp(jnp.ones_like(a.hi), eps.exp + mode.power * low))
     e = pxp.pair(scaled * eps.hi, scaled * eps.lo)
     n = pxp.sqrt(at_low)
     d = mode.denominator(pxp, at_low, n, e)
@@ -328,42 +340,30 @@ def _slice_terms(mode: EpsMode, eps: _Eps, sumsq: Pair, shift: jax.Array) -> _Te
     t = ((_bits(inv.hi) >> 23) & 0xFF) - 127
     unit = _pow2(-t)
     safe = pxp.where(positive, a, pxp.ones_like(a))
-    return _Terms(inv.hi * unit, inv.lo * unit, t + low - shift, r / safe, positive)
+    return _Terms(inv.hi * unit, inv.lo * unit, t + low - rows.shift, r / safe, positive)
 
 
-def _inf_share(rows: _Rows) -> Pair:
-    """``1 / sqrt(k)`` of each row's ``k`` infinities, as a pair."""
-    count = jnp.sum(jnp.abs(rows.limit), axis=-1, keepdims=True)
-    pxp = PairNamespace(jnp, _split)
-    return 1.0 / pxp.sqrt(jnp.maximum(count, 1.0))
-
-
-def _unit(rows: _Rows, terms: _Terms) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(x', G_hi, G_lo, out)`` with ``x / d = x' G 2**out``; an Inf row's limit
-    direction (``+-1`` at its infinities, ``G = 1 / sqrt(k)``, ``out = 0``)."""
-    share = _inf_share(rows)
-    g_hi = jnp.where(rows.inf, share.hi, terms.inv_hi)
-    g_lo = jnp.where(rows.inf, share.lo, terms.inv_lo)
-    out = jnp.where(rows.inf, 0, terms.out)
-    return jnp.where(rows.inf, rows.limit, rows.xs), g_hi, g_lo, out
-
-
-def _forward_rows(x: jax.Array, w: jax.Array | None, mode: EpsMode, eps: _Eps) -> jax.Array:
+def _forward_rows(
+    x: jax.Array, w: jax.Array | None, mode: EpsMode, eps: _Eps, exact: bool
+) -> jax.Array:
     """``y = w x / d`` of a tile of rows (float32 in, float32 out; ``w`` ``(1, W)`` or
-    None)."""
+    None). ``exact`` (float32 data): ``x' G`` formed as an exact pair, then times ``w``,
+    one rounding; half data: two float32 roundings, far below half a ULP of the output."""
     rows = _scaled_rows(x, eps.cap)
-    terms = _slice_terms(mode, eps, _square_sum(rows.xs), rows.shift)
-    xs, g_hi, g_lo, out = _unit(rows, terms)
-    # x' G as an exact pair, then times w: one rounding, then the power of two (exact but
-    # in the subnormal range).
-    p, e = two_prod(xs, g_hi, _split)
-    lo = e + xs * g_lo
-    if w is None:
-        y = p + lo
+    terms = _slice_terms(mode, eps, _square_sum(rows.xs, exact), rows)
+    xs = rows.xs
+    if not exact:
+        y = xs * terms.inv_hi if w is None else (xs * terms.inv_hi) * w
     else:
-        q, f = two_prod(p, w, _split)
-        y = q + (f + lo * w)
-    return jnp.where(rows.nan, jnp.nan, _ldexp(y, out))
+        p, e = two_prod(xs, terms.inv_hi, _split)
+        lo = e + xs * terms.inv_lo
+        if w is None:
+            y = p + lo
+        else:
+            q, f = two_prod(p, w, _split)
+            y = q + (f + lo * w)
+    # The power of two: exact but in the subnormal range.
+    return jnp.where(rows.nan, jnp.nan, _ldexp(y, terms.out))
 
 
 def _saturate(v: jax.Array, top: float) -> jax.Array:
@@ -371,32 +371,45 @@ def _saturate(v: jax.Array, top: float) -> jax.Array:
 
 
 def _backward_rows(
-    x: jax.Array, g: jax.Array, w: jax.Array | None, mode: EpsMode, eps: _Eps, top: float
+    x: jax.Array,
+    g: jax.Array,
+    w: jax.Array | None,
+    mode: EpsMode,
+    eps: _Eps,
+    top: float,
+    exact: bool,
 ) -> tuple[jax.Array, jax.Array]:
     """``(dx, g u)`` of a tile of rows: the input gradient (saturated at ``top``) and
-    each entry's share of the scale's gradient, ``u = x / d`` (float32)."""
+    each entry's share of the scale's gradient, ``u = x / d`` (float32). ``exact``
+    (float32 data): ``w g``, ``<w g, x'>`` and ``K' x'`` as exact pairs, the difference
+    error-free, one rounding; half data: in float32, within a few ``2**-24`` of the
+    slice's ``max |w g| / d``."""
     rows = _scaled_rows(x, eps.cap)
     xs = rows.xs
-    if w is None:
-        s_hi, s_lo = g, jnp.zeros_like(g)
+    terms = _slice_terms(mode, eps, _square_sum(xs, exact), rows)
+    if not exact:
+        sigma = g if w is None else w * g
+        k = (terms.r_over_n2 * _row_sum(sigma * xs, None)).hi
+        dx = (sigma - jnp.where(terms.positive, k, 0.0) * xs) * terms.inv_hi
     else:
-        s_hi, s_lo = two_prod(w, g, _split)
-    p, e = two_prod(s_hi, xs, _split)
-    inner = _row_sum(p, e + s_lo * xs)
-    terms = _slice_terms(mode, eps, _square_sum(xs), rows.shift)
-    k = terms.r_over_n2 * inner
-    k_hi = jnp.where(terms.positive, k.hi, 0.0)
-    k_lo = jnp.where(terms.positive, k.lo, 0.0)
-    # t = w g - K' x' with every product exact and the difference error-free.
-    p, e = two_prod(k_hi, xs, _split)
-    t, err = two_sum(s_hi, -p)
-    t_lo = err + ((s_lo - e) - k_lo * xs)
-    q, f = two_prod(t, terms.inv_hi, _split)
-    dx = _ldexp(q + (f + (t * terms.inv_lo + t_lo * terms.inv_hi)), terms.out + rows.shift)
-    dx = jnp.where(rows.inf, 0.0, _saturate(dx, top))
-    dx = jnp.where(rows.nan, jnp.nan, dx)
-    unit, g_hi, _, out = _unit(rows, terms)
-    return dx, jnp.where(rows.nan, jnp.nan, g * _ldexp(unit * g_hi, out))
+        s_hi, s_lo = (g, None) if w is None else two_prod(w, g, _split)
+        p, e = two_prod(s_hi, xs, _split)
+        k = terms.r_over_n2 * _row_sum(p, e if s_lo is None else e + s_lo * xs)
+        k_hi = jnp.where(terms.positive, k.hi, 0.0)
+        k_lo = jnp.where(terms.positive, k.lo, 0.0)
+        # t = w g - K' x' with every product exact and the difference error-free.
+        p, e = two_prod(k_hi, xs, _split)
+        t, err = two_sum(s_hi, -p)
+        t_lo = err - e - k_lo * xs if s_lo is None else err + ((s_lo - e) - k_lo * xs)
+        q, f = two_prod(t, terms.inv_hi, _split)
+        dx = q + (f + (t * terms.inv_lo + t_lo * terms.inv_hi))
+    dx = jnp.where(rows.inf, 0.0, _saturate(_ldexp(dx, terms.out + rows.shift), top))
+    if exact:  # u = x' G rounded once (the forward's y for w = 1)
+        p, e = two_prod(xs, terms.inv_hi, _split)
+        u = _ldexp(p + (e + xs * terms.inv_lo), terms.out)
+    else:
+        u = _ldexp(xs * terms.inv_hi, terms.out)
+    return jnp.where(rows.nan, jnp.nan, dx), jnp.where(rows.nan, jnp.nan, g * u)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -532,7 +545,7 @@ def _forward_kernel(static: _Static) -> Callable:
         x_ref, *w_refs, y_ref = refs
         x, _ = load(x_ref)
         w = _scale_row(static, w_refs[0], cfg) if w_refs else None
-        store(y_ref, _forward_rows(x, w, mode, eps))
+        store(y_ref, _forward_rows(x, w, mode, eps, static.dtype == "float32"))
 
     return body
 
@@ -549,7 +562,7 @@ def _backward_kernel(static: _Static) -> Callable:
         x, mask = load(x_ref)
         g, _ = load(g_ref)
         w = _scale_row(static, w_refs[0], cfg) if w_refs else None
-        dx, gu = _backward_rows(x, g, w, mode, eps, top)
+        dx, gu = _backward_rows(x, g, w, mode, eps, top, static.dtype == "float32")
         store(dx_ref, dx)
         # The padding rows (garbage beyond the array on TPUs) must not reach the sums.
         partial = jnp.sum(jnp.where(mask, gu, 0.0), axis=0, keepdims=True)
