@@ -262,6 +262,14 @@ def test_grad_jacrev_jacfwd_and_forward_ad_match_the_reference(lowering):
     assert np.all(err <= 8 * np.finfo(np.float32).eps * size), err.max()
 
 
+def test_the_op_called_directly_on_a_dual_tensor_raises_instead_of_dropping_the_tangent():
+    x, w, _ = data(2, 8, 3, 5)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="no forward-mode rule"):
+        torch.ops.l2norm.kernel_forward(
+            fwAD.make_dual(x, x), w, 1, "clamp_norm", 1e-12, "cpu-kernel"
+        )
+
+
 @pytest.mark.parametrize("lowering", LOWERINGS)
 def test_functional_call_ensemble_equals_a_loop_over_models(lowering):
     x, _, g = data(2, 8, 3, 5)

@@ -33,6 +33,7 @@ import math
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
@@ -143,12 +144,27 @@ def _forward_impl(
     return KERNELS[lowering].forward(x, weight, view, get_mode(eps_mode), eps)
 
 
+def _refuse_tangents(name: str, *tensors: Tensor | None) -> None:
+    """RuntimeError for a forward-AD tangent reaching an op: ``torch.library`` gives custom
+    ops no forward-mode rule, and the dispatcher would drop the tangent silently. The
+    layer never gets here with one (forward AD goes through :class:`_KernelFunction`)."""
+    if torch.autograd.forward_ad._current_level < 0 or not torch._C._is_fwd_grad_enabled():
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(
+            f"l2norm::{name} was called directly on a forward-AD dual tensor: the op has "
+            "no forward-mode rule of its own; call l2norm.torch.l2_normalize or L2Norm, "
+            "whose forward mode goes through l2norm's formula"
+        )
+
+
 @torch.library.custom_op("l2norm::kernel_forward", mutates_args=())
 def kernel_forward(
     x: Tensor, weight: Tensor | None, channel: int, eps_mode: str, eps: float, lowering: str
 ) -> Tensor:
     """``y = weight * x / d(n)`` over ``channel`` by a kernel (``"cpu-kernel"`` or
     ``"triton"``); ``x`` dense in memory, ``channel >= 0``."""
+    _refuse_tangents("kernel_forward", x, weight)
     return _forward_impl(x, weight, channel, eps_mode, eps, lowering)
 
 
@@ -168,6 +184,7 @@ def kernel_backward(
     lowering: str,
 ) -> tuple[Tensor, Tensor]:
     """``(dx, dweight per channel in float64)`` by a kernel."""
+    _refuse_tangents("kernel_backward", x, weight, g)
     if x.numel() == 0:  # no slices: an empty dx, a zero scale gradient
         return torch.empty_like(x), x.new_zeros((x.shape[channel],), dtype=torch.float64)
     view = _kernel_view(x, channel, lowering)
