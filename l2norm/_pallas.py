@@ -118,9 +118,9 @@ def block_config(width: int, platform: str) -> BlockConfig:
     """The tile of rows of ``width`` entries on ``platform`` (``"cuda"``/``"rocm"`` or
     ``"tpu"``): a function of these two only, so a row computes the same way in any batch.
 
-    GPU: at least 2048 entries per program, 8 per thread up to 8192 entries (32 warps):
-    compiled for sm_90 (ptxas), the float32 kernels at widths 512 and 2048 use at most
-    128 registers and spill nothing. TPU: blocks of about 64K
+    GPU: at least 2048 entries per program, 8 per thread (16 at width 8192, with 16
+    warps): compiled for sm_90 by ptxas, no kernel at widths 24, 512, 2048 or 8192 uses
+    more than 128 registers or spills. TPU: blocks of about 64K
     entries (256 KiB in float32: the double-buffered blocks and the kernel's temporaries
     stay well inside the 16 MiB of scoped VMEM).
 
@@ -133,7 +133,7 @@ def block_config(width: int, platform: str) -> BlockConfig:
     if platform in ("cuda", "rocm"):
         padded = _next_pow2(width)
         rows = max(1, 2048 // padded)
-        return BlockConfig(rows, padded, min(32, max(1, rows * padded // 256)))
+        return BlockConfig(rows, padded, min(16, max(1, rows * padded // 256)))
     padded = width if width <= _LANES else _next_pow2(width)
     lanes = max(padded, _LANES)  # a row occupies whole 128-lane vectors in VMEM
     return BlockConfig(max(8, min(256, _next_pow2(65536 // lanes + 1) // 2)), padded, 0)

@@ -203,3 +203,58 @@ def test_zero_size_and_platform_chosen_while_lowering():
 def test_docstring_examples():
     result = doctest.testmod(_pallas, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def _triton_modules(monkeypatch, width: int, dtype: str) -> list[str]:
+    """The Triton IR Pallas generates for the forward and backward kernels (``cuda``)."""
+    from jax._src.pallas.triton import pallas_call_registration as registration
+
+    modules = []
+    original = registration.lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = original(*args, **kwargs)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
+
+    def f(x, s, g):
+        options = {"channel": -1, "eps_mode": "add_norm", "eps": 1e-10, "platform": "cuda"}
+        return _pallas.forward(x, s, **options), _pallas.vjp(x, s, g, **options)
+
+    x = jax.ShapeDtypeStruct((64, width), jnp.dtype(dtype))
+    s = jax.ShapeDtypeStruct((width,), jnp.float32)
+    jax.jit(f).trace(x, s, x).lower(lowering_platforms=("cuda",))
+    return modules
+
+
+@pytest.mark.parametrize(
+    ("width", "dtype"), [(512, "float32"), (8192, "float32"), (512, "bfloat16")]
+)
+def test_gpu_kernels_compile_for_sm90_without_spills(monkeypatch, tmp_path, width, dtype):
+    """Triton compiles the IR Pallas generates ahead of time for an H100 (sm_90, ptxas
+    from the triton wheel): at most 128 registers a thread and no local-memory spills,
+    for the forward and the backward kernel."""
+    import subprocess
+    from pathlib import Path
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _pallas.block_config(width, "cuda")
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for number, module in enumerate(_triton_modules(monkeypatch, width, dtype)):
+        source = tmp_path / f"kernel{number}.ttir"
+        source.write_text(module)
+        options = {"num_warps": cfg.num_warps, "num_stages": 1, "enable_fp_fusion": True}
+        kernel = triton.compile(str(source), target=GPUTarget("cuda", 90, 32), options=options)
+        binary = tmp_path / f"kernel{number}.cubin"
+        binary.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run(
+            [str(tool), "-res-usage", str(binary)], capture_output=True, text=True, check=True
+        ).stdout
+        registers = int(re.search(r"REG:(\d+)", usage).group(1))
+        stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+        assert registers <= 128 and stack == 0, (number, usage)
