@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import multiprocessing
 import os
 import re
 import subprocess
@@ -203,11 +204,23 @@ def compile_and_measure(config: Config, arch: int) -> Measure:
 
 
 def _measure_all(arch: int, configs: list[Config]) -> list[Measure]:
+    """Compile in fresh processes: the test session runs Triton's interpreter
+    (tests/conftest.py), which Triton fixes when it is first imported; a fresh Triton
+    cache directory, so nothing is reused across runs."""
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     with tempfile.TemporaryDirectory() as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache  # nothing reused across runs
-        workers = min(4, os.cpu_count() or 1)
-        with ProcessPoolExecutor(workers) as pool:
-            return list(pool.map(compile_and_measure, configs, [arch] * len(configs)))
+        os.environ.update(TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache)
+        try:
+            workers = min(4, os.cpu_count() or 1)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                return list(pool.map(compile_and_measure, configs, [arch] * len(configs)))
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 @functools.cache
