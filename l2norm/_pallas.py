@@ -681,6 +681,36 @@ def _check(x: jax.Array, lay: _Layout) -> None:
         )
 
 
+def _to_rows(a: jax.Array, lay: _Layout) -> jax.Array:
+    return jnp.transpose(a, lay.order).reshape(lay.rows, lay.length)
+
+
+def _from_rows(v: jax.Array, like: jax.Array, lay: _Layout) -> jax.Array:
+    """``v`` (rows) back in the layout of ``like``."""
+    shape = [like.shape[a] for a in lay.order]
+    return jnp.transpose(v.reshape(shape), np.argsort(lay.order))
+
+
+def _prepare(
+    lay: _Layout, x: jax.Array, scale: tuple, options: tuple
+) -> tuple[_Static, jax.Array | None]:
+    """The kernel's static parameters (``options``: eps_mode, eps, platform, interpret)
+    and the scale along a row (None without one)."""
+    eps_mode, eps, platform, interpret = options
+    static = _Static(
+        lay.rows,
+        lay.length,
+        jnp.dtype(x.dtype).name,
+        bool(scale),
+        eps_mode,
+        eps,
+        platform,
+        interpret,
+    )
+    width = block_config(lay.length, platform).width
+    return static, (_scale_row_array(scale[0], lay, width) if scale else None)
+
+
 def forward(
     x: jax.Array,
     s: Any,
@@ -722,15 +752,8 @@ def forward(
         return x
 
     def run(plat: str, interp: bool, x: jax.Array, *scale: jax.Array) -> jax.Array:
-        cfg = block_config(lay.length, plat)
-        static = _Static(
-            lay.rows, lay.length, jnp.dtype(x.dtype).name, bool(scale), eps_mode, eps, plat, interp
-        )
-        rows = jnp.transpose(x, lay.order).reshape(lay.rows, lay.length)
-        w = _scale_row_array(scale[0], lay, cfg.width) if scale else None
-        y = _rows_forward(static, rows, w)
-        shape = [x.shape[a] for a in lay.order]
-        return jnp.transpose(y.reshape(shape), np.argsort(lay.order))
+        static, w = _prepare(lay, x, scale, (eps_mode, eps, plat, interp))
+        return _from_rows(_rows_forward(static, _to_rows(x, lay), w), x, lay)
 
     args = (x,) if s is None else (x, jnp.asarray(s, _F32))
     return _dispatch(run, platform, interpret, *args)
@@ -770,16 +793,10 @@ def vjp(
         return jnp.zeros_like(x), jnp.zeros((lay.channels,), _F32)
 
     def run(plat: str, interp: bool, x: jax.Array, g: jax.Array, *scale: jax.Array):
-        cfg = block_config(lay.length, plat)
-        static = _Static(
-            lay.rows, lay.length, jnp.dtype(x.dtype).name, bool(scale), eps_mode, eps, plat, interp
-        )
-        rows = jnp.transpose(x, lay.order).reshape(lay.rows, lay.length)
-        g_rows = jnp.transpose(g.astype(x.dtype), lay.order).reshape(lay.rows, lay.length)
-        w = _scale_row_array(scale[0], lay, cfg.width) if scale else None
+        static, w = _prepare(lay, x, scale, (eps_mode, eps, plat, interp))
+        rows, g_rows = _to_rows(x, lay), _to_rows(g.astype(x.dtype), lay)
         dx, partials = _rows_vjp(static, rows, g_rows, w)
-        shape = [x.shape[a] for a in lay.order]
-        dx = jnp.transpose(dx.reshape(shape), np.argsort(lay.order))
+        dx = _from_rows(dx, x, lay)
         # Programs, then the entries of a channel within a row: fixed orders.
         per_entry = jnp.sum(partials[:, 0, : lay.length], axis=0)
         return dx, jnp.sum(per_entry.reshape(lay.channels, lay.inner), axis=1)
