@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -362,17 +363,19 @@ inline int threads_for(const Shape& s, int64_t units, int threads) {
 inline bool empty(const Shape& s) { return s.outer == 0 || s.C == 0 || s.inner == 0; }
 
 // A thread's per-block arrays of kMaxSlices entries each, on the heap (a few hundred KiB:
-// too much for the stacks of the threads that call the kernel).
+// too much for the stacks of the threads that call the kernel). Left uninitialised: every
+// entry is written before it is read, and zeroing ~100 KiB took ~3 us of an 8 us call
+// at (1, 512, 4, 4).
 template <typename T>
 struct Scratch {
-  std::vector<double> doubles;
-  std::vector<float> floats;
-  std::vector<T> out;
+  std::unique_ptr<double[]> doubles;
+  std::unique_ptr<float[]> floats;
+  std::unique_ptr<T[]> out;
   Scratch(int n_doubles, int n_floats)
-      : doubles(size_t(n_doubles) * kMaxSlices), floats(size_t(n_floats) * kMaxSlices),
-        out(kMaxSlices) {}
-  double* d(int i) { return doubles.data() + size_t(i) * kMaxSlices; }
-  float* f(int i) { return floats.data() + size_t(i) * kMaxSlices; }
+      : doubles(new double[size_t(n_doubles) * kMaxSlices]),
+        floats(new float[size_t(n_floats) * kMaxSlices]), out(new T[kMaxSlices]) {}
+  double* d(int i) { return doubles.get() + size_t(i) * kMaxSlices; }
+  float* f(int i) { return floats.get() + size_t(i) * kMaxSlices; }
 };
 
 inline int thread_id() {
@@ -507,7 +510,7 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
   for (int64_t b = 0; b < blocks_of(s, slices); ++b) {
     double *acc = scratch.d(0), *inv_d = scratch.d(1);
     float *xbuf = scratch.f(0), *r = scratch.f(1), *inv_f = scratch.f(2);
-    T* done = scratch.out.data();
+    T* done = scratch.out.get();
     const Block blk = block_at(b, s, slices);
     std::fill(acc, acc + blk.len, 0.0);
     for (int64_t ch = 0; ch < C; ch += 4) {
@@ -676,7 +679,7 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
     double* k_inv_d = scratch.d(4);
     float *xbuf = scratch.f(0), *gbuf = scratch.f(1), *r = scratch.f(2);
     float *inv_f = scratch.f(3), *k_f = scratch.f(4);
-    T* done = scratch.out.data();
+    T* done = scratch.out.get();
     double* dw_part = partial.data() + static_cast<size_t>(thread_id()) * C;
     const Block blk = block_at(b, s, slices);
     std::fill(n2, n2 + blk.len, 0.0);
