@@ -57,6 +57,7 @@ class Config:
     num_warps: int
     single: bool
     align: int  # entries a tile row starts a multiple of (16-byte vectors, or 1)
+    even: bool  # C a multiple of the chunk: no channel mask
     channels: tuple[int, int]  # the C values that pick it (first, last)
 
     @property
@@ -66,13 +67,15 @@ class Config:
         return (
             f"{self.kind[:3]} {self.dtype:<8} {layout:<4} C={lo}..{hi} "
             f"tile={self.block_c}x{self.block_s} w={self.num_warps} a={self.align}"
+            f"{' even' if self.even else ''}"
         )
 
 
 def launcher_configs() -> list[Config]:
     """Every distinct configuration the launcher picks for C = 1 .. 65536, grouped: the
     tile from (C, layout), the vector alignment from C (rows; NCHW loads entry by entry),
-    the element size from the dtype (``_triton._config``, ``_triton._alignment``)."""
+    the element size from the dtype, whether C is a multiple of the chunk
+    (``_triton._config``, ``_triton._alignment``)."""
     groups: dict[tuple, list[int]] = {}
     for kind, (dtype, itemsize), rows in itertools.product(
         ("forward", "backward"), DTYPES_SIZES, (False, True)
@@ -81,11 +84,11 @@ def launcher_configs() -> list[Config]:
         for channels in range(1, MAX_CHANNELS + 1):
             tile = _triton._config(channels, rows, kind == "backward")
             align = vector if rows and channels % vector == 0 else 1
-            key = (kind, dtype, rows, *tile, channels <= tile[0], align)
+            key = (kind, dtype, rows, *tile, channels <= tile[0], align, channels % tile[0] == 0)
             groups.setdefault(key, [channels, channels])[1] = channels
     return [
-        Config(kind, dtype, rows, bc, bs, nw, single, align, (lo, hi))
-        for (kind, dtype, rows, bc, bs, nw, single, align), (lo, hi) in sorted(groups.items())
+        Config(kind, dtype, rows, bc, bs, nw, single, align, even, (lo, hi))
+        for (kind, dtype, rows, bc, bs, nw, single, align, even), (lo, hi) in sorted(groups.items())
     ]
 
 
@@ -115,6 +118,7 @@ def _signature(config: Config) -> tuple[dict, dict]:
         "BLOCK_S": config.block_s,
         "SINGLE": config.single,
         "ALIGN": config.align,
+        "EVEN": config.even,
         "BF16_BITS": False,
         **extra,
     }

@@ -74,9 +74,21 @@ def require(device: torch.device) -> None:
     )
 
 
+#: Entries a sample (NCHW) or a tile of rows may hold: the kernels' offsets within a
+#: program are 32-bit (one 64-bit base a program).
+MAX_OFFSET = 2**31 - 1
+
+
 def layout(x: Tensor, norm: tuple[int, ...], channel: int) -> Layout | None:
-    """The kernels' view of ``x`` (dense float32 / float16 / bfloat16, one axis), or None."""
-    return dense_layout(x, norm, channel)
+    """The kernels' view of ``x`` (dense float32 / float16 / bfloat16, one axis), or None
+    (then the ``ops`` lowering runs), also for a sample of 2**31 entries or more."""
+    view = dense_layout(x, norm, channel)
+    if view is None:
+        return None
+    _, channels, inner = view.rows
+    rows = inner == 1
+    block_s = max(_config(channels, rows)[1], _config(channels, rows, backward=True)[1])
+    return view if (block_s if rows else inner) * channels <= MAX_OFFSET else None
 
 
 @functools.cache
@@ -186,6 +198,7 @@ def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float,
         BLOCK_S=block_s,
         SINGLE=channels <= block_c,
         ALIGN=_alignment(view, arrays[0].element_size()),
+        EVEN=channels % block_c == 0,
         BF16_BITS=_kernels_interpreted(),
         num_warps=num_warps,
         enable_fp_fusion=False,  # the only FMAs are the kernels' tl.fma

@@ -54,6 +54,15 @@ __all__ = ["backward_kernel", "forward_kernel"]
 
 
 @triton.jit
+def _program_base(pid_a, pid_b, C, stride_c, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The offset of the program's first entry (int64, once a program): the offsets within
+    the program are 32-bit (the launcher takes samples of fewer than 2**31 entries)."""
+    if ROWS:
+        return pid_a.to(tl.int64) * BLOCK_S * C
+    return pid_a.to(tl.int64) * C * stride_c + pid_b.to(tl.int64) * BLOCK_S
+
+
+@triton.jit
 def _offsets(
     pid_a,
     pid_b,
@@ -65,29 +74,35 @@ def _offsets(
     BLOCK_S: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
-    """The tile's element offsets ``[BLOCK_C, BLOCK_S]`` (int64: tensors beyond 2**31
-    entries) and which of its slices exist (``count`` of them along the tile's axis).
-    ``ALIGN``: how many entries each row of the tile starts a multiple of (16 bytes where
-    the shape allows: vector loads and stores)."""
+    """The tile's element offsets ``[BLOCK_C, BLOCK_S]`` from the program's base (int32)
+    and which of its slices exist (``count`` of them along the tile's axis). ``ALIGN``:
+    how many entries each row of the tile starts a multiple of (16 bytes where the shape
+    allows: vector loads)."""
+    s = tl.arange(0, BLOCK_S)
     if ROWS:  # channels innermost: slice r starts at r * C
-        s = pid_a.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
         offs = ((s * (C // ALIGN)) * ALIGN)[None, :] + c[:, None]
+        first = pid_a * BLOCK_S
     else:  # NCHW: sample pid_a, pixels pid_b * BLOCK_S + arange
-        s = pid_b.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-        rows = ((pid_a.to(tl.int64) * C + c) * (stride_c // ALIGN)) * ALIGN
-        offs = rows[:, None] + s[None, :]
-    return offs, s < count
+        offs = ((c * (stride_c // ALIGN)) * ALIGN)[:, None] + s[None, :]
+        first = pid_b * BLOCK_S
+    return offs, s < count - first
 
 
 @triton.jit
-def _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN: tl.constexpr, ROWS: tl.constexpr):
+def _chunk(
+    offs, s_ok, c, c0, C, stride_c, ALIGN: tl.constexpr, ROWS: tl.constexpr, EVEN: tl.constexpr
+):
     """The offsets, mask and channel validity of the chunk of channels from ``c0`` (the
-    shift written as a multiple of ``ALIGN``, so that vector accesses stay provable)."""
+    shift written as a multiple of ``ALIGN``, so that vector accesses stay provable;
+    ``EVEN``: C is a multiple of the chunk, no channel mask)."""
     c_ok = (c0 + c) < C
+    if EVEN:
+        mask = s_ok[None, :] & (c >= 0)[:, None]
+    else:
+        mask = c_ok[:, None] & s_ok[None, :]
     if ROWS:  # channels contiguous: c0 is a multiple of the chunk
-        return offs + c0, c_ok[:, None] & s_ok[None, :], c_ok
-    shift = (c0 * (stride_c // ALIGN)) * ALIGN
-    return offs + shift, c_ok[:, None] & s_ok[None, :], c_ok
+        return offs + c0, mask, c_ok
+    return offs + (c0 * (stride_c // ALIGN)) * ALIGN, mask, c_ok
 
 
 @triton.jit
@@ -308,12 +323,13 @@ def _largest(
     BLOCK_S: tl.constexpr,
     ALIGN: tl.constexpr,
     ROWS: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     """Per slice, ``max |x|`` over a walk of the channel chunks (NaN ignored: it flows
     through the sums anyway)."""
     acc = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+        at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
         acc = tl.maximum(acc, tl.abs(_load(x_ptr, at, mask)))
     return tl.max(acc, axis=0)
 
@@ -335,6 +351,7 @@ def forward_kernel(
     BLOCK_S: tl.constexpr,
     SINGLE: tl.constexpr,
     ALIGN: tl.constexpr,
+    EVEN: tl.constexpr,
     BF16_BITS: tl.constexpr,
 ):
     """``y = w * x / d(n)`` for one tile of slices: where the channels fit one chunk
@@ -343,17 +360,22 @@ def forward_kernel(
     EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     SCALED: tl.constexpr = x_ptr.dtype.element_ty != tl.float16  # float16 squares fit
     pid_a, pid_b = tl.program_id(0), tl.program_id(1)
+    base = _program_base(pid_a, pid_b, C, stride_c, ROWS, BLOCK_S)
+    x_ptr += base
+    y_ptr += base
     c = tl.arange(0, BLOCK_C)
     offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S, ALIGN)
     # Pass 1: the power of two of each slice's sum, from its largest magnitude.
     s = tl.zeros([BLOCK_S], tl.int32)
     if SINGLE:
-        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c, ALIGN, ROWS)
+        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c, ALIGN, ROWS, EVEN)
         v = _load(x_ptr, at, mask)
         if SCALED:
             s = _sum_scale(tl.max(tl.abs(v), axis=0))
     elif SCALED:
-        s = _sum_scale(_largest(x_ptr, offs, s_ok, c, C, stride_c, BLOCK_C, BLOCK_S, ALIGN, ROWS))
+        s = _sum_scale(
+            _largest(x_ptr, offs, s_ok, c, C, stride_c, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN)
+        )
     up = _pow2(s)[None, :]
     # Pass 2: the scaled sum of squares.
     zero = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
@@ -363,7 +385,7 @@ def forward_kernel(
     else:
         acc_hi, acc_lo = zero, zero
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
             xs = _load(x_ptr, at, mask) * up
             acc_hi, acc_lo = _add_products(acc_hi, acc_lo, xs, xs, EXACT)
         hi, lo = _slice_sum(acc_hi, acc_lo, EXACT)
@@ -377,7 +399,7 @@ def forward_kernel(
         else:
             infinities = tl.zeros([BLOCK_S], tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
                 infinities += _infinities(_load(x_ptr, at, mask))
         share_hi, share_lo = _share(infinities)
         g_hi = tl.where(infinite, share_hi, g_hi)
@@ -388,7 +410,7 @@ def forward_kernel(
         _forward_chunk(v, w_ptr, y_ptr, at, mask, c, c_ok, terms, W_MODE, EXACT, BF16_BITS)
     else:
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
             v = _load(x_ptr, at, mask)
             _forward_chunk(v, w_ptr, y_ptr, at, mask, c0 + c, c_ok, terms, W_MODE, EXACT, BF16_BITS)
 
@@ -456,6 +478,7 @@ def backward_kernel(
     BLOCK_S: tl.constexpr,
     SINGLE: tl.constexpr,
     ALIGN: tl.constexpr,
+    EVEN: tl.constexpr,
     BF16_BITS: tl.constexpr,
     NEED_DW: tl.constexpr,
     OUT_MAX: tl.constexpr,
@@ -467,18 +490,24 @@ def backward_kernel(
     EXACT: tl.constexpr = x_ptr.dtype.element_ty == tl.float32
     SCALED: tl.constexpr = x_ptr.dtype.element_ty != tl.float16
     pid_a, pid_b = tl.program_id(0), tl.program_id(1)
+    base = _program_base(pid_a, pid_b, C, stride_c, ROWS, BLOCK_S)
+    x_ptr += base
+    g_ptr += base
+    dx_ptr += base
     c = tl.arange(0, BLOCK_C)
     offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S, ALIGN)
     s = tl.zeros([BLOCK_S], tl.int32)
     if SINGLE:
-        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c, ALIGN, ROWS)
+        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c, ALIGN, ROWS, EVEN)
         v = _load(x_ptr, at, mask)
         gv = _load(g_ptr, at, mask)
         w = _scale_of(w_ptr, c, c_ok, W_MODE)
         if SCALED:
             s = _sum_scale(tl.max(tl.abs(v), axis=0))
     elif SCALED:
-        s = _sum_scale(_largest(x_ptr, offs, s_ok, c, C, stride_c, BLOCK_C, BLOCK_S, ALIGN, ROWS))
+        s = _sum_scale(
+            _largest(x_ptr, offs, s_ok, c, C, stride_c, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN)
+        )
     up = _pow2(s)[None, :]
     zero = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     if SINGLE:
@@ -490,7 +519,7 @@ def backward_kernel(
     else:
         acc_hi, acc_lo, ip_acc_hi, ip_acc_lo = zero, zero, zero, zero
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
             xs = _load(x_ptr, at, mask) * up
             sigma = _sigma(_load(g_ptr, at, mask), _scale_of(w_ptr, c0 + c, c_ok, W_MODE), W_MODE)
             acc_hi, acc_lo = _add_products(acc_hi, acc_lo, xs, xs, EXACT)
@@ -509,7 +538,7 @@ def backward_kernel(
         else:
             infinities = tl.zeros([BLOCK_S], tl.float32)
             for c0 in range(0, C, BLOCK_C):
-                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
                 infinities += _infinities(_load(x_ptr, at, mask))
         share_hi = _share(infinities)[0]
     row = pid_a.to(tl.int64) * tl.num_programs(1) + pid_b
@@ -535,7 +564,7 @@ def backward_kernel(
         )
     else:
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS)
+            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
             v = _load(x_ptr, at, mask)
             gv = _load(g_ptr, at, mask)
             w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
