@@ -24,6 +24,7 @@ NAMES = (
     "torch-triton",
     "jax",
     "jax-ops",
+    "jax-pallas",
     "nnx",
     "linen",
     "keras-tensorflow",

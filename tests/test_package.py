@@ -110,7 +110,7 @@ def test_cli_lists_missing_frameworks_with_their_extra_and_passes():
         'not installed: torch, torch-ops, torch-cuda, torch-triton (pip install "l2norm[torch]")'
         in out
     )
-    assert 'not installed: jax, jax-ops, nnx, linen (pip install "l2norm[jax]")' in out
+    assert 'not installed: jax, jax-ops, jax-pallas, nnx, linen (pip install "l2norm[jax]")' in out
     assert 'not installed: keras-tensorflow (pip install "l2norm[tensorflow]")' in out
     assert 'keras-jax (pip install "l2norm[tensorflow,jax]")' in out
     assert "conformance: PASS (1 backends" in out
