@@ -20,6 +20,7 @@ KERAS_PAGES = {"keras.md"}
 FRAMEWORK_FREE_MODULES = [
     "l2norm",
     "l2norm.reference",
+    "l2norm._portable",
     "l2norm._spec",
     "l2norm.conformance",
     "l2norm.testing",
