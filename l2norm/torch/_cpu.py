@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +73,16 @@ def enabled() -> bool:
     return _STATE.enabled
 
 
-@torch.compiler.assume_constant_result
+def constant_to_compile(fn: Callable[[], bool]) -> Callable[[], bool]:
+    """``torch.compiler.assume_constant_result(fn)``, without its cost: that function
+    imports ``torch._dynamo`` (about 1.4 s) only to set the attribute Dynamo reads, which
+    would make ``import l2norm.torch`` that much slower than ``import torch``. The effect
+    is tested (``torch.compile(fullgraph=True)`` calls ``fn`` once, as a constant)."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@constant_to_compile
 def ready() -> bool:
     """Whether calls may use the kernel: on, and built (building it now if needed). A
     constant to ``torch.compile``, which calls it once while tracing."""

@@ -113,7 +113,7 @@ def use_lowering(name: str | None) -> Iterator[None]:
         _FORCED.reset(token)
 
 
-@torch.compiler.assume_constant_result
+@_cpu.constant_to_compile
 def _triton_ready() -> bool:
     """Whether Triton is installed (a constant to ``torch.compile``)."""
     return _triton.installed()

@@ -17,6 +17,7 @@ of the reference.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -73,7 +74,10 @@ def forward(
                 [ 0.,  0.]], dtype=torch.float16)
     """
     work = torch.float32 if x.dtype in _HALF else x.dtype
-    if any(x.shape[a] == 0 for a in norm):
+    with warnings.catch_warnings():  # torch.jit.trace: sizes are tensors; this is static
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        empty = any(x.shape[a] == 0 for a in norm)
+    if empty:
         return x.clone()  # no slice to reduce (amax refuses an empty axis)
     scale = None
     if weight is not None:

@@ -29,13 +29,15 @@ forward AD (a documented fallback: its ops carry their own rules).
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import math
+import sys
 from typing import Any
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from l2norm._modes import get_mode
 from l2norm._spec import Spec
@@ -224,14 +226,45 @@ def _forward(
 # and two products; backward: the square, <w g, x>, dx's three terms and dw's product).
 
 
-@register_flop_formula(torch.ops.l2norm.kernel_forward)
-def _(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _forward_flops(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     return 4 * math.prod(x_shape)
 
 
-@register_flop_formula(torch.ops.l2norm.kernel_backward)
-def _(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _backward_flops(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
     return 12 * math.prod(x_shape)
+
+
+def _register_flops(flop_counter: Any) -> None:
+    flop_counter.register_flop_formula(torch.ops.l2norm.kernel_forward)(_forward_flops)
+    flop_counter.register_flop_formula(torch.ops.l2norm.kernel_backward)(_backward_flops)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Registers the flop formulas when ``torch.utils.flop_counter`` is first imported:
+    importing it here would cost ``import l2norm.torch`` about 0.3 s (it loads Triton), for
+    a tool few calls use. The finder wraps that one module's loader, then removes itself."""
+
+    NAME = "torch.utils.flop_counter"
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != self.NAME:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        exec_module = spec.loader.exec_module
+
+        def exec_and_register(module: Any) -> None:
+            exec_module(module)
+            _register_flops(module)
+
+        spec.loader.exec_module = exec_and_register
+        return spec
+
+
+if _AfterImport.NAME in sys.modules:
+    _register_flops(sys.modules[_AfterImport.NAME])
+else:
+    sys.meta_path.insert(0, _AfterImport())
 
 
 # --------------------------------------------------------------------------- autograd

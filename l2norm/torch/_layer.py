@@ -8,6 +8,7 @@ computed.
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,16 @@ def _check_weight(weight: Any, x: Tensor, axes: Axes) -> None:
 
 def _checked_plan(x: Any, weight: Any, spec: Spec, min_rank: int, num_channels: int | None) -> Plan:
     """The call's plan once its arguments pass the checks (TypeError / ValueError)."""
+    if torch.jit.is_tracing():
+        # torch.jit.trace sees sizes as tensors, and each check would warn that the trace
+        # cannot record it: the checks validate the example input, which is all they mean.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _checks(x, weight, spec, min_rank, num_channels)
+    return _checks(x, weight, spec, min_rank, num_channels)
+
+
+def _checks(x: Any, weight: Any, spec: Spec, min_rank: int, num_channels: int | None) -> Plan:
     _check_tensor(x)
     if x.dim() < min_rank:
         raise ValueError(
@@ -144,7 +155,7 @@ torch.fx.wrap("_fx_l2_normalize")
 
 def l2_normalize(
     x: Tensor,
-    weight: Tensor | None = None,
+    weight: Tensor | float | None = None,
     *,
     dim: int | Sequence[int] = 1,
     across_spatial: bool = False,
@@ -154,20 +165,18 @@ def l2_normalize(
 ) -> Tensor:
     r"""L2-normalize ``x`` along ``dim`` and multiply by ``weight`` (ParseNet / SSD).
 
-    .. math::
-
-        y = w \cdot \frac{x}{d\left(\lVert x \rVert_2\right)}
+    $$y = w \cdot \frac{x}{d\left(\lVert x \rVert_2\right)}$$
 
     with the norm over ``dim`` (or every axis but 0 with ``across_spatial``) and ``d`` the
     denominator of ``eps_mode`` (default ``max(n, 1e-12)``, as
-    :func:`torch.nn.functional.normalize`). Same maths as :func:`l2norm.l2_normalize`.
+    `torch.nn.functional.normalize`). Same maths as `l2norm.l2_normalize`.
 
     Args:
         x: float16, bfloat16, float32 or float64 tensor of rank >= 1. Half inputs are
             computed in float32 and the result is returned in ``x``'s dtype.
-        weight: None, one shared value (shape ``()`` or ``(1,)``), or one value per
-            channel of the channel axis. Its dtype is ``x``'s (or float32 for a half
-            input); it must be on ``x``'s device.
+        weight: None; a Python number or a tensor of shape ``()`` or ``(1,)`` (one shared
+            value); or one value per channel of the channel axis. A tensor's dtype is
+            ``x``'s (or float32 for a half input) and it must be on ``x``'s device.
         dim: the normalized axis, or a tuple of axes whose first entry is the channel axis.
         across_spatial: one norm per sample over every axis but 0 (Caffe); ``dim`` then
             names the channel axis only.
@@ -179,7 +188,7 @@ def l2_normalize(
     Returns:
         A tensor of ``x``'s shape, dtype and memory format.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from l2norm.torch import l2_normalize
         >>> l2_normalize(torch.tensor([[3.0, 4.0]]), torch.tensor([20.0, 10.0]))
@@ -188,6 +197,11 @@ def l2_normalize(
     spec = Spec.create(
         axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
     )
+    if isinstance(weight, numbers.Real) and not isinstance(weight, bool) and isinstance(x, Tensor):
+        # A plain number, as JAX, Keras and NumPy take it: one shared value, held in the
+        # dtype a weight tensor would need (x's, float32 for a half input).
+        wide = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        weight = torch.tensor(float(weight), dtype=wide, device=x.device)
     return _apply(x, weight, spec, min_rank=1)
 
 
@@ -207,7 +221,7 @@ def lowering_for(
         ``"ops"`` (plain torch ops) or ``"traced"`` (plain ops recorded for
         ``torch.jit.trace`` / ``torch.export``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from l2norm.torch import lowering_for, use_lowering
         >>> with use_lowering("ops"):
@@ -228,54 +242,51 @@ def _layer_forward(x: Tensor, weight: Tensor, spec: Spec, num_channels: int) -> 
 class L2Norm(nn.Module):
     r"""L2 normalization with a learnable per-channel scale (ParseNet, SSD's ``conv4_3``).
 
-    .. math::
-
-        y = \gamma \cdot \frac{x}{d\left(\lVert x \rVert_2\right)}
+    $$y = \gamma \cdot \frac{x}{d\left(\lVert x \rVert_2\right)}$$
 
     The norm is taken over ``dim`` for every other position (per pixel over the channels
     for NCHW input), or over every axis but the batch axis with ``across_spatial``.
-    :math:`\gamma` is a learnable vector of size ``num_channels`` (one value with
+    $\gamma$ is a learnable vector of size ``num_channels`` (one value with
     ``channel_shared``) initialised to ``scale_init`` (SSD uses 20). ``d`` is the
     denominator of ``eps_mode``:
 
-    =============== ========================= ===========================
-    eps_mode        :math:`d(n)`              peers
-    =============== ========================= ===========================
-    ``clamp_norm``  :math:`\max(n, \epsilon)`  torchvision (the default)
-    ``add_norm``    :math:`n + \epsilon`       ssd.pytorch, mmdetection
-    ``add_sumsq``   :math:`\sqrt{n^2+\epsilon}` Caffe SSD
-    ``clamp_sumsq`` :math:`\max(n, \sqrt{\epsilon})` TensorFlow, ssd_keras
-    =============== ========================= ===========================
+    | `eps_mode` | $d(n)$ | peers |
+    |---|---|---|
+    | `clamp_norm` | $\max(n, \epsilon)$ | torchvision (the default) |
+    | `add_norm` | $n + \epsilon$ | ssd.pytorch, mmdetection |
+    | `add_sumsq` | $\sqrt{n^2+\epsilon}$ | Caffe SSD |
+    | `clamp_sumsq` | $\max(n, \sqrt{\epsilon})$ | TensorFlow, ssd_keras |
 
-    Half-precision inputs (and inputs under :func:`torch.autocast`) are computed in
-    float32 and returned in their own dtype; the result is exact to a few ULPs for every
-    finite input (no overflow of the sum of squares, no NaN for all-zero pixels, a
-    finite gradient everywhere).
+    Half-precision inputs (and inputs under `torch.autocast`) are computed in float32 and
+    returned in their own dtype; each output is within 1 ULP of the exact result for every
+    finite input (no overflow of the sum of squares, no NaN for all-zero pixels, a finite
+    gradient everywhere).
 
     Args:
-        num_channels: :math:`C`, the size of the channel axis ``dim``.
+        num_channels: $C$, the size of the channel axis ``dim``.
+        scale_init: initial $\gamma$: a number, or one value per channel (a sequence or
+            a tensor). Default: 20. Positional too, as in ssd.pytorch's
+            ``L2Norm(512, 20)``.
         dim: the channel axis (default 1, NCHW). A tuple normalizes over all its axes;
             its first entry is the channel axis. Negative values count from the end.
-        scale_init: initial :math:`\gamma`: a number, or one value per channel
-            (a sequence or a tensor). Default: 20.
-        channel_shared: one scalar :math:`\gamma` for all channels (Caffe's option).
+        channel_shared: one scalar $\gamma$ for all channels (Caffe's option).
         across_spatial: one norm per sample over every axis but 0 (Caffe's option).
-        learnable: :math:`\gamma` is a parameter; if False, a buffer (still in the
+        learnable: $\gamma$ is a parameter; if False, a buffer (still in the
             ``state_dict``). Default: True.
         eps: epsilon (default 1e-12 or the preset's); eps_mode: where it goes (see the
             table); preset: a peer's (eps_mode, eps), e.g. ``"ssd.pytorch"``.
-        device, dtype: of the parameter (factory kwargs, as in :class:`torch.nn.LayerNorm`).
+        device, dtype: of the parameter (factory kwargs, as in `torch.nn.LayerNorm`).
 
     Attributes:
-        weight: :math:`\gamma`, shape :math:`(C,)` or :math:`(1,)` with ``channel_shared``.
+        weight: $\gamma$, shape $(C,)$ or $(1,)$ with ``channel_shared``.
             The name matches ssd.pytorch and mmdetection checkpoints (``L2Norm.weight``).
 
     Shape:
-        - Input: :math:`(N, C, *)` for ``dim=1``; in general any rank >= 2 with
-          :math:`C` entries along ``dim``.
+        - Input: $(N, C, *)$ for ``dim=1``; in general any rank >= 2 with
+          $C$ entries along ``dim``.
         - Output: same shape, dtype and memory format as the input.
 
-    Examples::
+    Examples:
 
         >>> import torch
         >>> from l2norm.torch import L2Norm
@@ -291,9 +302,9 @@ class L2Norm(nn.Module):
     def __init__(
         self,
         num_channels: int,
+        scale_init: float | Sequence[float] | Tensor = 20.0,
         *,
         dim: int | Sequence[int] = 1,
-        scale_init: float | Sequence[float] | Tensor = 20.0,
         channel_shared: bool = False,
         across_spatial: bool = False,
         learnable: bool = True,
@@ -343,7 +354,7 @@ class L2Norm(nn.Module):
         return self.spec.eps_mode
 
     def reset_parameters(self) -> None:
-        """Set :math:`\\gamma` back to ``scale_init``."""
+        """Set $\\gamma$ back to ``scale_init``."""
         with torch.no_grad():
             self.weight.copy_(torch.from_numpy(self._scale_init))
 
