@@ -5,8 +5,9 @@ backward (``x`` and ``g`` read, ``dx`` written, the scale's gradient as one row 
 per-channel sums per program, summed in a fixed order afterwards). No value is read back
 to the host and no second launch handles special slices, so the lowering runs inside CUDA
 graphs and under ``torch.cuda.set_sync_debug_mode("error")``. The kernels
-(:mod:`l2norm.torch._triton_kernels`) compute as the native CPU kernel does: sums in
-float64, the per-mode terms of :mod:`l2norm._modes`.
+(:mod:`l2norm.torch._triton_kernels`) compute each entry in float32 (compensated sums,
+float64 once per slice, the per-mode terms of :mod:`l2norm._modes`): within 1 ULP like
+the CPU kernel, not always its bits.
 
 Triton is an optional dependency (the ``torch`` extra brings it on Linux; CUDA builds of
 torch bring it too). Without a GPU, Triton's interpreter runs the same kernels on CPU
@@ -198,7 +199,7 @@ def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float,
         BLOCK_S=block_s,
         SINGLE=channels <= block_c,
         ALIGN=_alignment(view, arrays[0].element_size()),
-        EVEN=channels % block_c == 0,
+        EVEN=channels > block_c and channels % block_c == 0,  # walked chunks, all full
         BF16_BITS=_kernels_interpreted(),
         num_warps=num_warps,
         enable_fp_fusion=False,  # the only FMAs are the kernels' tl.fma

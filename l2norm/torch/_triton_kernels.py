@@ -4,32 +4,42 @@ One program holds a tile of ``BLOCK_C`` channels x ``BLOCK_S`` slices of a tenso
 ``(outer, C, inner)``: NCHW pixels (``inner > 1``, the slices of one sample's block of
 pixels, contiguous along the tile's second axis) or rows (``inner == 1``: channels-last
 activations and ``(N, C)`` features, contiguous along the channels). Where ``C`` fits one
-tile (``SINGLE``) the tile is read once and stays in registers; wider slices are walked in
-chunks of ``BLOCK_C`` channels, once per pass, the later passes from cache.
+chunk (``SINGLE``) the tile is read once and stays in registers; wider slices are walked
+in chunks of ``BLOCK_C`` channels, once per pass (largest magnitude, sums, outputs), the
+later passes from cache, each pass adding entry by entry in registers and reducing
+across threads once.
 
-Every operation on an element is a float32 operation; float64 appears once per slice
-(the eps placement, a square root and a division: the table of :mod:`l2norm._modes`,
-given as ``IS_ADD`` / ``POWER``). The exactness scheme (docs/maths.md, "Float32 on the
-GPU") keeps each output within 1 ULP of the exact result:
+Every operation on an entry is a float32 operation; float64 appears once per slice (the
+eps placement of :mod:`l2norm._modes`, given as ``IS_ADD`` / ``POWER``, with reciprocal
+square roots refined by a Newton step). Why each output stays within 1 ULP of the exact
+result ``y*`` (``u = 2**-24``; a float32 result ``RN(y~)`` with ``|y~ - y*| < u |y*|`` is
+within 1 ULP of ``RN(y*)``, and so is any half result with ``|y~ - y*| < 2**-11 |y*|``):
 
-* **Sum of squares.** Each slice is multiplied by a power of two ``2**s`` chosen from its
-  largest magnitude (``max |x 2**s|`` in ``[1/4, 1/2)``: exact scaling, no square
-  overflows, none that matters underflows). A float32 slice's squares are split exactly
-  (``p = x*x``, ``e = fma(x, x, -p)``) and summed as a double-float (TwoSum, error-free
-  additions): relative error about ``k**2 2**-48`` for ``k`` terms per thread, far below
-  float32's ``2**-24``. A half slice's squares are exact in float32 and a plain float32
-  sum is far inside 8 or 11 bits. The pair meets float64 once per slice.
-* **Output.** ``1 / d`` (float64, per slice) is split into a power of two ``2**t`` and a
-  double-float ``G`` near ``2**-40``; then ``y = (x 2**t) (w G)`` with ``w G`` formed
-  exactly (``Mh = w*Gh``, ``Ml = fma(w, Gh, -Mh) + w*Gl``) and ``y = fma(x', Mh, x'*Ml)``:
-  one rounding of a value within about ``2**-44`` of the exact one (a float32 output is
-  the correctly rounded result but for near-ties: within 1 ULP always). ``x 2**t`` is
-  exact (``t >= 0``) or, scaled down, loses only bits whose outputs are below
-  ``2**-165 |w|``.
-* **Backward.** ``dx = (w g - K' x') / d`` with ``x' = x 2**s``, ``K' = r <w g, x'> / n'**2``
-  (the inner product summed as a double-float for float32), ``1 / d`` applied as
-  ``I' 2**v`` (a float32 near 1 times a power of two, subnormal or not): float32 errors of
-  a few ``2**-24`` relative to the slice's ``max |w g| / d``, the suite's gradient measure.
+* **Sum of squares.** Each slice is multiplied by ``2**s`` from its largest magnitude
+  (``max |x 2**s|`` in ``[1/4, 1/2)``): exact, except entries below ``2**-126`` after
+  scaling, whose squares are below ``2**-248`` of the sum. No square overflows. A
+  float32 square is split exactly (``p = x*x``, ``e = fma(x, x, -p)``) and added to a
+  double-float with TwoSum (error-free for the high parts; the low parts, errors of at
+  most ``u`` of the running sum, add plainly): compensated summation of nonnegative terms,
+  relative error about ``(k u)**2`` for ``k`` additions in a row (``k`` at most
+  ``C / 32`` plus the reduction tree's depth: ``2**-26`` at C = 65536), and the pair
+  meets float64 exactly. A half square is exact in float32 and the plain float32 sum's
+  ``k u`` (``2**-13`` at C = 65536) is inside float16's ``2**-11``.
+* **Output.** ``1 / d`` (float64, relative error about half the sum's) is split into
+  ``2**t`` and a double-float ``G`` in ``[2**-40, 2**22]``; ``w G`` is formed exactly as
+  ``Mh + Ml`` (``Mh = w*Gh``, ``Ml = fma(w, Gh, -Mh) + w*Gl``: relative error ``2**-47``
+  for ``|w| >= 2**-62``) and ``y = fma(x', Mh, x'*Ml)`` with ``x' = x 2**t`` exact:
+  one rounding of a value within ``2**-26`` (C = 65536) to ``2**-44`` of ``y*`` (mostly
+  the correctly rounded result). Where ``t < 0`` (slices whose norm passes ``2**40``) an
+  entry whose ``x'`` falls below ``2**-126`` has ``|y*| < 2**-165 |w|``: it rounds to the
+  same subnormal step for ``|w| < 2**23``. Half outputs take ``RN(x' RN(w Gh))`` (three
+  float32 roundings). Subnormal outputs carry an absolute error below half their step.
+* **Backward.** ``dx = (w g - K' x') I' 2**v`` with ``x' = x 2**s``, ``K' = r <w g, x'> /
+  n'**2`` (scale-free: ``K' x' = k x``; the inner product summed as a double-float for
+  float32) and ``1 / d = I' 2**v`` (``I'`` near 1, ``2**v`` subnormal where it must be):
+  a few float32 roundings, relative to the slice's ``max |w g| / d`` (the suite's
+  gradient measure, bound 2 machine epsilons of the dtype). The scale's gradient sums
+  ``g u`` (``u = x' (2**-s / d)``) in float32 within a program, in float64 across programs.
 
 Nothing depends on the batch: the tile shape and every reduction order are fixed by
 ``(C, layout, dtype)``. FP contraction is off at launch (``enable_fp_fusion=False``): the
