@@ -87,9 +87,9 @@ def layout(x: Tensor, norm: tuple[int, ...], channel: int) -> Layout | None:
     if view is None:
         return None
     _, channels, inner = view.rows
-    rows = inner == 1
-    block_s = max(_config(channels, rows)[1], _config(channels, rows, backward=True)[1])
-    return view if (block_s if rows else inner) * channels <= MAX_OFFSET else None
+    # A tile of rows spans at most TILE // BLOCK_C rows of C, at most TILE rows of C.
+    span = TILE if inner == 1 else inner
+    return view if span * channels <= MAX_OFFSET else None
 
 
 @functools.cache
