@@ -81,7 +81,7 @@ __all__ = ["DTYPES", "MAX_WIDTH", "BlockConfig", "applies", "block_config", "for
 #: The data types the kernels take (float64 stays on the ladder: TPUs have no float64).
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 #: The widest row (normalized size) a program holds whole; wider rows take the ladder.
-MAX_WIDTH = 8192
+MAX_WIDTH = 4096
 #: Platforms with a Pallas lowering: the Triton backend on GPUs, Mosaic on TPUs.
 PLATFORMS: tuple[str, ...] = ("cuda", "rocm", "tpu")
 
@@ -118,22 +118,23 @@ def block_config(width: int, platform: str) -> BlockConfig:
     """The tile of rows of ``width`` entries on ``platform`` (``"cuda"``/``"rocm"`` or
     ``"tpu"``): a function of these two only, so a row computes the same way in any batch.
 
-    GPU: at least 2048 entries per program, 8 per thread (16 at width 8192, with 16
-    warps): compiled for sm_90 by ptxas, no kernel at widths 24, 512, 2048 or 8192 uses
-    more than 128 registers or spills. TPU: blocks of about 64K
+    GPU: at least 2048 entries per program, 4 per thread (8 at width 4096; 16 warps at
+    most): compiled for sm_90 by ptxas, no kernel at widths 24 to 4096 uses more than
+    128 registers or spills (wider rows would: they take the ladder). TPU: blocks of
+    about 64K
     entries (256 KiB in float32: the double-buffered blocks and the kernel's temporaries
     stay well inside the 16 MiB of scoped VMEM).
 
     Examples:
         >>> block_config(512, "cuda")
-        BlockConfig(rows=4, width=512, num_warps=8)
+        BlockConfig(rows=4, width=512, num_warps=16)
         >>> block_config(24, "tpu")
         BlockConfig(rows=256, width=24, num_warps=0)
     """
     if platform in ("cuda", "rocm"):
         padded = _next_pow2(width)
         rows = max(1, 2048 // padded)
-        return BlockConfig(rows, padded, min(16, max(1, rows * padded // 256)))
+        return BlockConfig(rows, padded, min(16, max(1, rows * padded // 128)))
     padded = width if width <= _LANES else _next_pow2(width)
     lanes = max(padded, _LANES)  # a row occupies whole 128-lane vectors in VMEM
     return BlockConfig(max(8, min(256, _next_pow2(65536 // lanes + 1) // 2)), padded, 0)
@@ -258,23 +259,30 @@ def _pow2_floor(v: jax.Array) -> jax.Array:
 def _row_sum(hi: jax.Array, lo: jax.Array | None) -> Pair:
     """Each row's ``sum(hi + lo)`` (``lo`` None: 0) as a pair, whatever order the
     hardware reduces in: with ``lo``, TwoSum halving down to 128 lanes, then error-free
-    extraction (to ``2**-33`` of ``sum |hi|`` for widths up to 8192); without, extraction
+    extraction (to ``2**-33`` of ``sum |hi|`` for widths up to 4096); without, extraction
     alone (to ``W**2 2**-46``: half-precision data)."""
     if lo is not None:
         while hi.shape[-1] > _LANES and hi.shape[-1] % (2 * _LANES) == 0:
             (a, b), (c, d) = _halves(hi), _halves(lo)
             hi, err = two_sum(a, b)
             lo = err + (c + d)
-    total = jnp.sum(jnp.abs(hi), axis=-1, keepdims=True)
-    usable = (total > 0) & (total < 2.0**120)  # NaN rows are the callers'
-    # 4 * (the power of two at or below total * (1 + 2**-10)) >= 2 sum |hi| (the plain
-    # sum misses by at most W u): every |hi| <= sigma / 2, so each cut part is a
-    # multiple of 2**-24 sigma and their sum (at most sigma) is exact in any order.
-    sigma = jnp.where(usable, _pow2_floor(total * (1 + 2.0**-10)) * 4, 1.0)
+    return _extract_sum(hi, lo, -1, 2.0**-10)
+
+
+def _extract_sum(hi: jax.Array, lo: jax.Array | None, axis: int, slack: float) -> Pair:
+    """``sum(hi + lo)`` along ``axis`` (kept) by error-free extraction (Rump, Ogita and
+    Oishi): exact in any order but for the small remainders. ``slack`` bounds the plain
+    sum's relative error (``n 2**-24`` for ``n`` terms)."""
+    total = jnp.sum(jnp.abs(hi), axis=axis, keepdims=True)
+    usable = (total > 0) & (total < 2.0**120)  # NaN sums stay NaN
+    # 4 * (the power of two at or below total * (1 + slack)) >= 2 sum |hi|: every
+    # |hi| <= sigma / 2, so each cut part is a multiple of 2**-24 sigma and their sum
+    # (at most sigma) is exact in any order.
+    sigma = jnp.where(usable, _pow2_floor(total * (1 + slack)) * 4, 1.0)
     cut = (sigma + hi) - sigma
-    exact = jnp.sum(cut, axis=-1, keepdims=True)
+    exact = jnp.sum(cut, axis=axis, keepdims=True)
     rest = hi - cut if lo is None else (hi - cut) + lo
-    return Pair(*two_sum(exact, jnp.sum(rest, axis=-1, keepdims=True)), _split)
+    return Pair(*two_sum(exact, jnp.sum(rest, axis=axis, keepdims=True)), _split)
 
 
 def _square_sum(xs: jax.Array, exact: bool) -> Pair:
@@ -378,9 +386,10 @@ def _backward_rows(
     eps: _Eps,
     top: float,
     exact: bool,
-) -> tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """``(dx, g u)`` of a tile of rows: the input gradient (saturated at ``top``) and
-    each entry's share of the scale's gradient, ``u = x / d`` (float32). ``exact``
+    each entry's share of the scale's gradient ``g u``, ``u = x / d``, as two float32
+    arrays (an exact pair for float32 data; the second None for half data). ``exact``
     (float32 data): ``w g``, ``<w g, x'>`` and ``K' x'`` as exact pairs, the difference
     error-free, one rounding; half data: in float32, within a few ``2**-24`` of the
     slice's ``max |w g| / d``."""
@@ -404,12 +413,15 @@ def _backward_rows(
         q, f = two_prod(t, terms.inv_hi, _split)
         dx = q + (f + (t * terms.inv_lo + t_lo * terms.inv_hi))
     dx = jnp.where(rows.inf, 0.0, _saturate(_ldexp(dx, terms.out + rows.shift), top))
-    if exact:  # u = x' G rounded once (the forward's y for w = 1)
-        p, e = two_prod(xs, terms.inv_hi, _split)
-        u = _ldexp(p + (e + xs * terms.inv_lo), terms.out)
-    else:
+    dx = jnp.where(rows.nan, jnp.nan, dx)
+    if not exact:
         u = _ldexp(xs * terms.inv_hi, terms.out)
-    return jnp.where(rows.nan, jnp.nan, dx), jnp.where(rows.nan, jnp.nan, g * u)
+        return dx, jnp.where(rows.nan, jnp.nan, g * u), None
+    # g u = g x' G 2**out as a pair: x' G exact, g times it exact to 2**-44.
+    p, e = two_prod(xs, terms.inv_hi, _split)
+    u_hi, u_lo = _ldexp(p, terms.out), _ldexp(e + xs * terms.inv_lo, terms.out)
+    q, f = two_prod(g, u_hi, _split)
+    return dx, jnp.where(rows.nan, jnp.nan, q), f + g * u_lo
 
 
 # --------------------------------------------------------------------------- kernels
@@ -498,8 +510,8 @@ def _call(
         def spec(blocked: bool, ndim: int) -> pl.BlockSpec:
             if blocked:
                 return pl.BlockSpec((cfg.rows, cfg.width), lambda i: (i, 0))
-            if ndim == 3:  # one row of partials per program
-                return pl.BlockSpec((None, 1, cfg.width), lambda i: (i, 0, 0))
+            if ndim == 3:  # a pair of rows of partials per program
+                return pl.BlockSpec((None, 2, cfg.width), lambda i: (i, 0, 0))
             return pl.BlockSpec((1, cfg.width), lambda i: (0, 0))
 
         outs = out_shape if isinstance(out_shape, tuple) else (out_shape,)
@@ -562,16 +574,30 @@ def _backward_kernel(static: _Static) -> Callable:
         x, mask = load(x_ref)
         g, _ = load(g_ref)
         w = _scale_row(static, w_refs[0], cfg) if w_refs else None
-        dx, gu = _backward_rows(x, g, w, mode, eps, top, static.dtype == "float32")
+        dx, gu_hi, gu_lo = _backward_rows(x, g, w, mode, eps, top, static.dtype == "float32")
         store(dx_ref, dx)
-        # The padding rows (garbage beyond the array on TPUs) must not reach the sums.
-        partial = jnp.sum(jnp.where(mask, gu, 0.0), axis=0, keepdims=True)
+        # The program's rows of the scale's gradient as a pair of rows: summed by
+        # extraction (float32 data) or plainly (half data: far inside its 2 eps); the
+        # padding rows (garbage beyond the array on TPUs) must not reach the sums.
+        if w is None:
+            hi = lo = jnp.zeros((1, cfg.width), _F32)
+        elif gu_lo is None:
+            hi = jnp.sum(jnp.where(mask, gu_hi, 0.0), axis=0, keepdims=True)
+            lo = jnp.zeros_like(hi)
+        else:
+            zero = jnp.zeros_like(gu_hi)
+            total = _extract_sum(
+                jnp.where(mask, gu_hi, zero), jnp.where(mask, gu_lo, zero), 0, 2.0**-10
+            )
+            hi, lo = total.hi, total.lo
         if static.platform == "tpu":
-            dw_ref[...] = partial
+            dw_ref[0:1, :] = hi
+            dw_ref[1:2, :] = lo
         else:
             from jax.experimental.pallas import triton as pltriton
 
-            pltriton.store(dw_ref.at[pl.program_id(0), pl.ds(0, 1), pl.ds(0, cfg.width)], partial)
+            for half, v in enumerate((hi, lo)):
+                pltriton.store(dw_ref.at[pl.program_id(0), pl.ds(half, 1), pl.ds(0, cfg.width)], v)
 
     return body
 
@@ -592,7 +618,8 @@ def _rows_forward(static: _Static, x: jax.Array, w: jax.Array | None) -> jax.Arr
 def _rows_vjp(
     static: _Static, x: jax.Array, g: jax.Array, w: jax.Array | None
 ) -> tuple[jax.Array, jax.Array]:
-    """``(dx, partials)`` on ``(rows, L)``: ``partials`` ``(programs, 1, W)`` float32."""
+    """``(dx, partials)`` on ``(rows, L)``: ``partials`` ``(programs, 2, W)`` float32,
+    each program's share of the scale's gradient as a pair of rows."""
     cfg = block_config(static.length, static.platform)
     programs = pl.cdiv(static.rows, cfg.rows)
     operands = [x, g] if w is None else [x, g, w]
@@ -602,7 +629,7 @@ def _rows_vjp(
         operands,
         (
             jax.ShapeDtypeStruct(x.shape, x.dtype),
-            jax.ShapeDtypeStruct((programs, 1, cfg.width), _F32),
+            jax.ShapeDtypeStruct((programs, 2, cfg.width), _F32),
         ),
         [True, True] + [False] * (w is not None),
         [True, False],
@@ -797,9 +824,13 @@ def vjp(
         rows, g_rows = _to_rows(x, lay), _to_rows(g.astype(x.dtype), lay)
         dx, partials = _rows_vjp(static, rows, g_rows, w)
         dx = _from_rows(dx, x, lay)
-        # Programs, then the entries of a channel within a row: fixed orders.
-        per_entry = jnp.sum(partials[:, 0, : lay.length], axis=0)
-        return dx, jnp.sum(per_entry.reshape(lay.channels, lay.inner), axis=1)
+        # Over the programs, then over the entries of a channel within a row, as pairs.
+        per_entry = _extract_sum(
+            partials[:, 0, : lay.length], partials[:, 1, : lay.length], 0, 2.0**-4
+        )
+        hi = per_entry.hi.reshape(lay.channels, lay.inner)
+        per_channel = _extract_sum(hi, per_entry.lo.reshape(hi.shape), 1, 2.0**-4)
+        return dx, (per_channel.hi + per_channel.lo).reshape(-1)
 
     args = (x, g) if s is None else (x, g, jnp.asarray(s, _F32))
     return _dispatch(run, platform, interpret, *args)
