@@ -131,9 +131,9 @@ def _config(channels: int, rows: bool, backward: bool = False) -> tuple[int, int
     """
     block_c = min(_next_power_of_2(channels), CHUNK)
     tile = TILE // 2 if backward else TILE  # the backward holds x and g
-    # Rows of fewer than 4 channels put several whole slices in a thread, each with its
-    # own per-slice work: at most 256 rows a tile keeps that within the registers.
-    block_s = min(tile // block_c, 256) if rows else max(tile // CHUNK, tile // block_c)
+    # Fewer than 4 channels put several whole slices in a thread, each with its own
+    # per-slice work: at most 256 slices a tile keeps that within the registers.
+    block_s = min(tile // block_c, 256) if rows else min(max(tile // CHUNK, tile // block_c), 256)
     return block_c, block_s, NUM_WARPS
 
 
