@@ -114,27 +114,30 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def block_config(width: int, platform: str) -> BlockConfig:
+def block_config(width: int, platform: str, heavy: bool = False) -> BlockConfig:
     """The tile of rows of ``width`` entries on ``platform`` (``"cuda"``/``"rocm"`` or
-    ``"tpu"``): a function of these two only, so a row computes the same way in any batch.
+    ``"tpu"``) for one kernel (``heavy``: the float32 backward): a function of these
+    only, so a row computes the same way in any batch.
 
-    GPU: at least 2048 entries per program, 4 per thread (8 at width 4096; 16 warps at
-    most): compiled for sm_90 by ptxas, no kernel at widths 24 to 4096 uses more than
-    128 registers or spills (wider rows would: they take the ladder). TPU: blocks of
-    about 64K
-    entries (256 KiB in float32: the double-buffered blocks and the kernel's temporaries
-    stay well inside the 16 MiB of scoped VMEM).
+    GPU: at least 2048 entries per program, 8 per thread (4 in the float32 backward;
+    16 warps at most, so 8 at width 4096): the per-row pair arithmetic, which every
+    thread of a row repeats, is shared by several entries, and no kernel at widths 24 to
+    4096 uses more than 128 registers or spills (sm_80 and sm_90, ptxas; wider rows
+    would: they take the ladder). TPU: blocks of about 64K entries (256 KiB in float32:
+    the double-buffered blocks and the kernel's temporaries stay well inside the 16 MiB
+    of scoped VMEM).
 
     Examples:
         >>> block_config(512, "cuda")
-        BlockConfig(rows=4, width=512, num_warps=16)
+        BlockConfig(rows=4, width=512, num_warps=8)
         >>> block_config(24, "tpu")
         BlockConfig(rows=256, width=24, num_warps=0)
     """
     if platform in ("cuda", "rocm"):
         padded = _next_pow2(width)
         rows = max(1, 2048 // padded)
-        return BlockConfig(rows, padded, min(16, max(1, rows * padded // 128)))
+        per_warp = 128 if heavy else 256  # 4 or 8 entries a thread
+        return BlockConfig(rows, padded, min(16, max(1, rows * padded // per_warp)))
     padded = width if width <= _LANES else _next_pow2(width)
     lanes = max(padded, _LANES)  # a row occupies whole 128-lane vectors in VMEM
     return BlockConfig(max(8, min(256, _next_pow2(65536 // lanes + 1) // 2)), padded, 0)
@@ -499,10 +502,11 @@ def _call(
     out_shape: Any,
     row_blocked: Sequence[bool],
     out_row_blocked: Sequence[bool],
+    heavy: bool = False,
 ) -> Any:
     """``pallas_call`` of ``body`` over ``cdiv(rows, R)`` programs, with the platform's
-    block specs and compiler parameters."""
-    cfg = block_config(static.length, static.platform)
+    block specs and compiler parameters (``heavy``: :func:`block_config`'s)."""
+    cfg = block_config(static.length, static.platform, heavy)
     grid = (pl.cdiv(static.rows, cfg.rows),)
     if static.platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
@@ -633,6 +637,7 @@ def _rows_vjp(
         ),
         [True, True] + [False] * (w is not None),
         [True, False],
+        heavy=static.dtype == "float32",
     )
 
 
