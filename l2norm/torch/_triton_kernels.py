@@ -236,9 +236,14 @@ def _wide(hi, lo):
 
 @triton.jit
 def _rsqrt(a):
-    """``1 / sqrt(a)`` in float64 for ``a > 0``: the hardware's approximation and one
-    Newton step (no division, no square root with a slow path)."""
-    y = tl.math.rsqrt(a)
+    """``1 / sqrt(a)`` in float64 for a normal ``a > 0`` (NaN stays NaN): a float32 seed
+    from the hardware's approximation of ``a 4**-k`` (in ``[1, 4)``, exact scaling) and two
+    Newton steps in float64 (``2**-22`` -> ``2**-44`` -> float64's rounding). No
+    division, no square root, no out-of-line slow path (nor the stack it would take)."""
+    k = _exponent_64(a) >> 1
+    seed = tl.math.rsqrt((a * _pow2_64(-2 * k)).to(tl.float32)).to(tl.float64)
+    y = seed * _pow2_64(-k)
+    y = tl.fma(y * 0.5, tl.fma(-(a * y), y, 1.0), y)
     return tl.fma(y * 0.5, tl.fma(-(a * y), y, 1.0), y)
 
 
