@@ -2,11 +2,12 @@ r"""Pallas kernels for JAX on GPUs (Pallas' Triton backend) and TPUs (Mosaic): o
 kernel per pass, float32 arithmetic only, within the suite's bounds.
 
 The op runs over *rows*: ``x`` seen as ``(rows, L)`` with the normalized axes last and
-contiguous (``L = C`` for one normalized axis). The wrappers (:func:`forward`,
-:func:`vjp`) move the normalized axes last where they are not (an XLA transpose each
-way: NCHW costs two extra passes over memory; a strided kernel for it is future work).
-A program holds ``R`` whole rows (``R`` and the padded width from :func:`block_config`,
-a function of ``(L, platform)`` only, never of the number of rows).
+contiguous (``L = C`` for one normalized axis; at most :data:`MAX_WIDTH`). The wrappers
+(:func:`forward`, :func:`vjp`) move the normalized axes last where they are not (an XLA
+transpose each way: NCHW costs two extra passes over memory; a strided kernel for it is
+future work). A program holds ``R`` whole rows (``R``, the padded width and the warps
+from :func:`block_config`, a function of ``(L, platform)`` and the kernel only, never of
+the number of rows).
 
 Arithmetic (docs/maths.md's double-word scheme, with no float64 anywhere: TPUs have none,
 and JAX's float64 would hang on the global ``jax_enable_x64`` flag):
@@ -15,40 +16,45 @@ and JAX's float64 would hang on the global ``jax_enable_x64`` flag):
   ``s`` from the exponent of the row's largest magnitude (an integer max of the bits, so
   subnormals count on hardware that flushes them: TPUs, XLA:CPU). ``x'`` is built from
   the bits (an exponent add; a subnormal's integer significand converted and scaled), so
-  a row of subnormals is normalized exactly wherever it runs. ``s`` is capped so that
-  eps, scaled along (``eps 2**s`` or ``eps 4**s``), stays below ``2**62``: above the cap
-  eps dominates the norm by ``2**55`` or more and the norm's precision no longer matters.
-* **Sums.** Each square (each product of the backward's inner product) is split
-  exactly into two floats (halves of the significands by their bits, so that a fused
+  a row of subnormals is normalized exactly wherever it runs.
+* **Sums.** float32 data: each square is split exactly (``x' = h + l`` by the bits:
+  ``h**2`` exact, ``l (x' + h)`` within ``2**-34`` of the rest, so that a fused
   multiply-add changes nothing), summed pairwise as double-floats (Knuth's TwoSum) down
   to 128 lanes, and the last lanes by error-free extraction (Rump, Ogita and Oishi: cut
   at a power of two ``sigma >= 2 sum |h|``, the cut parts summed exactly in any order,
-  the remainders plainly): a relative error below ``2**-33`` of ``sum |h|``, whatever
-  order the hardware reduces in.
+  the remainders plainly): a relative error below ``2**-33``, whatever order the
+  hardware reduces in. Half data: the squares are exact in float32 and extraction alone
+  is far inside their precision.
 * **Per row**, ``n``, ``d(n)``, ``1 / d`` and ``r`` are computed in double-word
   arithmetic by :mod:`l2norm._compensated` running the table of :mod:`l2norm._modes`
-  (each placement written once), eps carried as a pair from its float64 value.
-* **Output**: ``y = w x' (1 / d')`` with ``x' (1 / d')`` formed exactly as a pair and
-  multiplied by ``w`` exactly enough: one rounding of a value within about ``2**-44`` of
-  the exact one, so within 1 ULP (faithful) in float32 and, rounded again, in bfloat16
-  and float16. The power of two cancels (``x'`` and ``d'`` carry the same one).
-* **Backward**: ``dx = (w g - K' x') (1 / d') 2**s`` with ``K' = r <w g, x'> / n'**2``,
-  ``w g`` and ``K' x'`` exact pairs and their difference by TwoSum, then one rounding:
-  the input gradient is faithful too. The scale's gradient ``sum g u`` (``u = x / d``)
-  is summed in float32 over each program's rows into a row of partials, then over the
-  programs in a fixed order (no atomics).
+  (each placement written once), eps carried as a pair from its float64 value and
+  scaled along; where eps would pass ``2**62`` in the units of ``x'`` (it then
+  dominates the norm by ``2**55`` or more), ``d`` is computed at a smaller power of two.
+  ``1 / d`` is kept as a pair ``G`` in ``[1, 2)`` times a power of two, so that every
+  product with ``G`` keeps its error terms in the normal range.
+* **Output**: ``y = w x' G 2**t``, ``x' G`` an exact pair multiplied by ``w`` exactly
+  enough, one rounding (the power of two is exact but in the subnormal range): within
+  about ``2**-44`` of the exact value before it, so within 1 ULP (faithful) in float32;
+  half data in float32 with two roundings, within 1 ULP of bfloat16 and float16.
+* **Backward**: ``dx = (w g - K' x') G 2**(t + s)`` with ``K' = r <w g, x'> / n'**2``;
+  for float32 data ``w g``, ``<w g, x'>`` and ``K' x'`` are exact pairs and their
+  difference error-free, one rounding: the input gradient is faithful too. The scale's
+  gradient ``sum g u`` (``u = x / d``; float32 data: ``g u`` an exact pair) is summed
+  by extraction over each program's rows into a pair of rows of partials, then over the
+  programs and a channel's entries in a fixed order (no atomics).
 
 NaN and Inf rows are handled by selects (no branch): a row holding NaN is NaN; a row
-holding +-Inf takes the reference's limit (``+-w / sqrt(k)`` on its ``k`` infinities, 0
-elsewhere, gradient 0). Input gradients beyond the dtype saturate at its largest value
-(:func:`l2norm.reference.saturate`).
+holding +-Inf is read as its limit direction (+-1 on its ``k`` infinities, 0 elsewhere,
+norm ``sqrt(k)``, no eps), so the same arithmetic gives the reference's limit
+``+-w / sqrt(k)``; its gradient is 0. Input gradients beyond the dtype saturate at its
+largest value (:func:`l2norm.reference.saturate`).
 
-Batch invariance: a row's arithmetic depends on that row, ``L`` and the platform only; the
-reductions inside a row are exact (extraction) or error-free (TwoSum) up to terms of
-``2**-33`` relative, in an order fixed by the block shape. Determinism: no atomics.
-Bits: Triton, Mosaic and the interpreter may contract, order or flush differently, so
-results on a GPU or TPU may differ from interpret mode (and from the CPU kernel) in the
-last place; the 1 ULP bound is what holds everywhere.
+Batch invariance: a row's arithmetic depends on that row, ``L``, the dtype and the
+platform only; the reductions inside a row are exact (extraction) or error-free (TwoSum)
+up to terms of ``2**-33`` relative, in an order fixed by the block shape. Determinism: no
+atomics. Bits: Triton, Mosaic and the interpreter may contract, order or flush
+differently, so results on a GPU or TPU may differ from interpret mode (and from the CPU
+kernel) in the last place; the 1 ULP bound is what holds everywhere.
 
 Examples:
     >>> import jax.numpy as jnp
