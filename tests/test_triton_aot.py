@@ -82,8 +82,8 @@ def launcher_configs() -> list[Config]:
     ):
         vector = 16 // itemsize
         for channels in range(1, MAX_CHANNELS + 1):
-            tile = _triton._config(channels, rows, kind == "backward")
             align = vector if rows and channels % vector == 0 else 1
+            tile = _triton._config(channels, rows, kind == "backward", align > 1)
             single = channels <= tile[0]
             even = not single and channels % tile[0] == 0
             key = (kind, dtype, rows, *tile, single, align, even)

@@ -118,11 +118,14 @@ def _eps_tensor(eps: float, device: torch.device) -> Tensor:
     return torch.tensor([eps], dtype=torch.float64, device=device)
 
 
-def _config(channels: int, rows: bool, backward: bool = False) -> tuple[int, int, int]:
-    """``(BLOCK_C, BLOCK_S, num_warps)``, a function of the channel count and the layout
-    only (the same for every dtype and architecture): a slice's reduction order never
-    depends on the batch. The kernel keeps the tile in registers where ``channels <=
-    BLOCK_C`` and walks chunks otherwise; the backward's tiles are half as tall.
+def _config(
+    channels: int, rows: bool, backward: bool = False, vectors: bool = True
+) -> tuple[int, int, int]:
+    """``(BLOCK_C, BLOCK_S, num_warps)``, a function of the channel count, the layout,
+    whether rows load as vectors (``_alignment``) and the kernel only (never of the batch:
+    a slice's reduction order never depends on it). The kernel keeps the tile in
+    registers where ``channels <= BLOCK_C`` and walks chunks otherwise; the backward's
+    tiles are half as tall, and so are those of rows that load entry by entry.
 
     >>> _config(512, rows=False)
     (32, 32, 4)
@@ -131,6 +134,8 @@ def _config(channels: int, rows: bool, backward: bool = False) -> tuple[int, int
     """
     block_c = min(_next_power_of_2(channels), CHUNK)
     tile = TILE // 2 if backward else TILE  # the backward holds x and g
+    if rows and not vectors:  # scalar loads: more registers per entry (spills on sm_80)
+        tile //= 2
     # Fewer than 4 channels put several whole slices in a thread, each with its own
     # per-slice work: at most 256 slices a tile keeps that within the registers.
     block_s = min(tile // block_c, 256) if rows else min(max(tile // CHUNK, tile // block_c), 256)
@@ -179,7 +184,8 @@ def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float,
     ``meta`` holds the backward's own constants (``NEED_DW``)."""
     channels = view.rows[1]
     rows = view.rows[2] == 1
-    block_c, block_s, num_warps = _config(channels, rows, "NEED_DW" in meta)
+    align = _alignment(view, tensors[0].element_size())
+    block_c, block_s, num_warps = _config(channels, rows, "NEED_DW" in meta, align > 1)
     grid, stride_c, count = _launch_args(view, block_s)
     *arrays, weight = tensors
     w, w_mode = _scale_args(weight, arrays[0])
@@ -198,7 +204,7 @@ def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         SINGLE=channels <= block_c,
-        ALIGN=_alignment(view, arrays[0].element_size()),
+        ALIGN=align,
         EVEN=channels > block_c and channels % block_c == 0,  # walked chunks, all full
         BF16_BITS=_kernels_interpreted(),
         num_warps=num_warps,
@@ -208,9 +214,10 @@ def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float,
     return grid[0] * grid[1]
 
 
-def programs(view: Layout, backward: bool = False) -> int:
-    """How many programs (tiles) a launch over ``view`` runs."""
-    _, block_s, _ = _config(view.rows[1], view.rows[2] == 1, backward)
+def programs(view: Layout, itemsize: int, backward: bool = False) -> int:
+    """How many programs (tiles) a launch over ``view`` of ``itemsize``-byte entries runs."""
+    vectors = _alignment(view, itemsize) > 1
+    _, block_s, _ = _config(view.rows[1], view.rows[2] == 1, backward, vectors)
     grid, _, _ = _launch_args(view, block_s)
     return grid[0] * grid[1]
 
@@ -233,7 +240,11 @@ def backward(
     channels = view.rows[1]
     need_dw = weight is not None
     shares = (
-        torch.empty((programs(view, backward=True), channels), dtype=torch.float64, device=x.device)
+        torch.empty(
+            (programs(view, x3.element_size(), backward=True), channels),
+            dtype=torch.float64,
+            device=x.device,
+        )
         if need_dw
         else x3  # not written
     )
