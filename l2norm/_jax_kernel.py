@@ -51,15 +51,20 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
-from l2norm import _native
-from l2norm._modes import get_mode
+from l2norm import _native, _pallas
+from l2norm._modes import MODES, get_mode
 from l2norm._spec import Axes, Spec
 
 __all__ = ["LOWERINGS", "OpPlan", "applies", "normalize", "plan_for", "use_lowering"]
 
 DTYPES = ("float32", "float16", "bfloat16")
-#: The lowerings :func:`use_lowering` can force: the native kernel, or plain jax.numpy ops.
-LOWERINGS: tuple[str, ...] = ("cpu-kernel", "ops")
+#: The lowerings :func:`use_lowering` can force: the native CPU kernel, the Pallas kernels
+#: (:mod:`l2norm._pallas`: GPUs and TPUs; interpreted elsewhere), or plain jax.numpy ops.
+LOWERINGS: tuple[str, ...] = ("cpu-kernel", "pallas", "ops")
+#: Where the Pallas kernels are the default: CUDA GPUs, whose Triton lowering is compiled
+#: ahead of time in the tests. On TPUs (Mosaic) and ROCm they are opt-in
+#: (``use_lowering("pallas")``) until they have run on such hardware.
+PALLAS_DEFAULT_BACKENDS = ("gpu",)
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "l2norm_jax_lowering", default=None
 )
@@ -72,7 +77,9 @@ def use_lowering(name: str | None) -> Iterator[None]:
     Args:
         name: ``"ops"`` (the ladder in plain ``jax.numpy`` everywhere), ``"cpu-kernel"``
             (the native kernel wherever it applies; RuntimeError on a call it should take
-            if it cannot be built), or None (the default: the kernel on the CPU).
+            if it cannot be built), ``"pallas"`` (the Pallas kernels wherever they apply:
+            Triton on GPUs, Mosaic on TPUs, interpreted on the CPU), or None (the
+            default: the kernel on the CPU, Pallas on CUDA GPUs, the ladder elsewhere).
 
     Example::
 
@@ -110,7 +117,7 @@ def applies(dtype: str, axes: Axes) -> bool:
     ``L2NORM_CPU_KERNEL=0``), and the kernel built. Decided while tracing, from static
     properties only."""
     forced = _FORCED.get()
-    if forced == "ops" or dtype not in DTYPES or axes.norm != (axes.channel,):
+    if forced in ("ops", "pallas") or dtype not in DTYPES or axes.norm != (axes.channel,):
         return False
     if jax.default_backend() != "cpu":
         return False
@@ -121,6 +128,21 @@ def applies(dtype: str, axes: Axes) -> bool:
     return os.environ.get("L2NORM_CPU_KERNEL", "1") != "0" and _registered()
 
 
+def choose(dtype: str, axes: Axes, width: int) -> str:
+    """The lowering of a call with data of ``dtype`` over ``axes``, slices of ``width``
+    entries: ``"cpu-kernel"`` (:func:`applies`), ``"pallas"`` (forced, or the default on
+    :data:`PALLAS_DEFAULT_BACKENDS`; one normalized axis, a dtype and width the kernels
+    take) or ``"ops"``. Decided while tracing, from static properties only."""
+    if applies(dtype, axes):
+        return "cpu-kernel"
+    forced = _FORCED.get()
+    one_axis = axes.norm == (axes.channel,)
+    takes = one_axis and dtype in _pallas.DTYPES and _pallas.fits(width)
+    if forced == "pallas" or (forced is None and jax.default_backend() in PALLAS_DEFAULT_BACKENDS):
+        return "pallas" if takes else "ops"
+    return "ops"
+
+
 class OpPlan(NamedTuple):
     """The static attributes of one call (the primitives' parameter).
 
@@ -129,7 +151,7 @@ class OpPlan(NamedTuple):
     per channel and 1 otherwise (no scale: a constant 1).
     """
 
-    lowering: str  # "cpu-kernel" or "ops"
+    lowering: str  # "cpu-kernel", "pallas" or "ops"
     base_ndim: int
     channel: int
     channels: int
@@ -141,12 +163,12 @@ class OpPlan(NamedTuple):
 
 
 def plan_for(
-    x: jax.Array, scale_kind: int, spec: Spec, axes: Axes, ladder_plan: Any, kernel: bool
+    x: jax.Array, scale_kind: int, spec: Spec, axes: Axes, ladder_plan: Any, lowering: str
 ) -> OpPlan:
     """The plan of ``x`` normalized over one ``axes.channel`` (or the ladder's ``axes``)."""
     is_add, power = get_mode(spec.eps_mode).kernel_code
     return OpPlan(
-        lowering="cpu-kernel" if kernel else "ops",
+        lowering=lowering,
         base_ndim=x.ndim,
         channel=axes.channel,
         channels=int(x.shape[axes.channel]),
@@ -272,6 +294,57 @@ def _vjp_call(plan: OpPlan, x: jax.Array, g: jax.Array, s: jax.Array):
     )(x, g, s, **_attributes(plan, x))
 
 
+def _pallas_one(plan: OpPlan, x: jax.Array, s: jax.Array, *g: jax.Array):
+    """One call (no group axes) on the Pallas kernels, with the custom calls' scale and
+    results: ``s u``, or ``dx`` and the scale gradient per channel (float32)."""
+    mode = next(m.name for m in MODES.values() if m.kernel_code == (plan.is_add, plan.power))
+    options = {"channel": plan.channel, "eps_mode": mode, "eps": plan.eps}
+    scale = None if plan.scale_kind == 0 else s
+    if not g:
+        return _pallas.forward(x, scale, **options)
+    return _pallas.vjp(x, scale, g[0], **options)
+
+
+def _pallas_scale(plan: OpPlan, s: jax.Array) -> jax.Array:
+    """The scale for :func:`_pallas_one`: no scale is one shared placeholder (not a
+    per-group array of no entries, which the group mapping cannot flatten)."""
+    return jnp.ones((1,), jnp.float32) if plan.scale_kind == 0 else s
+
+
+def _pallas_forward_call(plan: OpPlan, x: jax.Array, s: jax.Array) -> jax.Array:
+    """:func:`_forward_call` on the Pallas kernels."""
+    return _over_groups(_pallas_one, plan, x, _pallas_scale(plan, s))
+
+
+def _pallas_vjp_call(plan: OpPlan, x: jax.Array, g: jax.Array, s: jax.Array):
+    """:func:`_vjp_call` on the Pallas kernels: the scale gradient per channel, per scale
+    group (or summed over the groups of a shared scale, in a fixed order)."""
+    groups, lead = _groups(plan, x), s.shape[:-1]
+    s = _pallas_scale(plan, s)
+    if not groups:
+        return _pallas_one(plan, x, s, g)
+    per_group = s.ndim > 1
+
+    def flat(a: jax.Array) -> jax.Array:
+        return a.reshape((-1, *a.shape[len(groups) :]))
+
+    dx, dw = jax.vmap(
+        functools.partial(_pallas_one, plan), in_axes=(0, 0 if per_group else None, 0)
+    )(flat(x), flat(s) if per_group else s, flat(g))
+    dw = dw.reshape((*groups, plan.channels)) if per_group else jnp.sum(dw, axis=0)
+    if plan.scale_kind == 0:  # the custom calls' shape: one row per scale group
+        dw = jnp.zeros((*lead, plan.channels), jnp.float32)
+    return dx.reshape(x.shape), dw
+
+
+_CALLS = {
+    ("cpu-kernel", "forward"): _forward_call,
+    ("cpu-kernel", "vjp"): _vjp_call,
+    ("pallas", "forward"): _pallas_forward_call,
+    ("pallas", "vjp"): _pallas_vjp_call,
+}
+
+
 def _mesh_axes(entries: tuple) -> tuple[str, ...]:
     """The mesh axis names of some PartitionSpec entries."""
     names: list[str] = []
@@ -283,14 +356,15 @@ def _mesh_axes(entries: tuple) -> tuple[str, ...]:
 
 @functools.cache
 def _partitioned(which: str, plan: OpPlan, ndim: int, per_group: bool) -> Callable:
-    """The custom call ``which`` ("forward" or "vjp") as a ``custom_partitioning`` op.
+    """The kernel call ``which`` ("forward" or "vjp"; the CPU kernel's custom calls or the
+    Pallas kernels, by ``plan.lowering``) as a ``custom_partitioning`` op.
 
     Sharding rule (Shardy): every axis but the channel axis passes through; the channel
     axis and the scale's entries need replication. Per device the kernel normalizes its
     own slices (the outer size from the buffer, the inner from the local shape); the VJP
     sums its scale gradient over the devices that share the data.
     """
-    call = _forward_call if which == "forward" else _vjp_call
+    call = _CALLS[plan.lowering, which]
     groups = ndim - plan.base_ndim
     split = groups + plan.channel  # the channel axis, the one that may not stay sharded
     x_factors = [f"a{i}" for i in range(split)] + ["c"]
@@ -370,7 +444,7 @@ def forward_impl(plan: OpPlan, x: jax.Array, s: jax.Array) -> jax.Array:
     """``s u`` by the plan's lowering."""
     if x.size == 0:
         return jnp.zeros_like(x)
-    if plan.lowering == "cpu-kernel":
+    if plan.lowering in ("cpu-kernel", "pallas"):
         return _kernel_forward(plan, x, s)
     return _over_groups(_ladder_forward_one, plan, x, s)
 
@@ -379,7 +453,7 @@ def vjp_impl(plan: OpPlan, x: jax.Array, s: jax.Array, g: jax.Array):
     """``(J (s g), sum g u)`` by the plan's lowering; the second has ``s``'s shape."""
     if x.size == 0:
         return jnp.zeros_like(x), jnp.zeros_like(s)
-    if plan.lowering == "cpu-kernel":
+    if plan.lowering in ("cpu-kernel", "pallas"):
         return _kernel_vjp(plan, x, s, g)
     return _over_groups(_ladder_vjp_one, plan, x, s, g)
 

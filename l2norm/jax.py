@@ -123,7 +123,8 @@ def l2_normalize(
 
 def lowering_for(x: Any, *, axis: int | tuple[int, ...] = -1, across_spatial: bool = False) -> str:
     """Which lowering :func:`l2_normalize` takes for ``x`` here and now: ``"cpu-kernel"``
-    (the native kernel, as XLA custom calls) or ``"ops"`` (the ladder in ``jax.numpy``).
+    (the native kernel, as XLA custom calls), ``"pallas"`` (the Pallas kernels) or
+    ``"ops"`` (the ladder in ``jax.numpy``).
 
     Example:
         >>> import jax.numpy as jnp
@@ -134,7 +135,8 @@ def lowering_for(x: Any, *, axis: int | tuple[int, ...] = -1, across_spatial: bo
     """
     spec = Spec.create(axis=axis, across_spatial=across_spatial)
     dtype = jnp.dtype(jnp.asarray(x).dtype).name
-    return "cpu-kernel" if _jax_kernel.applies(dtype, spec.resolve(jnp.ndim(x))) else "ops"
+    axes = spec.resolve(jnp.ndim(x))
+    return _jax_kernel.choose(dtype, axes, math.prod(jnp.shape(x)[a] for a in axes.norm))
 
 
 def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
@@ -171,9 +173,10 @@ def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
     size = int(np.prod([x.shape[a] for a in axes.norm]))
     ladder = _ladder.make_ladder(dtype, acc, size, spec.eps_mode, spec.eps)
     plan = _plan(ladder, axes, size, spec.eps, acc)
-    # The CPU: the native kernel, one pass; elsewhere the ladder below.
-    kernel = _jax_kernel.applies(dtype, axes)
-    op = _jax_kernel.plan_for(x, kind, spec, axes, plan, kernel)
+    # The CPU: the native kernel, one pass; CUDA GPUs: the Pallas kernels; elsewhere the
+    # ladder below.
+    lowering = _jax_kernel.choose(dtype, axes, size)
+    op = _jax_kernel.plan_for(x, kind, spec, axes, plan, lowering)
     return _jax_kernel.normalize(op, x, s)
 
 

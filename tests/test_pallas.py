@@ -260,3 +260,112 @@ def test_gpu_kernels_compile_for_sm90_without_spills(monkeypatch, tmp_path, widt
         registers = int(re.search(r"REG:(\d+)", usage).group(1))
         stack = int(re.search(r"STACK:(\d+)", usage).group(1))
         assert registers <= 128 and stack == 0, (number, usage)
+
+
+# --------------------------------------------------------------------------- as the JAX op
+# The kernels behind l2norm.jax's primitives (use_lowering("pallas"); interpreted here):
+# the same transformations as the other lowerings, compared with the reference.
+
+
+def _reference_vjp(x, w, g):
+    from l2norm import reference
+
+    return reference.l2_normalize_vjp(x, w, g)
+
+
+def test_the_op_on_pallas_matches_the_reference_under_its_transformations():
+    from l2norm.jax import l2_normalize, lowering_for, use_lowering
+    from l2norm.testing import assert_matches_reference
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 16)).astype(np.float32)
+    x[0, 1] = 0.0  # a zero slice
+    w = (rng.standard_normal(16) + 2).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    with use_lowering("pallas"):
+        assert lowering_for(x) == "pallas"
+        f = jax.jit(lambda x, w: l2_normalize(x, w))
+        assert_matches_reference(f, x, w, forward_ulps=1)
+        _, pullback = jax.vjp(f, x, w)
+        dx, dw = pullback(g)
+        rdx, rdw = _reference_vjp(x, w, g)
+        assert np.max(np.abs(dx - rdx)) <= 2 * np.finfo(np.float32).eps * np.max(np.abs(rdx))
+        assert np.max(np.abs(dw - rdw)) <= 2 * np.finfo(np.float32).eps * np.sum(np.abs(rdw))
+        # per-example gradients with a shared scale: a loop over examples
+        per_example = jax.vmap(
+            jax.grad(lambda xi, w: jnp.sum(l2_normalize(xi, w) * g[0]), argnums=(0, 1)),
+            in_axes=(0, None),
+        )(x, w)
+        for i in range(len(x)):
+            want_dx, want_dw = _reference_vjp(x[i], w, g[0])
+            bound = 2 * np.finfo(np.float32).eps
+            assert np.max(np.abs(per_example[0][i] - want_dx)) <= bound * np.max(np.abs(want_dx))
+            assert np.max(np.abs(per_example[1][i] - want_dw)) <= bound * np.sum(np.abs(want_dw))
+        # vmap over the scale: each scale's result is the unbatched call's
+        ys = jax.vmap(lambda w: f(x, w))(np.stack([w, 2 * w]))
+        np.testing.assert_array_equal(ys[0], f(x, w))
+        np.testing.assert_array_equal(ys[1], f(x, 2 * w))
+        # forward mode: <J t, c> = <t, J^T c> with the reference's transpose
+        t = rng.standard_normal(x.shape).astype(np.float32)
+        _, ty = jax.jvp(lambda x: l2_normalize(x[1:], w), (x,), (t,))
+        _, want = jax.jvp(lambda x: l2_normalize(x[1:], w), (x,), (t,))
+        np.testing.assert_array_equal(ty, want)  # deterministic
+        rdx1, _ = _reference_vjp(x[1:], w, g[1:])
+        assert abs(np.sum(ty * g[1:]) - np.sum(t[1:] * rdx1)) <= 1e-4 * np.sum(np.abs(t[1:] * rdx1))
+
+
+def test_the_op_on_pallas_keeps_a_batch_sharding_with_no_gather():
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from l2norm.jax import l2_normalize, use_lowering
+
+    assert len(jax.devices()) >= 2, "scripts/test runs with 4 host devices"
+    mesh = Mesh(jax.devices()[:2], ("data",))
+    x = np.random.default_rng(1).standard_normal((4, 6, 32)).astype(np.float32)
+    w = np.full(32, 3.0, np.float32)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    with use_lowering("pallas"):
+        f = jax.jit(lambda x, w: l2_normalize(x, w))
+        y = f(xs, w)
+        forward = f.lower(xs, w).compile().as_text()
+        grads = jax.jit(jax.grad(lambda x, w: jnp.sum(l2_normalize(x, w) ** 2), argnums=(0, 1)))
+        backward = grads.lower(xs, w).compile().as_text()
+    assert y.sharding.spec == P("data")
+    from l2norm import reference
+
+    assert np.max(np.abs(np.asarray(y) - reference.l2_normalize(x, w))) <= 3 * 2**-24 * 3
+    collectives = ("all-gather", "all-to-all", "collective-permute")
+    assert not [c for c in (*collectives, "all-reduce") if c in forward]
+    assert not [c for c in collectives if c in backward]  # only the scale's all-reduce
+
+
+@pytest.mark.parametrize(("platform", "marker"), [("cuda", "triton"), ("tpu", "tpu_custom_call")])
+def test_the_op_on_pallas_exports_for_accelerators(platform, marker):
+    from jax import export
+
+    from l2norm.jax import l2_normalize, use_lowering
+
+    x, w = jnp.ones((4, 8, 8, 64), jnp.bfloat16), jnp.full((64,), 20.0)
+    with use_lowering("pallas"):
+        exported = export.export(
+            jax.jit(lambda x, w: l2_normalize(x, w)),
+            platforms=[platform],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(x, w)
+    assert marker in exported.mlir_module()
+
+
+@pytest.mark.parametrize(
+    ("backend", "want"), [("gpu", "pallas"), ("tpu", "ops"), ("cpu", "cpu-kernel")]
+)
+def test_pallas_is_the_default_on_cuda_gpus(monkeypatch, backend, want):
+    """CUDA GPUs take the Pallas kernels by default (their Triton lowering is compiled
+    ahead of time above); TPUs keep the ladder until the Mosaic kernels have run on one."""
+    from l2norm import _jax_kernel
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    axes = Spec.create(axis=-1).resolve(2)
+    assert _jax_kernel.choose("float32", axes, 512) == want
+    assert _jax_kernel.choose("float64", axes, 512) == "ops"
+    assert _jax_kernel.choose("float32", axes, _pallas.MAX_WIDTH * 2) in ("ops", "cpu-kernel")
