@@ -20,6 +20,8 @@ torch-cuda         the same on CUDA (only with a CUDA device)                   
 torch-triton       the Triton lowering forced: on CUDA where there is a GPU,    torch
                    else on CPU tensors in Triton's interpreter (slow)
 jax                :func:`l2norm.jax.l2_normalize`, jitted                      jax
+jax-ops            the same, the ``jax.numpy`` ladder forced                    jax
+jax-pallas         the Pallas kernels (GPUs, TPUs), interpreted on the CPU      jax
 nnx, linen         the Flax layers, jitted                                      jax
 keras-tensorflow   :func:`l2norm.keras.l2_normalize` on each Keras backend;     tensorflow
 keras-jax          Keras picks its backend once per process, so ``l2norm        (+ jax,
