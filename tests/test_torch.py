@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -110,14 +110,30 @@ def test_conformance_case(case, backend):
     )
 
 
-@pytest.mark.parametrize("backend_name", BACKEND_NAMES)
-@given(
+_HOSTILE_CALLS = given(
     data=st.data(),
     dtype=st.sampled_from(["float16", "bfloat16", "float32", "float64"]),
     opts=options(),
     scale_kind=st.sampled_from(["per_channel", "shared", "none"]),
 )
+#: Triton's interpreter runs an example in seconds, not milliseconds: fewer examples there
+#: (every conformance case above runs on it in full).
+TRITON_EXAMPLES = settings(max_examples=6)
+
+
+@pytest.mark.parametrize("backend_name", [n for n in BACKEND_NAMES if n != "torch-triton"])
+@_HOSTILE_CALLS
 def test_matches_reference_on_hostile_inputs(backend_name, data, dtype, opts, scale_kind):
+    _hostile_inputs_match(backend_name, data, dtype, opts, scale_kind)
+
+
+@TRITON_EXAMPLES
+@_HOSTILE_CALLS
+def test_triton_matches_reference_on_hostile_inputs(data, dtype, opts, scale_kind):
+    _hostile_inputs_match("torch-triton", data, dtype, opts, scale_kind)
+
+
+def _hostile_inputs_match(backend_name, data, dtype, opts, scale_kind):
     backend = conformance.get_backend(backend_name)
     shape = data.draw(st.lists(st.integers(1, 5), min_size=2, max_size=4).map(tuple))
     dim = data.draw(st.integers(-len(shape), len(shape) - 1))
@@ -660,16 +676,26 @@ def test_cuda_graph_capture_and_no_sync_in_forward_and_backward():
 # --------------------------------------------------------------------------- native CPU kernel
 
 
-@pytest.mark.parametrize(
-    ("lowering", "backend_name"), [("cpu-kernel", "torch"), ("triton", "torch-triton")]
-)
-@given(
+_KERNEL_CALLS = given(
     data=st.data(),
     dtype=st.sampled_from(["float16", "bfloat16", "float32"]),
     mode=st.sampled_from(MODES),
     scale_kind=st.sampled_from(["per_channel", "shared", "none"]),
 )
-def test_kernels_match_the_reference(lowering, backend_name, data, dtype, mode, scale_kind):
+
+
+@_KERNEL_CALLS
+def test_cpu_kernel_matches_the_reference(data, dtype, mode, scale_kind):
+    _kernel_matches_the_reference("cpu-kernel", "torch", data, dtype, mode, scale_kind)
+
+
+@TRITON_EXAMPLES
+@_KERNEL_CALLS
+def test_triton_kernels_match_the_reference(data, dtype, mode, scale_kind):
+    _kernel_matches_the_reference("triton", "torch-triton", data, dtype, mode, scale_kind)
+
+
+def _kernel_matches_the_reference(lowering, backend_name, data, dtype, mode, scale_kind):
     # Shapes the kernels take: channel axis 1 with at least 8 slices after it (their block
     # layout), or the channel axis last (rows); hostile slices: zeros, huge, tiny,
     # subnormal, NaN, Inf.
