@@ -81,7 +81,11 @@ class L2Norm(nn.Module):
                 self.scale_init, features, self.channel_shared, self.param_dtype, key
             )
 
-        if self.learnable:
+        if self.learnable and self.has_variable("params", "scale"):
+            # Read, not self.param: Flax would first compare the stored shape with what the
+            # initializer would make and raise its generic ScopeParamShapeError.
+            scale = nn.meta.unbox(self.get_variable("params", "scale"))
+        elif self.learnable:
             scale = self.param("scale", lambda key: init(key))
         else:
             scale = self.variable(
@@ -92,7 +96,8 @@ class L2Norm(nn.Module):
         expected = _flax.layer_scale_shape(features, self.channel_shared)
         if scale.shape != expected:
             raise ValueError(
-                f"the stored scale has shape {scale.shape}, but an input with {features} "
-                f"features needs {expected}"
+                f"L2Norm: the input has {features} channels on axis {spec.axis}, but the "
+                f"stored scale has shape {scale.shape} (made for {scale.shape[0]} channels"
+                f"{', shared' if self.channel_shared else ''}); it needs {expected}"
             )
         return _flax.layer_apply(x, scale, spec, None, self.dtype)

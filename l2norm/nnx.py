@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,10 @@ class L2Norm(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs | None = None,
     ) -> None:
+        if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool):
+            raise TypeError(f"num_features must be an int, got {num_features!r}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive, got {num_features}")
         self.spec = Spec.create(
             axis=axis, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
         )

@@ -418,3 +418,17 @@ def test_serialization_round_trips(tmp_path):
     np.testing.assert_array_equal(
         linen_layer.apply(loaded_linen, x), linen_layer.apply(variables, x)
     )
+
+
+def test_flax_layers_name_what_is_wrong():
+    with pytest.raises(ValueError, match="num_features must be positive, got 0"):
+        NnxL2Norm(0, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="num_features must be an int"):
+        NnxL2Norm(8.0, rngs=nnx.Rngs(0))
+    layer = LinenL2Norm()
+    variables = layer.init(jax.random.key(0), jnp.ones((2, 8)))
+    with pytest.raises(ValueError, match=r"the input has 4 channels .*made for 8 channels"):
+        layer.apply(variables, jnp.ones((2, 4)))
+    np.testing.assert_array_equal(
+        layer.apply(variables, jnp.ones((2, 8))), np.full((2, 8), 20 / np.sqrt(8), np.float32)
+    )
