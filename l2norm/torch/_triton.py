@@ -34,8 +34,8 @@ __all__ = ["available", "backward", "forward", "layout", "require"]
 #: entry in registers and reducing across threads once per tile (few threads share a
 #: slice, so the per-slice work, float64 included, is spread over many entries).
 CHUNK = 32
-#: Entries per tile (chunk x slices): 8 per thread of 4 warps.
-TILE = 1024
+#: Entries per tile (chunk x slices) at most: 16 per thread of 4 warps.
+TILE = 2048
 NUM_WARPS = 4
 
 
@@ -124,18 +124,22 @@ def _config(
     """``(BLOCK_C, BLOCK_S, num_warps)``, a function of the channel count, the layout,
     whether rows load as vectors (``_alignment``) and the kernel only (never of the batch:
     a slice's reduction order never depends on it). The kernel keeps the tile in
-    registers where ``channels <= BLOCK_C`` and walks chunks otherwise; the backward's
-    tiles are half as tall, and so are those of rows that load entry by entry.
+    registers where ``channels <= BLOCK_C`` and walks chunks otherwise.
 
     >>> _config(512, rows=False)
     (32, 32, 4)
     >>> _config(8, rows=True)
-    (8, 128, 4)
+    (8, 256, 4)
     """
     block_c = min(_next_power_of_2(channels), CHUNK)
-    tile = TILE // 2 if backward else TILE  # the backward holds x and g
-    if rows and not vectors:  # scalar loads: more registers per entry (spills on sm_80)
-        tile //= 2
+    # Entries a tile, the most that compile without spills on sm_80 ... sm_100
+    # (tests/test_triton_aot.py): 16 a thread for the forward over rows of vectors, half
+    # that for the backward (x and g) and NCHW, half again for rows loaded entry by entry
+    # and the NCHW backward of fewer channels than a chunk (several slices a thread).
+    if rows:
+        tile = (TILE if vectors else TILE // 4) // (2 if backward else 1)
+    else:
+        tile = TILE // 4 if backward and block_c < CHUNK else TILE // 2
     # Fewer than 4 channels put several whole slices in a thread, each with its own
     # per-slice work: at most 256 slices a tile keeps that within the registers.
     block_s = min(tile // block_c, 256) if rows else min(max(tile // CHUNK, tile // block_c), 256)
