@@ -72,8 +72,17 @@ def _backend_help() -> str:
     return "backends (ready here, or why not):\n" + "\n".join(lines)
 
 
+class _CheckParser(argparse.ArgumentParser):
+    """Lists the backends only when the help is shown: finding out which are ready imports
+    their frameworks (torch, Triton: about a second), which a run need not pay."""
+
+    def format_help(self) -> str:
+        self.epilog = _backend_help()
+        return super().format_help()
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _CheckParser(
         prog="l2norm check",
         description=(
             "Run every installed backend through the conformance suite: each backend "
@@ -81,7 +90,6 @@ def _parser() -> argparse.ArgumentParser:
             "the cross-framework comparison. Exit status 0 when all pass, 1 on a "
             "failure, 2 on a usage error."
         ),
-        epilog=_backend_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
