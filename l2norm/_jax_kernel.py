@@ -243,7 +243,9 @@ def _over_groups(one: Callable, plan: OpPlan, x: jax.Array, s: jax.Array, *xlike
     if not isinstance(out, tuple):
         return out.reshape(x.shape)
     dx, ds = out
-    return dx.reshape(x.shape), ds.reshape(s.shape) if per_group else jnp.sum(ds, axis=0)
+    # Per group: one row of ds each (the scale's shape, or a kernel's per-channel rows).
+    ds = ds.reshape((*groups, *ds.shape[1:])) if per_group else jnp.sum(ds, axis=0)
+    return dx.reshape(x.shape), ds
 
 
 # --------------------------------------------------------------------------- the kernel
@@ -319,22 +321,10 @@ def _pallas_forward_call(plan: OpPlan, x: jax.Array, s: jax.Array) -> jax.Array:
 def _pallas_vjp_call(plan: OpPlan, x: jax.Array, g: jax.Array, s: jax.Array):
     """:func:`_vjp_call` on the Pallas kernels: the scale gradient per channel, per scale
     group (or summed over the groups of a shared scale, in a fixed order)."""
-    groups, lead = _groups(plan, x), s.shape[:-1]
-    s = _pallas_scale(plan, s)
-    if not groups:
-        return _pallas_one(plan, x, s, g)
-    per_group = s.ndim > 1
-
-    def flat(a: jax.Array) -> jax.Array:
-        return a.reshape((-1, *a.shape[len(groups) :]))
-
-    dx, dw = jax.vmap(
-        functools.partial(_pallas_one, plan), in_axes=(0, 0 if per_group else None, 0)
-    )(flat(x), flat(s) if per_group else s, flat(g))
-    dw = dw.reshape((*groups, plan.channels)) if per_group else jnp.sum(dw, axis=0)
+    dx, dw = _over_groups(_pallas_one, plan, x, _pallas_scale(plan, s), g)
     if plan.scale_kind == 0:  # the custom calls' shape: one row per scale group
-        dw = jnp.zeros((*lead, plan.channels), jnp.float32)
-    return dx.reshape(x.shape), dw
+        dw = jnp.zeros((*s.shape[:-1], plan.channels), jnp.float32)
+    return dx, dw
 
 
 _CALLS = {
