@@ -200,7 +200,9 @@ class PairNamespace:
         return self.pair(self.xp.zeros_like(v.hi if isinstance(v, Pair) else v))
 
 
-def pair_slice_terms(xp: Any, mode: EpsMode, sumsq: Pair, eps: Any) -> tuple[Any, ...]:
+def pair_slice_terms(
+    xp: Any, mode: EpsMode, sumsq: Pair, eps: Any, count: int = 1
+) -> tuple[Any, ...]:
     """``(1 / d, 1 / n, r, n / d, the low word of 1 / d)`` from a pair sum, computed in
     double-word arithmetic (the table of :mod:`l2norm._modes` run on pairs); NaN and Inf
     slices are left to the caller (their pair is replaced by 1 here)."""
@@ -211,8 +213,8 @@ def pair_slice_terms(xp: Any, mode: EpsMode, sumsq: Pair, eps: Any) -> tuple[Any
     positive = a.hi > zeros
     n = pxp.sqrt(a)
     e = pxp.pair(eps)
-    d = mode.denominator(pxp, a, n, e)
-    r, _ = mode.ratio(pxp, a, n, d, e)
+    d = mode.denominator(pxp, a, n, e, count)
+    r, _ = mode.ratio(pxp, a, n, d, e, count)
     inv_d = 1.0 / d
     inv_n = xp.where(positive, ones / xp.where(positive, n.hi + n.lo, ones), zeros)
     ratio = n / d

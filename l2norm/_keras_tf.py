@@ -407,6 +407,7 @@ def portable(x: tf.Tensor, scale: tf.Tensor | None, spec: Spec, axes: Axes) -> t
         lambda v: tf.reduce_max(v, axis=axes.norm, keepdims=True),
         lambda v: tf.reduce_sum(v, axis=axes.norm, keepdims=True),
         work.name,
+        tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), list(axes.norm))), work),
     )
     return tf.cast(y, x.dtype)
 
@@ -432,9 +433,13 @@ def normalize(x: tf.Tensor, scale: tf.Tensor | None, spec: Spec, axes: Axes) -> 
     if exporting():
         return portable(x, scale, spec, axes)
     acc = _acc_dtype(x.dtype)
-    ladder = _ladder.make_ladder(
-        x.dtype.name, acc.name, slice_size(x.shape, axes), spec.eps_mode, spec.eps
-    )
+    size = slice_size(x.shape, axes)
+    if size == UNKNOWN_SIZE and get_mode(spec.eps_mode).mean:
+        raise ValueError(
+            f"eps_mode={spec.eps_mode!r} divides by the slice size, which must be static: "
+            f"the normalized axes {axes.norm} of an input of shape {x.shape} are not all known"
+        )
+    ladder = _ladder.make_ladder(x.dtype.name, acc.name, size, spec.eps_mode, spec.eps)
     plan = sum_plan(x.shape, axes)
     if scale is None:
         forward, backward = _programs(ladder, plan, None)

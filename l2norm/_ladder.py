@@ -101,12 +101,14 @@ class Ladder:
             so a zero slice keeps ``d > 0``).
         exact_top: whether the top rung may serve slices whose entries are subnormal in
             the accumulator (then a flushing backend must scale them up from their bits).
+        count: the slice size where the placement reads the mean of the squares, else 1.
     """
 
     mode: EpsMode
     shifts: tuple[int, ...]
     eps: tuple[float, ...]
     exact_top: bool
+    count: int = 1
 
     @property
     def single(self) -> bool:
@@ -156,7 +158,7 @@ def make_ladder(data: str, acc: str, size: int, eps_mode: str, eps: float) -> La
         min(max(mode.scaled_eps(eps, 2.0**-s), 2.0**accf.min_exp), highest) for s in shifts
     )
     exact_top = shifts[0] > 0 and fmt.subnormal_exp < accf.min_exp
-    return Ladder(mode, shifts, rung_eps, exact_top)
+    return Ladder(mode, shifts, rung_eps, exact_top, size if mode.mean else 1)
 
 
 def _around_zero(top_min: int, bottom_max: int, delta: int) -> tuple[int, ...]:
@@ -272,7 +274,8 @@ def choose_rung(xp: Any, ladder: Ladder, rung_sums: list[Any]) -> Chosen:
             continue
         finite = xp.isfinite(raw)  # False where it overflowed (and for NaN)
         a = xp.where(finite, raw, ones)
-        usable = finite & xp.isfinite(mode.denominator(xp, a, xp.sqrt(a), fields.eps))
+        d = mode.denominator(xp, a, xp.sqrt(a), fields.eps, ladder.count)
+        usable = finite & xp.isfinite(d)
         chosen = Chosen(
             *(xp.where(usable, new, old) for new, old in zip(fields, chosen, strict=True))
         )
@@ -300,29 +303,35 @@ def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) ->
     ones, zeros = xp.ones_like(bottom), xp.zeros_like(bottom)
     sumsq, eps, pre, post, unit, top = chosen
     if isinstance(sumsq, Pair):
-        inv_d, inv_n, r, ratio, inv_d_lo = pair_slice_terms(xp, mode, sumsq, eps)
+        inv_d, inv_n, r, ratio, inv_d_lo = pair_slice_terms(xp, mode, sumsq, eps, ladder.count)
     else:
         a = xp.where(xp.isfinite(sumsq), sumsq, ones)  # NaN and Inf slices: see below
         positive = a > zeros
         n = xp.where(positive, xp.sqrt(xp.where(positive, a, ones)), zeros)
-        d = mode.denominator(xp, a, n, eps)
-        r, _ = mode.ratio(xp, a, n, d, eps)
+        d = mode.denominator(xp, a, n, eps, ladder.count)
+        r, _ = mode.ratio(xp, a, n, d, eps, ladder.count)
         inv_d = ones / d
         inv_n = xp.where(positive, ones / xp.where(positive, n, ones), zeros)
         ratio = n / d
         inv_d_lo = None
     # NaN slices: NaN throughout (``bottom`` is NaN exactly there). Inf slices (every rung
     # overflowed, and infinities counted): the reference's limit, direction sign(x) on
-    # the infinite entries over sqrt(their count), 0 elsewhere, input gradient 0.
+    # the infinite entries over sqrt(their count) (times the mode's inf_limit), 0
+    # elsewhere, input gradient 0.
     nan_slice = bottom != bottom
     inf_slice = (n_inf > zeros) & ~nan_slice
     nan = xp.where(nan_slice, bottom, zeros)
     inv_d = xp.where(nan_slice, nan, xp.where(inf_slice, zeros, inv_d))
     inv_n = xp.where(nan_slice, nan, xp.where(inf_slice, zeros, inv_n))
     r = xp.where(inf_slice, zeros, r)
-    ratio = xp.where(nan_slice, nan, xp.where(inf_slice, ones, ratio))
     count = xp.where(inf_slice, n_inf, ones)
-    rinf = xp.where(nan_slice, nan, xp.where(inf_slice, ones / xp.sqrt(count), zeros))
+    if ladder.count == 1:
+        limit, rinf = ones, ones / xp.sqrt(count)
+    else:  # sqrt(N / k) rounded once, not sqrt(N) / sqrt(k)
+        limit = xp.full_like(bottom, mode.inf_limit(ladder.count))
+        rinf = xp.sqrt(xp.full_like(bottom, float(ladder.count)) / count)
+    ratio = xp.where(nan_slice, nan, xp.where(inf_slice, limit, ratio))
+    rinf = xp.where(nan_slice, nan, xp.where(inf_slice, rinf, zeros))
     if inv_d_lo is not None:
         inv_d_lo = xp.where(nan_slice | inf_slice, zeros, inv_d_lo)
     if ladder.single:

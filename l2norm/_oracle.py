@@ -67,6 +67,8 @@ def _slice_terms(values: list[float], spec: Spec):
     c = _CTX
     if any(v != v for v in values):
         return None
+    mode = get_mode(spec.eps_mode)
+    count = Decimal(len(values))
     infinite = [v for v in values if v in (float("inf"), float("-inf"))]
     if infinite:
         k = c.sqrt(Decimal(len(infinite)))
@@ -74,15 +76,16 @@ def _slice_terms(values: list[float], spec: Spec):
             Decimal(1 if v > 0 else -1) / k if v in (float("inf"), float("-inf")) else Decimal(0)
             for v in values
         ]
-        return xhat, xhat, None, None
+        # n / d(n) tends to 1, or to sqrt(N) where eps meets the mean of the squares
+        limit = c.sqrt(count) if mode.mean else Decimal(1)
+        return [c.multiply(limit, v) for v in xhat], xhat, None, None
     xs = [Decimal(v) for v in values]
     sumsq = sum((c.multiply(v, v) for v in xs), Decimal(0))
     n = c.sqrt(sumsq)
-    mode = get_mode(spec.eps_mode)
     eps = Decimal(spec.eps)
     with localcontext(c):  # the table's operators at the oracle's precision
-        d = mode.denominator(_DecimalNamespace, sumsq, n, eps)
-        r, _ = mode.ratio(_DecimalNamespace, sumsq, n, d, eps)
+        d = mode.denominator(_DecimalNamespace, sumsq, n, eps, count)
+        r, _ = mode.ratio(_DecimalNamespace, sumsq, n, d, eps, count)
     xhat = [c.divide(v, n) for v in xs] if n > 0 else [Decimal(0)] * len(xs)
     u = [c.divide(v, d) for v in xs]
     return u, xhat, d, r

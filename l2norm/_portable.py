@@ -101,6 +101,7 @@ def normalized(
     reduce_max: Callable[[Any], Any],
     reduce_sum: Callable[[Any], Any],
     working: str,
+    count: Any = 1,
 ) -> Any:
     """``scale * x / d(||x||)`` by the max-scaled formula, in ``x``'s (working) dtype.
 
@@ -112,6 +113,7 @@ def normalized(
         mode: the eps placement; ``eps`` its epsilon.
         reduce_max, reduce_sum: reductions over the normalized axes that keep them.
         working: the name of ``x``'s dtype.
+        count: the slice size (an int, or a symbolic size), read by a mean placement.
 
     Example:
         >>> import numpy as np
@@ -126,6 +128,8 @@ def normalized(
     fmt = FORMATS[working]
     smallest, largest = 2.0**fmt.min_exp, (2.0 - 2.0**-fmt.mant) * 2.0 ** (fmt.max_exp - 1)
     magnitude = xp.abs(x)
+    # (The mean's own threshold, sqrt(N eps), would do too: q >= sqrt(eps) already keeps
+    # the scaled eps at most 1, and needs no square root of a symbolic size.)
     q = xp.maximum(reduce_max(magnitude), max(mode.threshold(eps), smallest))
     # Inf entries (only in a slice whose q is Inf) become their signs; x / Inf is 0.
     # (Compared with the largest finite value: the TFLite converter stores an Inf
@@ -136,5 +140,5 @@ def normalized(
     # about 1, dominates) and keeps the square root's derivative finite at S = 0. (Not a
     # clamp: ONNX's Clip also clamps Inf to the dtype's largest value.)
     norm = xp.sqrt(sumsq + smallest)
-    u = t / mode.denominator(xp, sumsq, norm, mode.scaled_eps(eps, q))
+    u = t / mode.denominator(xp, sumsq, norm, mode.scaled_eps(eps, q), count)
     return u if scale is None else u * scale

@@ -225,7 +225,7 @@ class _Plan(NamedTuple):
 def _plan(ladder: Ladder, axes: Axes, size: int, eps: float, acc: str) -> _Plan:
     fmt = FORMATS[acc]
     matters = math.sqrt(size) * 2.0 ** (fmt.min_exp + fmt.mant + 8)  # delta 2**m
-    return _Plan(ladder, axes, ladder.exact_top and ladder.mode.threshold(eps) < matters)
+    return _Plan(ladder, axes, ladder.exact_top and ladder.mode.threshold(eps, size) < matters)
 
 
 def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:

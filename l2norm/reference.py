@@ -54,6 +54,7 @@ Numerics:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,12 +104,14 @@ def _parts(xw: np.ndarray, spec: Spec, axes: Axes) -> _Parts:
     xhat = np.divide(xs, ns, out=np.zeros_like(xs), where=positive)
 
     mode = get_mode(spec.eps_mode)
+    count = math.prod(xw.shape[a] for a in axes.norm)
     eps_s = mode.scaled_eps(spec.eps, p)
-    d_s = mode.denominator(np, sumsq, ns, eps_s)
+    d_s = mode.denominator(np, sumsq, ns, eps_s, xw.dtype.type(count))
     ratio = ns / d_s
-    r, one_minus_r = mode.ratio(np, sumsq, ns, d_s, eps_s)
-    # In the Inf limit n / d(n) -> 1 whatever the mode.
-    ratio = np.where(inf_slice, 1, ratio).astype(xw.dtype)
+    r, one_minus_r = mode.ratio(np, sumsq, ns, d_s, eps_s, xw.dtype.type(count))
+    # In the Inf limit n / d(n) tends to the mode's limit (1, or sqrt(N) for a mean).
+    limit = np.sqrt(xw.dtype.type(count)) if mode.mean else 1
+    ratio = np.where(inf_slice, limit, ratio).astype(xw.dtype)
     return _Parts(
         xhat=xhat,
         d_scaled=d_s,

@@ -93,6 +93,7 @@ def forward(
         lambda v: v.amax(dim=norm, keepdim=True),
         lambda v: v.sum(dim=norm, keepdim=True),
         str(work).removeprefix("torch."),
+        math.prod(x.shape[a] for a in norm),
     )
     return _cast(y, x.dtype)
 
