@@ -26,7 +26,6 @@ never make one sample's result depend on another's.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -34,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from l2norm import _lowering
 from l2norm._modes import EpsMode, get_mode
 from l2norm._spec import Axes, Spec
 from l2norm.torch import _cpu, _triton
@@ -41,12 +41,16 @@ from l2norm.torch._layout import Layout
 
 __all__ = ["LOWERINGS", "Plan", "Route", "choose", "use_lowering"]
 
-#: The lowerings :func:`use_lowering` can force.
-LOWERINGS: tuple[str, ...] = ("cpu-kernel", "triton", "ops")
-
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "l2norm_lowering", default=None
+_lowering.register(
+    _lowering.Lowering("torch", "cpu-kernel", "the native CPU kernel: CPU tensors, the default"),
+    _lowering.Lowering("torch", "triton", "Triton kernels: CUDA tensors, the default"),
+    _lowering.Lowering("torch", "ops", "the ladder in torch ops: any device, dtype and layout"),
+    _lowering.Lowering(
+        "torch", "traced", "the portable formula: jit.trace, export, ONNX", forceable=False
+    ),
 )
+#: The lowerings :func:`use_lowering` can force.
+LOWERINGS: tuple[str, ...] = _lowering.names("torch")
 
 
 @dataclass(frozen=True)
@@ -104,13 +108,8 @@ def use_lowering(name: str | None) -> Iterator[None]:
         >>> with l2norm.torch.use_lowering("ops"):
         ...     y = l2norm.torch.l2_normalize(torch.ones(2, 4))
     """
-    if name is not None and name not in LOWERINGS:
-        raise ValueError(f"unknown lowering {name!r}; expected one of {list(LOWERINGS)} or None")
-    token = _FORCED.set(name)
-    try:
+    with _lowering.use_lowering("torch", name):
         yield
-    finally:
-        _FORCED.reset(token)
 
 
 @_cpu.constant_to_compile
@@ -133,7 +132,7 @@ def choose(x: Tensor, plan: Plan) -> Route:
     # Eager: the same static properties give the same route, so it is looked up (a small
     # call's budget is a few microseconds). The kernel's availability (loading, warning
     # once) is asked on the first call of each key only.
-    key = (plan, x.dtype, x.device, x.shape, x.stride(), _FORCED.get(), _cpu.enabled())
+    key = (plan, x.dtype, x.device, x.shape, x.stride(), _forced(), _cpu.enabled())
     try:
         route = _ROUTES.get(key)
     except TypeError:  # symbolic sizes (make_fx's symbolic tracing): no table
@@ -152,9 +151,13 @@ _ROUTES: dict[tuple, Route] = {}
 _MAX_ROUTES = 4096
 
 
+def _forced() -> str | None:
+    return _lowering.forced("torch")
+
+
 def _choose_eager(x: Tensor, plan: Plan) -> Route:
     on_cpu = x.device.type == "cpu"
-    forced = _FORCED.get()
+    forced = _forced()
     if forced == "ops":
         return OPS
     if forced == "triton" or (forced is None and x.device.type == "cuda"):
