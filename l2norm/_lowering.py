@@ -48,8 +48,9 @@ class Lowering:
 
 
 _TABLE: dict[str, tuple[Lowering, ...]] = {}
-_FORCED: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar(
-    "l2norm_forced_lowerings", default={}
+# (framework, name) pairs: immutable, so a context's value is never changed in place.
+_FORCED: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(
+    "l2norm_forced_lowerings", default=()
 )
 
 
@@ -72,7 +73,7 @@ def names(framework: str) -> tuple[str, ...]:
 
 def forced(framework: str) -> str | None:
     """The lowering forced for ``framework`` in the current context, or None."""
-    return _FORCED.get().get(framework)
+    return dict(_FORCED.get()).get(framework)
 
 
 @contextlib.contextmanager
@@ -87,12 +88,8 @@ def use_lowering(framework: str, name: str | None) -> Iterator[None]:
         raise ValueError(
             f"unknown lowering {name!r} for {framework}; expected one of {list(accepted)} or None"
         )
-    current = dict(_FORCED.get())
-    if name is None:
-        current.pop(framework, None)
-    else:
-        current[framework] = name
-    token = _FORCED.set(current)
+    others = tuple(pair for pair in _FORCED.get() if pair[0] != framework)
+    token = _FORCED.set(others if name is None else (*others, (framework, name)))
     try:
         yield
     finally:
