@@ -12,10 +12,12 @@ denominator chosen by ``eps_mode``: the table of placements is :mod:`l2norm._mod
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -32,6 +34,13 @@ __all__ = [
     "check_float_dtype",
     "check_scale_shape",
     "scale_init_values",
+    "DEFAULT_RMS_EPS",
+    "RMS_PRESETS",
+    "ArrayOps",
+    "RMSPreset",
+    "RMSSpec",
+    "machine_eps",
+    "promote_float",
 ]
 
 #: The eps placements, from the table in :mod:`l2norm._modes` (the one place they live).
@@ -293,3 +302,241 @@ def scale_init_values(
             f"scale_init has shape {values.shape}, expected a number or shape {expected}"
         )
     return values
+
+
+# --------------------------------------------------------------------------- RMSNorm
+# RMSNorm is the same op with the mean placement (``eps_mode="add_meansq"``:
+# ``d = sqrt(n**2 / N + eps)``); what follows are its options and its peers' conventions,
+# which differ in eps, in the scale's parameterization and in where they round.
+
+#: RMSNorm's eps when neither the caller nor a preset gives one (Keras, Flax, Llama, T5).
+DEFAULT_RMS_EPS: float = 1e-6
+RMS_EPS_MODE: str = "add_meansq"
+
+
+@dataclass(frozen=True)
+class RMSPreset:
+    """One peer's RMSNorm convention (``x32`` is ``x`` cast to float32, ``ms(v)`` the mean
+    of ``v**2`` over the normalized axes, ``w`` the weight).
+
+    Attributes:
+        name: the ``preset`` string users pass.
+        peer: whose convention it is.
+        formula: what the peer computes, in its own order of operations.
+        eps: its default eps; None means the machine epsilon of the input's dtype,
+            resolved at each call (``torch.nn.RMSNorm(eps=None)``).
+        scale_init: the value a layer's weight starts at (0 where the scale is ``1 + w``).
+        flow: how the peer's dtypes and roundings run: ``"fused"`` (``w x / d`` rounded
+            once to ``x``'s dtype), ``"promote"`` (the same in the promoted dtype of ``x``
+            and ``w``), ``"gemma"``, ``"llama"`` or ``"t5"`` (see :meth:`RMSSpec.apply`).
+    """
+
+    name: str
+    peer: str
+    formula: str
+    eps: float | None = DEFAULT_RMS_EPS
+    scale_init: float = 1.0
+    flow: Literal["fused", "promote", "gemma", "llama", "t5"] = "fused"
+
+
+#: preset name -> its convention. Each formula is the peer's; ``l2norm``'s version of it
+#: rounds where the peer rounds to a stored dtype, and computes every rounding faithfully.
+RMS_PRESETS: dict[str, RMSPreset] = {
+    p.name: p
+    for p in (
+        RMSPreset(
+            "torch",
+            "torch.nn.RMSNorm, torch.nn.functional.rms_norm",
+            "x / sqrt(ms(x) + eps) * w in x's dtype; eps=None: torch.finfo(x.dtype).eps",
+            eps=None,
+        ),
+        RMSPreset(
+            "keras",
+            "keras.layers.RMSNormalization",
+            "x * rsqrt(ms(x) + eps) * w in at least float32, cast to x's dtype; eps 1e-6",
+        ),
+        RMSPreset(
+            "flax",
+            "flax nnx.RMSNorm, linen RMSNorm",
+            "x * (rsqrt(ms(x) + eps) * w) in at least float32, cast to the promoted dtype "
+            "of x and w (or the layer's dtype); epsilon 1e-6",
+            flow="promote",
+        ),
+        RMSPreset(
+            "llama",
+            "transformers LlamaRMSNorm",
+            "w * (x32 * rsqrt(ms(x32) + eps)).to(x.dtype); eps 1e-6",
+            flow="llama",
+        ),
+        RMSPreset(
+            "gemma",
+            "transformers GemmaRMSNorm",
+            "(x32 * rsqrt(ms(x32) + eps) * (1 + w.float())).to(x.dtype), w starts at 0; eps 1e-6",
+            scale_init=0.0,
+            flow="gemma",
+        ),
+        RMSPreset(
+            "t5",
+            "transformers T5LayerNorm",
+            "u = x * rsqrt(ms(x32) + eps); u = u.to(w.dtype) if w is half; w * u; eps 1e-6",
+            flow="t5",
+        ),
+    )
+}
+
+_DEFAULT_RMS = RMSPreset("l2norm", "l2norm", "w * x / sqrt(ms(x) + eps) rounded once; eps 1e-6")
+
+
+class ArrayOps(NamedTuple):
+    """What :meth:`RMSSpec.apply` needs of a framework: its L2 op and four array functions.
+
+    Attributes:
+        normalize: ``normalize(x, scale, spec)``, the framework's ``scale * x / d`` for a
+            :class:`Spec`, in ``x``'s dtype, with its exact gradient.
+        cast: ``cast(t, dtype_name)``.
+        dtype: ``dtype(t)``, the dtype's name (``"bfloat16"``, ``"float32"``, ...).
+        multiply: ``multiply(a, b)`` with the framework's type promotion.
+        reshape: ``reshape(t, shape)``.
+    """
+
+    normalize: Callable[[Any, Any, Spec], Any]
+    cast: Callable[[Any, str], Any]
+    dtype: Callable[[Any], str]
+    multiply: Callable[[Any, Any], Any]
+    reshape: Callable[[Any, tuple[int, ...]], Any]
+
+
+def promote_float(a: str, b: str) -> str:
+    """The dtype torch, JAX and NumPy promote two float dtypes to (float16 with bfloat16
+    gives float32).
+
+    Examples:
+        >>> promote_float("bfloat16", "float32"), promote_float("float16", "bfloat16")
+        ('float32', 'float32')
+    """
+    if a == b:
+        return a
+    if {a, b} == {"float16", "bfloat16"}:
+        return "float32"
+    return max(a, b, key=FLOAT_DTYPES.index)
+
+
+def machine_eps(dtype_name: str) -> float:
+    """``finfo(dtype).eps``: 2**-10 (float16), 2**-7 (bfloat16), 2**-23, 2**-52."""
+    bits = {"float16": 10, "bfloat16": 7, "float32": 23, "float64": 52}[dtype_name]
+    return 2.0**-bits
+
+
+@functools.lru_cache(maxsize=256)
+def _rms_l2_spec(axis: int | tuple[int, ...], eps: float) -> Spec:
+    return Spec.create(axis=axis, eps=eps, eps_mode=RMS_EPS_MODE)
+
+
+@dataclass(frozen=True)
+class RMSSpec:
+    """Validated options of an RMSNorm: ``y = w * x / sqrt(mean(x**2) + eps)`` over the
+    normalized axes. Build it with :meth:`RMSSpec.create`.
+
+    Attributes:
+        axis: the normalized axis, or a tuple of axes whose first entry is the channel
+            axis the weight runs along.
+        eps: the positive finite eps, or None for the input dtype's machine epsilon
+            (the ``"torch"`` preset without an eps).
+        preset: the peer whose convention was asked for (:data:`RMS_PRESETS`), or None.
+    """
+
+    axis: int | tuple[int, ...] = -1
+    eps: float | None = DEFAULT_RMS_EPS
+    preset: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        axis: int | Sequence[int] = -1,
+        eps: float | None = None,
+        preset: str | None = None,
+    ) -> RMSSpec:
+        """Validate user options. ``eps=None`` takes the preset's (1e-6 without one).
+
+        Unlike an L2 preset, an RMS preset does not fix eps: every peer's layer takes it
+        as an argument (``LlamaRMSNorm(hidden, eps=1e-5)``), so a given eps overrides.
+
+        Examples:
+            >>> RMSSpec.create(preset="torch").spec("bfloat16").eps  # torch.finfo's eps
+            0.0078125
+
+        Raises:
+            ValueError / TypeError: an unknown preset, a bad axis or eps.
+        """
+        if preset is not None and preset not in RMS_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {list(RMS_PRESETS)}")
+        axis = _normalize_axis_arg(axis)
+        if eps is not None:
+            eps = _as_eps(eps)
+        elif preset is not None:
+            eps = RMS_PRESETS[preset].eps
+        else:
+            eps = DEFAULT_RMS_EPS
+        return cls(axis=axis, eps=eps, preset=preset)
+
+    @property
+    def convention(self) -> RMSPreset:
+        """The preset's :class:`RMSPreset`, or l2norm's own (fused, rounded once)."""
+        return _DEFAULT_RMS if self.preset is None else RMS_PRESETS[self.preset]
+
+    def spec(self, dtype_name: str) -> Spec:
+        """The L2 op's :class:`Spec` for an input of ``dtype_name`` (which only the
+        machine-epsilon default reads)."""
+        return _rms_l2_spec(self.axis, machine_eps(dtype_name) if self.eps is None else self.eps)
+
+    def apply(self, x: Any, scale: Any, ops: ArrayOps) -> Any:
+        """The RMSNorm of ``x`` by the convention, on a framework's arrays.
+
+        * ``fused``: ``normalize(x, w)``, rounded once to ``x``'s dtype;
+        * ``promote``: the same on ``x`` and ``w`` cast to their promoted dtype (Flax);
+        * ``gemma``: ``normalize(x32, 1 + w32)`` in float32, cast to ``x``'s dtype;
+        * ``llama``: ``u = normalize(x32)`` cast to ``x``'s dtype, then ``w * u``;
+        * ``t5``: ``u = normalize(x)`` in at least float32, cast to ``w``'s dtype if it is
+          half, then ``w * u``.
+
+        The roundings of ``u`` to a stored dtype before the multiplication are the peer's
+        (llama, t5): part of its convention, kept. ``normalize`` is faithful, so each
+        rounding a flow has is within 1 ULP.
+
+        Raises:
+            TypeError / ValueError: a non-float input or weight, a weight whose shape is
+                neither ``()``, ``(1,)`` nor the channel count.
+        """
+        x_dtype = ops.dtype(x)
+        check_float_dtype(x_dtype, what="x")
+        spec = self.spec(x_dtype)
+        axes = spec.resolve(len(x.shape))
+        w_dtype = None
+        if scale is not None:
+            w_dtype = ops.dtype(scale)
+            check_float_dtype(w_dtype, what="scale")
+            check_scale_shape(tuple(int(n) for n in scale.shape), int(x.shape[axes.channel]), axes)
+        flow = self.convention.flow
+        if flow == "fused":
+            return ops.normalize(x, scale, spec)
+        if flow == "promote":
+            out = x_dtype if w_dtype is None else promote_float(x_dtype, w_dtype)
+            scale = None if scale is None else ops.cast(scale, out)
+            return ops.normalize(ops.cast(x, out), scale, spec)
+        if flow == "gemma":
+            scale = None if scale is None else 1.0 + ops.cast(scale, "float32")
+            return ops.cast(ops.normalize(ops.cast(x, "float32"), scale, spec), x_dtype)
+        if flow == "llama":
+            u = ops.cast(ops.normalize(ops.cast(x, "float32"), None, spec), x_dtype)
+        else:  # t5
+            u = ops.normalize(ops.cast(x, promote_float(x_dtype, "float32")), None, spec)
+            if w_dtype in ("float16", "bfloat16"):
+                u = ops.cast(u, w_dtype)
+        if scale is None:
+            return u
+        if len(scale.shape) == 1 and scale.shape[0] > 1:  # one value per channel
+            shape = [1] * axes.ndim
+            shape[axes.channel] = int(scale.shape[0])
+            scale = ops.reshape(scale, tuple(shape))
+        return ops.multiply(scale, u)
