@@ -1,4 +1,5 @@
-r"""PyTorch adapter: :class:`L2Norm` and :func:`l2_normalize`.
+r"""PyTorch adapter: :class:`L2Norm` and :func:`l2_normalize`; :class:`RMSNorm` and
+:func:`rms_norm`, the same op with the mean placement.
 
 The maths, the options and the rules for NaN, Inf, zeros and extreme magnitudes are those
 of :mod:`l2norm.reference`. How a call is computed (:mod:`l2norm.torch._dispatch`): the
@@ -25,14 +26,17 @@ from l2norm.torch._cpu import use_cpu_kernel
 from l2norm.torch._dispatch import LOWERINGS, use_lowering
 from l2norm.torch._layer import L2Norm, l2_normalize, lowering_for
 from l2norm.torch._replace import replace_peers
+from l2norm.torch._rms import RMSNorm, rms_norm
 
 __all__ = [
     "LOWERINGS",
     "L2Norm",
+    "RMSNorm",
     "cpu_kernel_available",
     "l2_normalize",
     "lowering_for",
     "replace_peers",
+    "rms_norm",
     "use_cpu_kernel",
     "use_lowering",
 ]
