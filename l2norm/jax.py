@@ -56,13 +56,15 @@ from l2norm._compensated import Pair
 from l2norm._jax_kernel import LOWERINGS, use_lowering
 from l2norm._ladder import FORMATS, Ladder, SliceFactors
 from l2norm._spec import (
+    ArrayOps,
     Axes,
+    RMSSpec,
     Spec,
     check_float_dtype,
     check_scale_shape,
 )
 
-__all__ = ["LOWERINGS", "l2_normalize", "lowering_for", "normalize", "use_lowering"]
+__all__ = ["LOWERINGS", "l2_normalize", "lowering_for", "normalize", "rms_norm", "use_lowering"]
 
 
 def l2_normalize(
@@ -119,6 +121,43 @@ def l2_normalize(
         axis=axis, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
     )
     return normalize(x, scale, spec)
+
+
+def rms_norm(
+    x: Any,
+    scale: Any = None,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    eps: float | None = None,
+    preset: str | None = None,
+) -> jax.Array:
+    """RMSNorm: ``y = scale * x / sqrt(mean(x**2) + eps)`` over ``axis``.
+
+    :func:`l2_normalize` with ``eps_mode="add_meansq"``, so with its guarantees and
+    transformations; the options and the presets are :func:`l2norm.rms_norm`'s (eps
+    default 1e-6; ``preset`` one of ``"torch"``, ``"keras"``, ``"flax"``, ``"llama"``,
+    ``"gemma"``, ``"t5"``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from l2norm.jax import rms_norm
+        >>> rms_norm(jnp.array([[1.0, -1.0], [0.0, 0.0]]), jnp.array([2.0, 3.0]), eps=1e-30)
+        Array([[ 2., -3.],
+               [ 0.,  0.]], dtype=float32)
+    """
+    x = jnp.asarray(x)
+    scale = None if scale is None else jnp.asarray(scale)
+    return RMSSpec.create(axis=axis, eps=eps, preset=preset).apply(x, scale, JAX_OPS)
+
+
+#: jax.numpy's arrays for :meth:`l2norm._spec.RMSSpec.apply`.
+JAX_OPS = ArrayOps(
+    normalize=lambda x, scale, spec: normalize(x, scale, spec),
+    cast=lambda t, name: t.astype(name),
+    dtype=lambda t: jnp.dtype(t.dtype).name,
+    multiply=jnp.multiply,
+    reshape=jnp.reshape,
+)
 
 
 def lowering_for(x: Any, *, axis: int | tuple[int, ...] = -1, across_spatial: bool = False) -> str:
