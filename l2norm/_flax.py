@@ -3,6 +3,7 @@ layers cannot drift apart: the initial scale, the dtype checks and the call."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -51,9 +52,15 @@ def layer_check_dtype(dtype: Any) -> None:
 
 
 def layer_apply(
-    x: Any, scale: jax.Array, spec: Spec, num_features: int | None, dtype: Any
+    x: Any,
+    scale: jax.Array | None,
+    spec: Spec,
+    num_features: int | None,
+    dtype: Any,
+    op: Callable[[jax.Array, jax.Array | None, Spec], jax.Array] = normalize,
 ) -> jax.Array:
-    """Check ``x`` against the layer and normalize it (errors raise at trace time)."""
+    """Check ``x`` against the layer and normalize it by ``op`` (default the L2 op; the
+    RMSNorm layers pass theirs); errors raise at trace time."""
     x = jnp.asarray(x)
     check_float_dtype(jnp.dtype(x.dtype).name, what="the input")
     axes = spec.resolve(x.ndim)
@@ -66,5 +73,5 @@ def layer_apply(
         )
     if dtype is not None:
         x = x.astype(dtype)
-        scale = scale.astype(dtype)
-    return normalize(x, scale, spec)
+        scale = None if scale is None else scale.astype(dtype)
+    return op(x, scale, spec)

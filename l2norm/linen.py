@@ -1,4 +1,4 @@
-"""L2 normalization layer for Flax Linen (ParseNet / SSD), over :mod:`l2norm.jax`.
+"""L2 normalization (ParseNet / SSD) and RMSNorm layers for Flax Linen, over :mod:`l2norm.jax`.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -22,9 +22,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from l2norm import _flax
-from l2norm._spec import Spec
+from l2norm._spec import RMSSpec, Spec
+from l2norm.nnx import rms_layer_apply
 
-__all__ = ["L2Norm"]
+__all__ = ["L2Norm", "RMSNorm"]
 
 
 class L2Norm(nn.Module):
@@ -101,3 +102,53 @@ class L2Norm(nn.Module):
                 f"{', shared' if self.channel_shared else ''}); it needs {expected}"
             )
         return _flax.layer_apply(x, scale, spec, None, self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm, ``y = scale * x / sqrt(mean(x**2) + eps)`` over ``axis``, as
+    :func:`l2norm.jax.rms_norm`; the fields are those of :class:`l2norm.nnx.RMSNorm`, the
+    number of channels is read from the input, and the scale is ``params/scale`` (as in
+    ``flax.linen.RMSNorm``).
+
+    Attributes:
+        axis: the normalized axis (default -1), or a tuple whose first entry is the
+            channel axis.
+        eps: epsilon; None takes the preset's (1e-6 without one).
+        preset: a peer's convention (:data:`l2norm.RMS_PRESETS`).
+        use_scale: whether there is a learnable scale.
+        dtype: the compute and output dtype; None keeps the input's (or the preset's rule).
+        param_dtype: the storage dtype of the scale.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from l2norm.linen import RMSNorm
+        >>> x = jnp.array([[3.0, -3.0]])
+        >>> variables = RMSNorm(eps=1e-30).init(jax.random.key(0), x)
+        >>> RMSNorm(eps=1e-30).apply(variables, x)
+        Array([[ 1., -1.]], dtype=float32)
+    """
+
+    axis: int | Sequence[int] = -1
+    eps: float | None = None
+    preset: str | None = None
+    use_scale: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Normalize ``x`` (shape kept; dtype as ``dtype`` says)."""
+        rms = RMSSpec.create(axis=self.axis, eps=self.eps, preset=self.preset)
+        _flax.layer_check_dtype(self.dtype)
+        x = jnp.asarray(x)
+        features = x.shape[rms.spec("float32").resolve(x.ndim).channel]
+        scale = None
+        if self.use_scale:
+            start = rms.convention.scale_init
+            scale = self.param(
+                "scale",
+                lambda key: _flax.layer_initial_scale(
+                    start, features, False, self.param_dtype, None
+                ),
+            )
+        return rms_layer_apply(x, scale, rms, None, self.dtype)
