@@ -43,8 +43,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from l2norm import _portable, conformance, reference
-from l2norm._spec import Spec
-from l2norm.torch import L2Norm, l2_normalize, lowering_for, use_lowering
+from l2norm._spec import RMSSpec, Spec
+from l2norm.torch import L2Norm, RMSNorm, l2_normalize, lowering_for, rms_norm, use_lowering
 
 #: The lowerings of the matrix: the default dispatch (the CPU kernel here), the ops.
 LOWERINGS = [None, "ops"]
@@ -55,11 +55,11 @@ FORWARD_ULPS = conformance.DEFAULT_FORWARD_ULPS["float32"]
 GRAD_EPS = conformance.DEFAULT_GRAD_EPS["float32"]
 
 
-def data(*shape: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded ``(x, per-channel weight, cotangent)`` in float32."""
+def data(*shape: int, channel: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded ``(x, weight per entry of axis channel, cotangent)`` in float32."""
     gen = torch.Generator().manual_seed(math.prod(shape))
     x = torch.randn(shape, generator=gen)
-    w = torch.rand(shape[1], generator=gen) + 0.5
+    w = torch.rand(shape[channel], generator=gen) + 0.5
     return x, w, torch.randn(shape, generator=gen)
 
 
@@ -67,20 +67,22 @@ def expected_route(lowering: str | None) -> str:
     return {None: "cpu-kernel"}.get(lowering, lowering)
 
 
-def assert_forward(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, ulps=None):
+def assert_forward(
+    got: torch.Tensor, x: torch.Tensor, w: torch.Tensor | None, ulps=None, spec: Spec = SPEC
+):
     """Within ``ulps`` (the conformance bound by default) of the reference."""
-    want = reference.forward(x.numpy(), None if w is None else w.numpy(), SPEC)
+    want = reference.forward(x.numpy(), None if w is None else w.numpy(), spec)
     got = got.detach().numpy()
     assert got.shape == want.shape
     err = conformance.forward_error(got, want, want.dtype, False)
     assert err <= (FORWARD_ULPS if ulps is None else ulps), f"{err} ULP"
 
 
-def assert_vjp(dx, dw, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> None:
+def assert_vjp(dx, dw, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, spec: Spec = SPEC):
     """``(dx, dw)`` within the conformance gradient bound of the reference VJP of ``g``."""
     xn, wn, gn = x.numpy(), w.numpy(), g.numpy()
-    dx_ref, dw_ref = reference.vjp(xn, wn, gn, SPEC)
-    dx_mag, dw_mag = conformance.gradient_magnitudes(xn, wn, gn, SPEC)
+    dx_ref, dw_ref = reference.vjp(xn, wn, gn, spec)
+    dx_mag, dw_mag = conformance.gradient_magnitudes(xn, wn, gn, spec)
     f32 = np.dtype(np.float32)
     err = conformance.gradient_error(
         np.asarray(dx.detach(), np.float64),
@@ -95,14 +97,16 @@ def assert_vjp(dx, dw, x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> Non
     assert err <= GRAD_EPS, f"{err} eps"
 
 
-def reference_jacobian(x: torch.Tensor, w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def reference_jacobian(
+    x: torch.Tensor, w: torch.Tensor, spec: Spec = SPEC
+) -> tuple[np.ndarray, np.ndarray]:
     """``(d y / d x, d y / d w)`` in float64, row ``i`` the reference VJP of ``e_i``."""
     xn, wn = x.numpy(), w.numpy()
     rows_x, rows_w = [], []
     for i in range(x.numel()):
         e = np.zeros(x.numel(), np.float32)
         e[i] = 1
-        dx, dw = reference.vjp(xn, wn, e.reshape(x.shape), SPEC)
+        dx, dw = reference.vjp(xn, wn, e.reshape(x.shape), spec)
         rows_x.append(np.asarray(dx, np.float64).ravel())
         rows_w.append(np.asarray(dw, np.float64).ravel())
     return np.stack(rows_x), np.stack(rows_w)
@@ -117,6 +121,17 @@ def assert_jacobian(jx: torch.Tensor, jw: torch.Tensor, x: torch.Tensor, w: torc
         e = torch.zeros(x.numel())
         e[i] = 1
         assert_vjp(jx[i].reshape(x.shape), jw[i], x, w, e.reshape(x.shape))
+
+
+def assert_tangent(tangent: torch.Tensor, tx, tw, x, w, spec: Spec = SPEC) -> None:
+    """A forward-mode tangent: the reference Jacobian times ``(tx, tw)``, each entry within
+    a few roundings of its terms' sizes."""
+    jx_ref, jw_ref = reference_jacobian(x, w, spec)
+    tx64, tw64 = tx.double().numpy().ravel(), tw.double().numpy()
+    want = jx_ref @ tx64 + jw_ref @ tw64
+    size = np.abs(jx_ref) @ np.abs(tx64) + np.abs(jw_ref) @ np.abs(tw64)
+    err = np.abs(tangent.double().numpy().ravel() - want)
+    assert np.all(err <= 8 * np.finfo(np.float32).eps * size), err.max()
 
 
 def loss(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -242,24 +257,18 @@ def test_per_example_gradients_match_the_reference(lowering):
 @pytest.mark.parametrize("lowering", LOWERINGS)
 def test_grad_jacrev_jacfwd_and_forward_ad_match_the_reference(lowering):
     x, w, g = data(1, 4, 2, 5)  # inner 10: the kernel applies
-    jx_ref, jw_ref = reference_jacobian(x, w)
     with use_lowering(lowering):
         dx, dw = torch.func.grad(lambda a, b: loss(l2_normalize(a, b), g), argnums=(0, 1))(x, w)
         rev = torch.func.jacrev(l2_normalize, argnums=(0, 1))(x, w)
         fwd = torch.func.jacfwd(l2_normalize, argnums=(0, 1))(x, w)
-        tx, tw = data(1, 4, 2, 5)[2], torch.linspace(-1, 1, 4, dtype=torch.float64)
+        tx, tw = data(1, 4, 2, 5)[2], torch.linspace(-1, 1, 4)
         with fwAD.dual_level():
-            dual = l2_normalize(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw.float()))
+            dual = l2_normalize(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw))
             tangent = fwAD.unpack_dual(dual).tangent
     assert_vjp(dx, dw, x, w, g)
     for jx, jw in (rev, fwd):
         assert_jacobian(jx, jw, x, w)
-    # A product of the Jacobian: each entry within a few roundings of its terms' sizes.
-    tx64, tw64 = tx.double().numpy().ravel(), tw.numpy()
-    want = jx_ref @ tx64 + jw_ref @ tw64
-    size = np.abs(jx_ref) @ np.abs(tx64) + np.abs(jw_ref) @ np.abs(tw64)
-    err = np.abs(tangent.double().numpy().ravel() - want)
-    assert np.all(err <= 8 * np.finfo(np.float32).eps * size), err.max()
+    assert_tangent(tangent, tx, tw, x, w)
 
 
 def test_the_op_called_directly_on_a_dual_tensor_raises_instead_of_dropping_the_tangent():
@@ -294,18 +303,18 @@ def test_functional_call_ensemble_equals_a_loop_over_models(lowering):
 # --------------------------------------------------------------------------- compile, export
 
 
-@pytest.mark.parametrize("dynamic", [None, True])
-@pytest.mark.parametrize("lowering", LOWERINGS)
-def test_compile_fullgraph_over_image_sizes_has_no_break_and_no_recompile(lowering, dynamic):
+def assert_compiles_once_for_all_shapes(layer, shapes, lowering, dynamic) -> None:
+    """``torch.compile(layer, fullgraph=True)`` equals eager bitwise (output and input
+    gradient) at each of ``shapes``, without a graph break, and compiles at most twice
+    (``dynamic=None``: once static, once with dynamic sizes), once with ``dynamic=True``."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    layer = L2Norm(8)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(layer, backend=counter, fullgraph=True, dynamic=dynamic)
     frames = []
     with use_lowering(lowering):
-        for size in ((5, 6), (7, 9), (9, 4)):  # H != W: no duck-sized H == W guard
-            x, _, g = data(2, 8, *size)
+        for shape in shapes:
+            x, _, g = data(*shape)
             got_x, want_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
             got, want = compiled(got_x), layer(want_x)
             loss(got, g).backward()
@@ -317,16 +326,31 @@ def test_compile_fullgraph_over_image_sizes_has_no_break_and_no_recompile(loweri
     assert frames[2] == frames[1] and (dynamic is None or frames[1] == frames[0]), frames
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_compile_fullgraph_over_image_sizes_has_no_break_and_no_recompile(lowering, dynamic):
+    # H != W: no duck-sized H == W guard
+    shapes = ((2, 8, 5, 6), (2, 8, 7, 9), (2, 8, 9, 4))
+    assert_compiles_once_for_all_shapes(L2Norm(8), shapes, lowering, dynamic)
+
+
+def assert_exports_with_dynamic_dims(layer, example, dims, shapes, spec=SPEC) -> None:
+    """``torch.export`` of ``layer`` with the dimensions ``dims`` dynamic is plain aten ops
+    (``l2norm.torch._export``) and runs at ``shapes`` within the exported formula's bound of
+    the reference."""
+    program = torch.export.export(layer, (data(*example)[0],), dynamic_shapes={"x": dims})
+    assert "l2norm" not in str(program.graph)
+    bound = _portable.forward_ulps("float32", example[spec.axis])
+    for shape in shapes:
+        x = data(*shape)[0]
+        assert_forward(program.module()(x), x, layer.weight.detach(), ulps=bound, spec=spec)
+
+
 def test_export_with_dynamic_batch_and_image_size_runs_at_other_shapes():
     batch, height, width = torch.export.Dim("B"), torch.export.Dim("H"), torch.export.Dim("W")
-    layer = L2Norm(8, scale_init=3.0)
-    dims = {"x": {0: batch, 2: height, 3: width}}
-    program = torch.export.export(layer, (data(2, 8, 5, 6)[0],), dynamic_shapes=dims)
-    assert "l2norm" not in str(program.graph)  # plain aten ops (l2norm.torch._export)
-    bound = _portable.forward_ulps("float32", 8)
-    for shape in ((1, 8, 3, 7), (4, 8, 6, 2)):
-        x = data(*shape)[0]
-        assert_forward(program.module()(x), x, layer.weight.detach(), ulps=bound)
+    dims = {0: batch, 2: height, 3: width}
+    shapes = ((1, 8, 3, 7), (4, 8, 6, 2))
+    assert_exports_with_dynamic_dims(L2Norm(8, scale_init=3.0), (2, 8, 5, 6), dims, shapes)
 
 
 def test_fx_symbolic_trace_records_the_layer_as_one_node():
@@ -368,3 +392,67 @@ def test_zero_size_inputs_give_empty_results_and_gradients(lowering, shape):
         loss(y, torch.ones(shape)).backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
     assert torch.equal(w.grad, torch.zeros_like(w))  # no entries: a zero scale gradient
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+#: RMSNorm is the L2 op with the mean placement, ``d = sqrt(mean(x**2) + eps)``, here over
+#: the last axis of a transformer's ``(batch, tokens, channels)`` with a scale per channel.
+#: A representative subset of the matrix runs it; the rest shares its code with L2Norm.
+RMS_EPS = 1e-6
+RMS_SPEC = RMSSpec.create(eps=RMS_EPS).spec("float32")
+RMS_LOWERINGS = ["ops"]
+
+
+def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return rms_norm(x, w, eps=RMS_EPS)
+
+
+def rms_layer(channels: int) -> RMSNorm:
+    """An ``RMSNorm`` whose weight is not all ones (a scale the tests can see)."""
+    layer = RMSNorm(channels, eps=RMS_EPS)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 2.0, channels))
+    return layer
+
+
+@pytest.mark.parametrize("lowering", RMS_LOWERINGS)
+def test_rms_norm_under_fake_tensors_and_vmap_over_examples_and_scales(lowering):
+    x, w, _ = data(3, 4, 16, channel=-1)
+    scales = torch.stack([w, 2 * w, w.flip(0)])
+    with use_lowering(lowering):
+        want = rms(x, w)
+        with FakeTensorMode() as mode:
+            fake = rms(mode.from_tensor(x), mode.from_tensor(w))
+        per_example = torch.func.vmap(lambda xi: rms(xi[None], w)[0])(x)
+        examples = torch.cat([rms(xi[None], w) for xi in x])
+        per_scale = torch.func.vmap(rms, in_dims=(None, 0))(x, scales)
+        ensemble = torch.stack([rms(x, s) for s in scales])
+    assert (fake.shape, fake.stride(), fake.dtype) == (want.shape, want.stride(), want.dtype)
+    assert torch.equal(per_example, examples) and torch.equal(per_scale, ensemble)
+    assert_forward(want, x, w, spec=RMS_SPEC)
+
+
+@pytest.mark.parametrize("lowering", RMS_LOWERINGS)
+def test_rms_norm_per_example_gradients_and_forward_ad_match_the_reference(lowering):
+    x, w, g = data(3, 2, 8, channel=-1)
+
+    def example_loss(xi, wi, gi):
+        return loss(rms(xi[None], wi), gi[None])
+
+    tx, tw = data(3, 2, 8)[2], torch.linspace(-1, 1, 8)
+    with use_lowering(lowering):
+        per_example = torch.func.vmap(torch.func.grad(example_loss, argnums=(0, 1)), (0, None, 0))
+        dx, dw = per_example(x, w, g)
+        with fwAD.dual_level():
+            dual = rms(fwAD.make_dual(x, tx), fwAD.make_dual(w, tw))
+            tangent = fwAD.unpack_dual(dual).tangent
+    for i in range(3):
+        assert_vjp(dx[i][None], dw[i], x[i : i + 1], w, g[i : i + 1], spec=RMS_SPEC)
+    assert_tangent(tangent, tx, tw, x, w, spec=RMS_SPEC)
+
+
+def test_rms_norm_exports_with_dynamic_batch_and_sequence_length():
+    dims = {0: torch.export.Dim("B"), 1: torch.export.Dim("T")}
+    shapes = ((1, 3, 16), (4, 11, 16))
+    assert_exports_with_dynamic_dims(rms_layer(16), (2, 5, 16), dims, shapes, spec=RMS_SPEC)
