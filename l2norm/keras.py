@@ -36,14 +36,16 @@ import numpy as np
 from keras import ops
 
 from l2norm._spec import (
+    ArrayOps,
     Axes,
+    RMSSpec,
     Spec,
     check_float_dtype,
     check_scale_shape,
     scale_init_values,
 )
 
-__all__ = ["L2Norm", "l2_normalize"]
+__all__ = ["L2Norm", "RMSNorm", "l2_normalize", "rms_norm"]
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -336,3 +338,132 @@ class L2Norm(keras.layers.Layer):
             return cls(**config)
         except (TypeError, ValueError) as err:
             raise ValueError(f"cannot rebuild L2Norm from config {config!r}: {err}") from err
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+#: The current backend's tensors for :meth:`l2norm._spec.RMSSpec.apply`.
+KERAS_OPS = ArrayOps(
+    normalize=lambda x, scale, spec: _normalize(x, scale, spec, spec.resolve(len(x.shape))),
+    cast=ops.cast,
+    dtype=lambda t: keras.backend.standardize_dtype(t.dtype),
+    multiply=ops.multiply,
+    reshape=ops.reshape,
+)
+
+
+def rms_norm(
+    x: Any,
+    scale: Any = None,
+    *,
+    axis: int | Sequence[int] = -1,
+    eps: float | None = None,
+    preset: str | None = None,
+) -> Any:
+    """RMSNorm, ``y = scale * x / sqrt(mean(x**2) + eps)`` over ``axis``, on the current
+    Keras backend: :func:`l2_normalize` with ``eps_mode="add_meansq"``; the options and
+    presets are :func:`l2norm.rms_norm`'s (eps default 1e-6).
+
+    Example:
+        >>> import numpy as np
+        >>> from l2norm.keras import rms_norm
+        >>> y = rms_norm(np.float32([[1.0, -1.0]]), np.float32([2.0, 3.0]), eps=1e-30)
+        >>> keras.ops.convert_to_numpy(y)
+        array([[ 2., -3.]], dtype=float32)
+    """
+    x = ops.convert_to_tensor(x)
+    scale = None if scale is None else ops.convert_to_tensor(scale)
+    return RMSSpec.create(axis=axis, eps=eps, preset=preset).apply(x, scale, KERAS_OPS)
+
+
+@keras.saving.register_keras_serializable(package="l2norm")
+class RMSNorm(keras.layers.Layer):
+    r"""Root-mean-square normalization with a learnable per-channel ``scale``, as
+    ``keras.layers.RMSNormalization`` (same ``axis`` and weight name) with l2norm's maths:
+
+    .. math::
+
+        y = \text{scale} \cdot \frac{x}{\sqrt{\frac{1}{N}\sum x^2 + \epsilon}}
+
+    computed as :func:`rms_norm`: half inputs in float32, rounded once, an exact gradient.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = RMSNorm(eps=1e-30)
+    >>> keras.ops.convert_to_numpy(layer(np.float32([[3.0, -3.0]])))
+    array([[ 1., -1.]], dtype=float32)
+
+    Args:
+        axis: Integer or list of integers: the normalized axes; the first is the channel
+            axis ``scale`` runs along. Defaults to ``-1``.
+        eps: Positive epsilon; None takes the preset's (``1e-6`` without one).
+        use_scale: Whether there is a learnable ``scale``. Defaults to ``True``.
+        preset: A peer's convention (:data:`l2norm.RMS_PRESETS`); ``"gemma"`` starts
+            ``scale`` at 0 (it multiplies by ``1 + scale``), every other at 1.
+        **kwargs: Base layer keyword arguments, e.g. ``name`` and ``dtype``.
+    """
+
+    def __init__(
+        self,
+        axis: int | Sequence[int] = -1,
+        *,
+        eps: float | None = None,
+        use_scale: bool = True,
+        preset: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.rms = RMSSpec.create(axis=axis, eps=eps, preset=preset)
+        if not isinstance(use_scale, (bool, np.bool_)):
+            raise TypeError(f"use_scale must be a bool, got {use_scale!r}")
+        self.axis = list(axis) if isinstance(axis, (list, tuple)) else axis
+        self.eps = eps
+        self.use_scale = bool(use_scale)
+        self.preset = preset
+        self.supports_masking = True
+
+    def build(self, input_shape: Sequence[int | None]) -> None:
+        axes = self.rms.spec("float32").resolve(len(input_shape))
+        channels = input_shape[axes.channel]
+        if channels is None:
+            raise ValueError(
+                f"RMSNorm needs a known size on the channel axis {axes.channel}, got input "
+                f"shape {tuple(input_shape)}"
+            )
+        self._channels = int(channels)
+        self.scale = None
+        if self.use_scale:
+            self.scale = self.add_weight(
+                name="scale",
+                shape=(self._channels,),
+                initializer=keras.initializers.Constant(self.rms.convention.scale_init),
+                # Under mixed precision the scale stays float32, as L2Norm's gamma.
+                autocast=False,
+            )
+
+    def call(self, inputs: Any) -> Any:
+        axes = self.rms.spec("float32").resolve(len(inputs.shape))
+        channels = inputs.shape[axes.channel]
+        if channels is not None and channels != self._channels:
+            raise ValueError(
+                f"RMSNorm was built for {self._channels} channels on axis {axes.channel}, "
+                f"got an input of shape {tuple(inputs.shape)} with {channels}"
+            )
+        scale = None
+        if self.scale is not None:
+            scale = self.scale.value
+            if hasattr(scale, "read_value"):  # a tf.Variable: tensors for tf.custom_gradient
+                scale = scale.read_value()
+        return self.rms.apply(inputs, scale, KERAS_OPS)
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple:
+        self.rms.spec("float32").resolve(len(input_shape))
+        return tuple(input_shape)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {"axis": self.axis, "eps": self.eps, "use_scale": self.use_scale, "preset": self.preset}
+        )
+        return config
