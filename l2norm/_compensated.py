@@ -213,8 +213,10 @@ def pair_slice_terms(
     positive = a.hi > zeros
     n = pxp.sqrt(a)
     e = pxp.pair(eps)
-    d = mode.denominator(pxp, a, n, e, count)
-    r, _ = mode.ratio(pxp, a, n, d, e, count)
+    # The slice size as an array: a Python number has no bits for the pair's split.
+    size = count if count == 1 else xp.full_like(sumsq.hi, float(count))
+    d = mode.denominator(pxp, a, n, e, size)
+    r, _ = mode.ratio(pxp, a, n, d, e, size)
     inv_d = 1.0 / d
     inv_n = xp.where(positive, ones / xp.where(positive, n.hi + n.lo, ones), zeros)
     ratio = n / d

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from l2norm import _faithful, _ladder
+from l2norm import _driver, _faithful, _ladder
 from l2norm._compensated import Pair
 from l2norm.torch._dispatch import Plan
 
@@ -61,69 +61,39 @@ def _upscale(x: Tensor, shift: int) -> Tensor:
     return x * torch.full((), 2.0**shift, dtype=x.dtype, device=x.device)
 
 
-_HALF_BITS = {torch.float64: (torch.int64, 26), torch.float32: (torch.int32, 11)}
+_INT_OF = {torch.float64: torch.int64, torch.float32: torch.int32}
+
+#: The pairs' split and floor from the bits, read through a same-width integer view.
+_PAIRS = _driver.bit_pairs(
+    _driver.Bits(
+        lambda v: (v.view(_INT_OF[v.dtype]), _ladder.FORMATS[_NAMES[v.dtype]]),
+        lambda bits, like: bits.view(like.dtype),
+    )
+)
 
 
-def _split(v: Tensor) -> tuple[Tensor, Tensor]:
-    """``v = hi + lo`` exactly, each of at most half the significand (the bits rounded at
-    the middle, half away from zero): their products are exact."""
-    int_type, half = _HALF_BITS[v.dtype]
-    bits = v.view(int_type)
-    hi = ((bits + (1 << half)) & ~((2 << half) - 1)).view(v.dtype)
-    return hi, v - hi
-
-
-def _pow2_floor(v: Tensor) -> Tensor:
-    """The power of two at or below each positive normal entry: its exponent bits."""
-    int_type, _ = _HALF_BITS[v.dtype]
-    mantissa = (1 << _ladder.FORMATS[_NAMES[v.dtype]].mant) - 1
-    return (v.view(int_type) & ~mantissa).view(v.dtype)
-
-
-_PAIRS = _faithful.PairSums(_split, _pow2_floor)
-
-
-def _pairs(x: Tensor, plan: Plan, acc: torch.dtype, differentiable: bool):
+def _pairs(x: Tensor, acc: torch.dtype, differentiable: bool) -> _faithful.PairSums | None:
     """The double-word hooks where the data is as wide as the accumulator, unless autograd
     is to differentiate these ops (``differentiable``, or an export or trace recording
     them: an exported graph's gradient is autograd's of the recorded ops)."""
     recording = torch.compiler.is_exporting() or torch.jit.is_tracing()
-    if differentiable or recording or x.dtype != acc or acc not in _HALF_BITS:
+    if differentiable or recording or x.dtype != acc or acc not in _INT_OF:
         return None
     return _PAIRS
 
 
-def _sum_over(plan: Plan):
-    return lambda v: v.sum(plan.norm, keepdim=True)
+def _hooks(
+    plan: Plan, acc: torch.dtype, pairs: _faithful.PairSums | None, weight: Tensor | None
+) -> _driver.Hooks:
+    def total(v: Tensor) -> Tensor:
+        return v.sum(plan.norm, keepdim=True)
 
+    def scale_sum(v: Tensor) -> Tensor:
+        return v.sum() if weight is None or weight.numel() == 1 else v.sum(plan.reduced)
 
-def _sums(xw: Tensor, plan: Plan, ladder: _ladder.Ladder) -> tuple[list, Tensor]:
-    return _ladder.sums(torch, xw, ladder, _sum_over(plan), _upscale)
-
-
-def _factors(
-    xw: Tensor,
-    plan: Plan,
-    ladder: _ladder.Ladder,
-    rung_sums: list,
-    n_inf: Tensor,
-    pairs: _faithful.PairSums | None,
-    pair: Pair | None = None,
-) -> tuple[_ladder.SliceFactors, Pair | None]:
-    """The slice factors; with ``pairs``, from the chosen rung's sum summed again as a
-    pair (:func:`l2norm._faithful.refined_pair`, a second pass over ``x``), or ``pair``
-    where the forward saved it."""
-    if pairs is None:
-        return _ladder.slice_factors(torch, ladder, rung_sums, n_inf), None
-    chosen = _ladder.choose_rung(torch, ladder, rung_sums)
-    if pair is None:
-        xs = _faithful.rung_values(torch, xw, chosen, ladder, _upscale)
-        total = _sum_over(plan)
-        pair = _faithful.refined_pair(
-            torch, xs, chosen.sumsq, lambda a, b: (total(a), total(b)), pairs
-        )
-    f = _ladder.factors(torch, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
-    return f, pair
+    return _driver.Hooks(
+        torch, _NAMES[acc], total, lambda a, b: (total(a), total(b)), scale_sum, _upscale, pairs
+    )
 
 
 def _pack(rung_sums: list, n_inf: Tensor, pair: Pair | None) -> Tensor:
@@ -139,7 +109,7 @@ def _unpack(packed: Tensor, rungs: int) -> tuple[list, Tensor, Pair | None]:
     """:func:`_pack`'s sums back, with the pair where it holds one."""
     rows = list(packed.unbind(0))
     highs = rows[:rungs]
-    pair = Pair(rows[rungs], rows[rungs + 1], _split) if len(rows) == rungs + 2 else None
+    pair = Pair(rows[rungs], rows[rungs + 1], _PAIRS.split) if len(rows) == rungs + 2 else None
     bottom = highs[-1]
     inf_slice = bottom < torch.zeros_like(bottom)
     n_inf = torch.where(inf_slice, -bottom, torch.zeros_like(bottom))
@@ -153,19 +123,11 @@ def forward(
     """``(y, saved)``: the output in ``x``'s dtype and what :func:`vjp` may reuse.
     ``differentiable``: only ops autograd can differentiate (traced and exported forms)."""
     acc = accumulator(x)
-    ladder = _ladder_of(x, plan, acc)
-    xw = x.to(acc)
-    pairs = _pairs(x, plan, acc, differentiable)
-    rung_sums, n_inf = _sums(xw, plan, ladder)
-    f, pair = _factors(xw, plan, ladder, rung_sums, n_inf, pairs)
-    w = weight_view(weight, plan, acc)
-    if pairs is None:
-        u = _ladder.normalized(torch, xw, f, ladder, _upscale)
-        y = u if w is None else u * w
-    else:
-        fmt = _ladder.FORMATS[_NAMES[acc]]
-        y = _faithful.faithful_normalized(torch, xw, w, f, ladder, _upscale, pairs, fmt)
-    return y.to(x.dtype), _pack(rung_sums, n_inf, pair)
+    hooks = _hooks(plan, acc, _pairs(x, acc, differentiable), weight)
+    out = _driver.forward(
+        hooks, x.to(acc), weight_view(weight, plan, acc), _ladder_of(x, plan, acc)
+    )
+    return out.y.to(x.dtype), _pack(out.rung_sums, out.n_inf, out.pair)
 
 
 def vjp(
@@ -175,24 +137,17 @@ def vjp(
     forward's ``saved`` sums."""
     acc = accumulator(x)
     ladder = _ladder_of(x, plan, acc)
-    xw, gw = x.to(acc), g.to(acc)
+    xw = x.to(acc)
     if saved is None:
-        pairs = _pairs(x, plan, acc, differentiable=torch.is_grad_enabled())
-        rung_sums, n_inf = _sums(xw, plan, ladder)
-        f, _ = _factors(xw, plan, ladder, rung_sums, n_inf, pairs)
+        hooks = _hooks(plan, acc, _pairs(x, acc, torch.is_grad_enabled()), weight)
+        rung_sums, n_inf = _driver.sums(hooks, xw, ladder)
+        pair = None
     else:
         rung_sums, n_inf, pair = _unpack(saved, len(ladder.shifts))
-        pairs = None if pair is None else _PAIRS
-        f, _ = _factors(xw, plan, ladder, rung_sums, n_inf, pairs, pair)
-    xhat = _ladder.direction(torch, xw, f, ladder, _upscale)
+        hooks = _hooks(plan, acc, None if pair is None else _PAIRS, weight)
+    f, _ = _driver.factors(hooks, xw, ladder, rung_sums, n_inf, pair)
     w = weight_view(weight, plan, acc)
-    sigma = gw if w is None else gw * w
-    inner = (sigma * xhat).sum(plan.norm, keepdim=True)
-    # Saturated where the exact gradient exceeds the dtype (float16 at an all-zero pixel).
-    top = torch.finfo(x.dtype).max
-    dx = _ladder.input_grad(sigma, xhat, inner, f).clamp(-top, top).to(x.dtype)
+    dx, dw = _driver.vjp(hooks, xw, w, g.to(acc), f, ladder, _NAMES[x.dtype])
     if weight is None:
-        return dx, None
-    gu = gw * xhat * f.ratio
-    total = gu.sum() if weight.numel() == 1 else gu.sum(plan.reduced)
-    return dx, total.reshape(weight.shape).to(weight.dtype)
+        return dx.to(x.dtype), None
+    return dx.to(x.dtype), dw.reshape(weight.shape).to(weight.dtype)

@@ -1,0 +1,192 @@
+"""The one forward / VJP driver of the ladder (:mod:`l2norm._ladder`), for every framework.
+
+Each ladder lowering (torch ops, JAX ops, TensorFlow) was the same pipeline assembled by
+hand: widen, sum the rungs, choose a rung, sum it again as a pair where the data is as
+wide as the accumulator, write ``y``; backward: ``xhat``, ``sigma = scale * g``,
+``<sigma, xhat>``, the input gradient saturated at the dtype's largest finite value and
+the scale gradient. It is written here once; a framework supplies :class:`Hooks` only:
+its array namespace, its reductions, an exact ``x * 2**s`` where its CPU flushes
+subnormals, how it reads a float's bits (:class:`Bits`, for the pairs' split and
+power-of-two floor) and where the scale joins the output.
+
+Example (NumPy as the framework):
+    >>> import numpy as np
+    >>> from l2norm import _ladder
+    >>> x = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32).astype(np.float64)
+    >>> sum_ = lambda v: v.sum(-1, keepdims=True)
+    >>> hooks = Hooks(np, "float64", sum_, lambda a, b: (sum_(a), sum_(b)), np.sum)
+    >>> ladder = _ladder.make_ladder("float32", "float64", 2, "clamp_norm", 1e-12)
+    >>> forward(hooks, x, None, ladder).y
+    array([[0.6, 0.8],
+           [0. , 0. ]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from l2norm import _faithful, _ladder
+from l2norm._compensated import Pair
+from l2norm._ladder import FORMATS, FloatFormat, Ladder, SliceFactors, Upscale
+
+__all__ = ["Bits", "Forward", "Hooks", "bit_pairs", "factors", "forward", "largest", "sums", "vjp"]
+
+
+@dataclass(frozen=True)
+class Bits:
+    """How a framework reads and writes a float array's bits (same-width signed integers):
+    the one framework difference of the pairs' split and power-of-two floor."""
+
+    ints: Callable[[Any], tuple[Any, FloatFormat]]  # v -> (its bits, its format)
+    floats: Callable[[Any, Any], Any]  # (bits, like) -> floats of like's dtype
+
+
+def bit_pairs(bits: Bits) -> _faithful.PairSums:
+    """The hooks of :func:`l2norm._faithful.refined_pair` from a framework's bit access:
+    Dekker's split (the significand rounded at its middle bit, half away from zero, so
+    that products of halves are exact) and the power of two at or below a positive
+    normal value (its exponent bits).
+
+    Example:
+        >>> import numpy as np
+        >>> from l2norm._ladder import FORMATS
+        >>> np_bits = Bits(lambda v: (v.view(np.int64), FORMATS["float64"]),
+        ...                lambda b, like: b.view(like.dtype))
+        >>> split, floor = bit_pairs(np_bits)
+        >>> hi, lo = split(np.array([1.0 + 2.0**-40]))
+        >>> float(hi[0]), float(lo[0]), float(floor(np.array([6.0]))[0])
+        (1.0, 9.094947017729282e-13, 4.0)
+    """
+
+    def split(v: Any) -> tuple[Any, Any]:
+        ints, fmt = bits.ints(v)
+        cleared = (fmt.mant + 2) // 2  # the low half of the significand, rounded away
+        hi = bits.floats((ints + (1 << (cleared - 1))) & ~((1 << cleared) - 1), v)
+        return hi, v - hi
+
+    def pow2_floor(v: Any) -> Any:
+        ints, fmt = bits.ints(v)
+        return bits.floats(ints & ~((1 << fmt.mant) - 1), v)
+
+    return _faithful.PairSums(split, pow2_floor)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a framework supplies to the driver (built per call: the reductions know the
+    axes).
+
+    Attributes:
+        xp: the array namespace (NumPy's names).
+        acc: the accumulator dtype's name.
+        reduce: ``v`` summed over the normalized axes (kept).
+        reduce2: two arrays summed so, in one pass where the framework can (the pairs).
+        scale_sum: the scale gradient's terms summed down to the scale's entries.
+        upscale: ``x * 2**s`` exactly (from the bits where the CPU flushes subnormals).
+        pairs: the pairs' split and floor (:func:`bit_pairs`) where the data is as wide as
+            the accumulator and the result is not to be differentiated by autodiff, else
+            None (plain sums).
+        sums: the rungs' sums and the count of infinities of ``x`` in one pass, where the
+            framework sums several terms together; default: :func:`l2norm._ladder.sums`
+            with ``reduce``.
+        scale_inside: the scale joins ``1 / d`` (and ``xhat`` joins ``n / d``) before the
+            full-size products, for CPUs that flush subnormals: ``x / d`` may be
+            subnormal where ``scale * x / d`` is not.
+    """
+
+    xp: Any
+    acc: str
+    reduce: Callable[[Any], Any]
+    reduce2: Callable[[Any, Any], tuple[Any, Any]]
+    scale_sum: Callable[[Any], Any]
+    upscale: Upscale = _ladder.plain_upscale
+    pairs: _faithful.PairSums | None = None
+    sums: Callable[[Any, Ladder], tuple[list[Any], Any]] | None = None
+    scale_inside: bool = False
+
+
+class Forward(NamedTuple):
+    """The forward's output (accumulator dtype) and what a backward may reuse."""
+
+    y: Any
+    factors: SliceFactors
+    rung_sums: list[Any]
+    n_inf: Any
+    pair: Pair | None
+
+
+def largest(dtype: str) -> float:
+    """The largest finite value of a float format, from its exponent range.
+
+    Example:
+        >>> largest("float16"), largest("bfloat16") == 3.3895313892515355e38
+        (65504.0, True)
+    """
+    fmt = FORMATS[dtype]
+    return math.ldexp(2.0 - 2.0**-fmt.mant, fmt.max_exp - 1)
+
+
+def sums(h: Hooks, x: Any, ladder: Ladder) -> tuple[list[Any], Any]:
+    """Each rung's sum of squares and the count of infinities per slice (one pass)."""
+    if h.sums is None:
+        return _ladder.sums(h.xp, x, ladder, h.reduce, h.upscale)
+    return h.sums(x, ladder)
+
+
+def factors(
+    h: Hooks, x: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any, pair: Pair | None = None
+) -> tuple[SliceFactors, Pair | None]:
+    """The slice factors; with ``h.pairs``, from the chosen rung summed again as a pair
+    (:func:`l2norm._faithful.refined_pair`, a second pass over ``x``), or from ``pair``
+    where a forward saved it."""
+    xp = h.xp
+    if h.pairs is None:
+        return _ladder.slice_factors(xp, ladder, rung_sums, n_inf), None
+    chosen = _ladder.choose_rung(xp, ladder, rung_sums)
+    if pair is None:
+        xs = _faithful.rung_values(xp, x, chosen, ladder, h.upscale)
+        pair = _faithful.refined_pair(xp, xs, chosen.sumsq, h.reduce2, h.pairs)
+    f = _ladder.factors(xp, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
+    return f, pair
+
+
+def forward(h: Hooks, x: Any, scale: Any, ladder: Ladder) -> Forward:
+    """``y = scale * x / d`` for ``x`` in the accumulator dtype (``scale`` None means 1,
+    else broadcastable), with the slice factors and sums."""
+    xp = h.xp
+    rung_sums, n_inf = sums(h, x, ladder)
+    f, pair = factors(h, x, ladder, rung_sums, n_inf)
+    if f.inv_d_lo is not None:
+        fmt = FORMATS[h.acc]
+        y = _faithful.faithful_normalized(xp, x, scale, f, ladder, h.upscale, h.pairs, fmt)
+    elif scale is None:
+        y = _ladder.normalized(xp, x, f, ladder, h.upscale)
+    elif h.scale_inside:
+        fy = f._replace(inv_d=f.inv_d * scale, rinf=f.rinf * scale)
+        y = _ladder.normalized(xp, x, fy, ladder, h.upscale)
+    else:
+        y = _ladder.normalized(xp, x, f, ladder, h.upscale) * scale
+    return Forward(y, f, rung_sums, n_inf, pair)
+
+
+def vjp(
+    h: Hooks, x: Any, scale: Any, g: Any, f: SliceFactors, ladder: Ladder, data: str
+) -> tuple[Any, Any]:
+    """``(dx, dscale)`` in the accumulator dtype (``dscale`` None without a scale) for the
+    cotangent ``g``: ``dx = (sigma - r <sigma, xhat> xhat) / d`` with ``sigma = scale g``
+    (:func:`l2norm._ladder.input_grad`), saturated at the largest finite value of the
+    ``data`` dtype (as :func:`l2norm.reference.saturate`: an all-zero float16 pixel's
+    ``scale * g / eps`` stays finite, so a loss scaler keeps its scale), and
+    ``dscale = sum g u`` with ``u = xhat n / d``: bounded terms, no ``1 / d`` blow-up."""
+    xp = h.xp
+    xhat = _ladder.direction(xp, x, f, ladder, h.upscale)
+    sigma = g if scale is None else g * scale
+    top = largest(data)
+    dx = xp.clip(_ladder.input_grad(sigma, xhat, h.reduce(sigma * xhat), f), -top, top)
+    if scale is None:
+        return dx, None
+    gu = g * (xhat * f.ratio) if h.scale_inside else g * xhat * f.ratio
+    return dx, h.scale_sum(gu)
