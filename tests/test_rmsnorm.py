@@ -13,6 +13,7 @@ The Keras tests carry the ``keras`` marker: scripts/test runs them once per back
 from __future__ import annotations
 
 import doctest
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -182,6 +183,12 @@ def test_each_preset_is_its_peers_formula(preset, dtypes):
     assert forward_error(got, want, _dtype(out), False) <= PRESET_ULPS.get(preset, 1.0)
 
 
+def test_the_docs_table_states_each_peers_formula():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "rmsnorm.md").read_text()
+    for preset in l2norm.RMS_PRESETS.values():
+        assert f"| `{preset.name}` | {preset.peer} | `{preset.formula}` |" in page, preset.name
+
+
 def test_the_torch_preset_resolves_eps_per_dtype():
     spec = RMSSpec.create(preset="torch")
     assert spec.eps is None
@@ -326,6 +333,10 @@ def test_flax_layers_are_flax_rmsnorm(dtype):
     shapes = jax.tree.map(jnp.shape, linen.RMSNorm().init(jax.random.key(0), x))
     assert jax.tree.map(jnp.shape, l2norm.linen.RMSNorm().init(jax.random.key(0), x)) == shapes
     variables = {"params": {"scale": jnp.asarray(w)}}
+    peer_linen = linen.RMSNorm()
+    assert_matches_reference(
+        lambda x, w: np.asarray(peer_linen.apply(variables, x)), xf, w, forward_ulps=6.0, **options
+    )
     got = np.asarray(l2norm.linen.RMSNorm(preset="flax").apply(variables, x))
     assert _oracle_ulps(got, xf, w, 1e-6) <= 1.0
 
