@@ -235,6 +235,22 @@ def lowering_for(
     return choose(x, Plan.of(spec, spec.resolve(x.dim()), x.shape)).lowering
 
 
+def _check_layer_args(
+    count_name: str, count: Any, flags: dict[str, Any], dtype: torch.dtype | None
+) -> torch.dtype:
+    """Check a layer's channel count (a positive int), its bool flags and its parameter
+    dtype; return the dtype (the default dtype for None). Shared with RMSNorm."""
+    if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"{count_name} must be a positive int, got {count!r}")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    if dtype not in _FLOATS:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+    return dtype
+
+
 def _layer_forward(x: Tensor, weight: Tensor, spec: Spec, num_channels: int) -> Tensor:
     return _apply(x, weight, spec, min_rank=2, num_channels=num_channels)
 
@@ -315,18 +331,12 @@ class L2Norm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if (
-            not isinstance(num_channels, numbers.Integral)
-            or isinstance(num_channels, bool)
-            or num_channels < 1
-        ):
-            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
-        for name, flag in (("channel_shared", channel_shared), ("learnable", learnable)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in _FLOATS:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        dtype = _check_layer_args(
+            "num_channels",
+            num_channels,
+            {"channel_shared": channel_shared, "learnable": learnable},
+            dtype,
+        )
         self.spec = Spec.create(
             axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
         )

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from l2norm._spec import ArrayOps, RMSSpec
-from l2norm.torch._layer import _FLOATS, _apply
+from l2norm.torch._layer import _apply, _check_layer_args
 
 __all__ = ["RMSNorm", "rms_norm"]
 
@@ -126,17 +126,8 @@ class RMSNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if (
-            not isinstance(num_features, numbers.Integral)
-            or isinstance(num_features, bool)
-            or num_features < 1
-        ):
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not isinstance(elementwise_affine, bool):
-            raise TypeError(f"elementwise_affine must be a bool, got {elementwise_affine!r}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in _FLOATS:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        flags = {"elementwise_affine": elementwise_affine}
+        dtype = _check_layer_args("num_features", num_features, flags, dtype)
         self.spec = RMSSpec.create(axis=dim, eps=eps, preset=preset)
         self.num_features = int(num_features)
         self.normalized_shape = (self.num_features,)
