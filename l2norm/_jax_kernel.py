@@ -52,7 +52,8 @@ from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
 from l2norm import _native, _pallas
-from l2norm._modes import MODES, get_mode
+from l2norm._modes import MODES, EpsMode, get_mode
+from l2norm._native import ScaleKind
 from l2norm._spec import Axes, Spec
 
 __all__ = ["LOWERINGS", "OpPlan", "applies", "normalize", "plan_for", "use_lowering"]
@@ -155,9 +156,10 @@ class OpPlan(NamedTuple):
     base_ndim: int
     channel: int
     channels: int
-    scale_kind: int  # 0 none, 1 shared, 2 one per channel
-    is_add: bool
+    scale_kind: int  # l2norm._native.ScaleKind: 0 none, 1 shared, 2 one per channel
+    is_add: bool  # the eps placement, EpsMode.kernel_code
     power: int
+    mean: bool
     eps: float
     ladder_plan: Any  # l2norm.jax's plan: the ops lowering, what higher orders differentiate
 
@@ -167,8 +169,6 @@ def plan_for(
 ) -> OpPlan:
     """The plan of ``x`` normalized over one ``axes.channel`` (or the ladder's ``axes``)."""
     is_add, power, mean = get_mode(spec.eps_mode).kernel_code
-    if mean:  # until the kernel reads the mean placement
-        raise NotImplementedError(f"eps_mode={spec.eps_mode!r} is not in this kernel yet")
     return OpPlan(
         lowering=lowering,
         base_ndim=x.ndim,
@@ -177,6 +177,7 @@ def plan_for(
         scale_kind=scale_kind,
         is_add=bool(is_add),
         power=int(power),
+        mean=bool(mean),
         eps=float(spec.eps),
         ladder_plan=ladder_plan,
     )
@@ -205,10 +206,10 @@ def _groups(plan: OpPlan, x: jax.Array) -> tuple[int, ...]:
 def _broadcast_scale(plan: OpPlan, s: jax.Array, groups: int) -> jax.Array:
     """``s`` (``(*groups, per)`` or ``(per,)``) shaped to multiply ``x``."""
     lead = s.shape[:-1] if s.ndim > 1 else (1,) * groups
-    if not lead and plan.scale_kind != 2:
+    if not lead and plan.scale_kind != ScaleKind.PER_CHANNEL:
         return s.reshape(())  # the ladder sums a shared scale's gradient over everything
     base = [1] * plan.base_ndim
-    if plan.scale_kind == 2:
+    if plan.scale_kind == ScaleKind.PER_CHANNEL:
         base[plan.channel] = plan.channels
     return s.reshape((*lead, *base))
 
@@ -260,24 +261,26 @@ def _threads() -> int:
         return os.cpu_count() or 1
 
 
+def _mode(plan: OpPlan) -> EpsMode:
+    """The eps placement the plan was made from (its full kernel code)."""
+    code = (int(plan.is_add), plan.power, int(plan.mean))
+    return next(m for m in MODES.values() if m.kernel_code == code)
+
+
 def _attributes(plan: OpPlan, x: jax.Array) -> dict[str, Any]:
     """The custom calls' attributes for ``x`` as this device holds it (the axes after the
-    channel axis may be sharded)."""
+    channel axis may be sharded): the kernel's Params but its outer size, which the
+    handler takes from ``x``."""
     channel = x.ndim - plan.base_ndim + plan.channel
-    return {
-        "channels": np.int64(plan.channels),
-        "inner": np.int64(np.prod(x.shape[channel + 1 :], dtype=np.int64)),
-        "scale_kind": np.int64(plan.scale_kind),
-        "is_add": bool(plan.is_add),
-        "power": np.int64(plan.power),
-        "eps": np.float64(plan.eps),
-        "threads": np.int64(_threads()),
-    }
+    inner = int(np.prod(x.shape[channel + 1 :], dtype=np.int64))
+    rows = (0, plan.channels, inner)
+    kind = ScaleKind(plan.scale_kind)
+    return _native.xla_attributes(_native.params(rows, kind, _mode(plan), plan.eps, _threads()))
 
 
 def _kernel_scale(plan: OpPlan, s: jax.Array) -> jax.Array:
     """The scale as the custom calls take it: float32, no entries when there is none."""
-    return s[..., :0].astype(jnp.float32) if plan.scale_kind == 0 else s.astype(jnp.float32)
+    return (s[..., :0] if plan.scale_kind == ScaleKind.NONE else s).astype(jnp.float32)
 
 
 def _forward_call(plan: OpPlan, x: jax.Array, s: jax.Array) -> jax.Array:
@@ -301,9 +304,8 @@ def _vjp_call(plan: OpPlan, x: jax.Array, g: jax.Array, s: jax.Array):
 def _pallas_one(plan: OpPlan, x: jax.Array, s: jax.Array, *g: jax.Array):
     """One call (no group axes) on the Pallas kernels, with the custom calls' scale and
     results: ``s u``, or ``dx`` and the scale gradient per channel (float32)."""
-    mode = next(m.name for m in MODES.values() if m.kernel_code[:2] == (plan.is_add, plan.power))
-    options = {"channel": plan.channel, "eps_mode": mode, "eps": plan.eps}
-    scale = None if plan.scale_kind == 0 else s
+    options = {"channel": plan.channel, "eps_mode": _mode(plan).name, "eps": plan.eps}
+    scale = None if plan.scale_kind == ScaleKind.NONE else s
     if not g:
         return _pallas.forward(x, scale, **options)
     return _pallas.vjp(x, scale, g[0], **options)
@@ -312,7 +314,7 @@ def _pallas_one(plan: OpPlan, x: jax.Array, s: jax.Array, *g: jax.Array):
 def _pallas_scale(plan: OpPlan, s: jax.Array) -> jax.Array:
     """The scale for :func:`_pallas_one`: no scale is one shared placeholder (not a
     per-group array of no entries, which the group mapping cannot flatten)."""
-    return jnp.ones((1,), jnp.float32) if plan.scale_kind == 0 else s
+    return jnp.ones((1,), jnp.float32) if plan.scale_kind == ScaleKind.NONE else s
 
 
 def _pallas_forward_call(plan: OpPlan, x: jax.Array, s: jax.Array) -> jax.Array:
@@ -324,7 +326,7 @@ def _pallas_vjp_call(plan: OpPlan, x: jax.Array, g: jax.Array, s: jax.Array):
     """:func:`_vjp_call` on the Pallas kernels: the scale gradient per channel, per scale
     group (or summed over the groups of a shared scale, in a fixed order)."""
     dx, dw = _over_groups(_pallas_one, plan, x, _pallas_scale(plan, s), g)
-    if plan.scale_kind == 0:  # the custom calls' shape: one row per scale group
+    if plan.scale_kind == ScaleKind.NONE:  # the custom calls' shape: one row per scale group
         dw = jnp.zeros((*s.shape[:-1], plan.channels), jnp.float32)
     return dx, dw
 
@@ -420,9 +422,9 @@ def _kernel_forward(plan: OpPlan, x: jax.Array, s: jax.Array) -> jax.Array:
 def _kernel_vjp(plan: OpPlan, x: jax.Array, s: jax.Array, g: jax.Array):
     ks = _kernel_scale(plan, s)
     dx, dw = _partitioned("vjp", plan, x.ndim, ks.ndim > 1)(x, g.astype(x.dtype), ks)
-    if plan.scale_kind == 2:
+    if plan.scale_kind == ScaleKind.PER_CHANNEL:
         ds = dw
-    elif plan.scale_kind == 1:
+    elif plan.scale_kind == ScaleKind.SHARED:
         ds = jnp.sum(dw, axis=-1, keepdims=True)
     else:
         ds = jnp.zeros_like(s)
@@ -455,7 +457,7 @@ def tangent_impl(
 ) -> jax.Array:
     """``s J tx + ts u``: ``J`` is symmetric, so ``J tx`` is the input gradient of ``tx``
     with no scale; both terms are summed in the accumulator's dtype, rounded once."""
-    unit = plan._replace(scale_kind=0)
+    unit = plan._replace(scale_kind=ScaleKind.NONE)
     ones = jnp.ones((*s.shape[:-1], 1), s.dtype)
     groups = len(_groups(plan, x))
     j_tx = vjp_impl(unit, x, ones, tx)[0].astype(s.dtype)

@@ -774,16 +774,15 @@ def test_cpu_kernel_with_a_broadcast_cotangent():
 
 
 def test_kernel_placement_codes_come_from_the_mode_table():
-    # The kernel is told each placement as (is_add, power) from l2norm._modes; its C ABI
-    # takes exactly those two: a new mode of the same family needs no kernel change.
-    from pathlib import Path
-
+    # The kernel is told each placement as (is_add, power, mean) from l2norm._modes, three
+    # fields of its Params: a new mode of the same family needs no kernel change.
     from l2norm import _native
     from l2norm._modes import MODES as TABLE
 
-    source = (Path(_native.__file__).parent / "capi.cpp").read_text()
-    assert "int is_add, int power, double eps" in source
-    assert {m.kernel_code for m in TABLE.values()} == {(1, 1), (1, 2), (0, 1), (0, 2)}
+    fields = [name for name, _ in _native.Params._fields_]
+    assert fields[fields.index("is_add") :][:3] == ["is_add", "power", "mean"]
+    codes = {(1, 1, 0), (1, 2, 0), (0, 1, 0), (0, 2, 0), (1, 2, 1)}
+    assert {m.kernel_code for m in TABLE.values()} == codes
     assert list(TABLE) == MODES
 
 

@@ -11,6 +11,9 @@ compiler into small shared libraries.
   FFI API major version and at least its minor.
 
 :mod:`l2norm._native.build` is the one place that knows the sources, compilers and flags.
+Both libraries take a call's parameters as one struct, ``Params`` in ``kernel.h``, which
+:class:`Params` mirrors here (the one copy in Python): the C ABI by pointer, the XLA
+custom calls as attributes of the same names (:func:`xla_attributes`).
 
 Otherwise each is compiled the first time it is needed (a few seconds, one line on stderr),
 for this machine's CPU (``-march=native``) and with OpenMP where the compiler has it, and
@@ -23,6 +26,11 @@ compiler works, the callers fall back to their framework's ops after one warning
 
 Examples:
     >>> from l2norm import _native
+    >>> from l2norm._modes import get_mode
+    >>> rms = get_mode("add_meansq")
+    >>> p = _native.params((8, 512, 1444), _native.ScaleKind.PER_CHANNEL, rms, 1e-6, 2)
+    >>> (p.shape.C, p.is_add, p.power, p.mean)
+    (512, 1, 2, 1)
     >>> lib = _native.capi()  # doctest: +SKIP
     >>> lib is None or lib.l2norm_abi_version() == _native.ABI_VERSION  # doctest: +SKIP
     True
@@ -31,6 +39,7 @@ Examples:
 from __future__ import annotations
 
 import ctypes
+import enum
 import functools
 import hashlib
 import os
@@ -39,26 +48,118 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from l2norm._native import build as _build
 from l2norm._native.build import BuildError
+
+if TYPE_CHECKING:
+    from l2norm._modes import EpsMode
 
 __all__ = [
     "ABI_VERSION",
     "BuildError",
     "DTYPE_CODES",
+    "Params",
+    "ScaleKind",
+    "Shape",
     "build",
     "capi",
     "installed",
     "installed_capi",
+    "params",
+    "scale_kind",
+    "xla_attributes",
     "xla_library",
 ]
 
 HERE = Path(__file__).resolve().parent
-#: The interface version capi.cpp reports (``l2norm_abi_version``).
-ABI_VERSION = 1
+#: The interface version capi.cpp reports (``l2norm_abi_version``): ``kernel.h``'s.
+ABI_VERSION = _build.abi_version()
 #: The element-type codes of the C ABI.
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+class ScaleKind(enum.IntEnum):
+    """``kernel.h``'s ``ScaleKind``: how many scale entries a call passes."""
+
+    NONE = 0  # a scale of ones
+    SHARED = 1  # one value for every channel
+    PER_CHANNEL = 2  # one per channel
+
+
+class Shape(ctypes.Structure):
+    """``kernel.h``'s ``Shape``: ``(outer, C, inner)``, the middle axis normalized."""
+
+    _fields_ = (("outer", ctypes.c_int64), ("C", ctypes.c_int64), ("inner", ctypes.c_int64))
+
+
+class Params(ctypes.Structure):
+    """``kernel.h``'s ``Params``, field for field: everything a kernel call is told
+    besides its pointers and dtype (the capi library checks its size when loaded)."""
+
+    _fields_ = (
+        ("shape", Shape),
+        ("eps", ctypes.c_double),
+        ("scale", ctypes.c_int32),  # a ScaleKind
+        ("is_add", ctypes.c_int32),  # EpsMode.kernel_code: eps added (1) or a floor (0),
+        ("power", ctypes.c_int32),  # meeting the norm (1) or the sum of squares (2),
+        ("mean", ctypes.c_int32),  # divided by C first (1: RMSNorm)
+        ("threads", ctypes.c_int32),
+    )
+
+
+def scale_kind(entries: int | None, channels: int) -> ScaleKind:
+    """The kind of a scale of ``entries`` values (None: no scale) over ``channels``.
+
+    Raises:
+        ValueError: neither 1 nor ``channels`` entries.
+    """
+    if entries is None:
+        return ScaleKind.NONE
+    if entries == 1:
+        return ScaleKind.SHARED
+    if entries == channels:
+        return ScaleKind.PER_CHANNEL
+    raise ValueError(f"a scale of {entries} entries over {channels} channels")
+
+
+@functools.lru_cache(maxsize=256)
+def params(
+    rows: tuple[int, int, int], scale: ScaleKind, mode: EpsMode, eps: float, threads: int
+) -> Params:
+    """The :class:`Params` of a call over ``rows = (outer, C, inner)``, cached: a model's
+    calls repeat theirs, and building one costs about 2 us, a tenth of a small call. The
+    kernel reads it only, and so must its callers (shared between calls).
+
+    Example:
+        >>> from l2norm._modes import get_mode
+        >>> params((2, 3, 4), ScaleKind.NONE, get_mode("clamp_norm"), 1e-12, 1).power
+        1
+    """
+    is_add, power, mean = mode.kernel_code
+    return Params(Shape(*rows), eps, int(scale), is_add, power, mean, threads)
+
+
+def xla_attributes(p: Params) -> dict[str, np.generic]:
+    """The XLA custom calls' attributes: ``p``'s fields, by name and in their C types, but
+    ``outer``, which the handler takes from the operand (``xla_ffi.cpp``, ReadCall).
+
+    Example:
+        >>> from l2norm._modes import get_mode
+        >>> attributes = xla_attributes(params((0, 3, 4), 2, get_mode("add_meansq"), 1e-6, 1))
+        >>> sorted(attributes)
+        ['C', 'eps', 'inner', 'is_add', 'mean', 'power', 'scale', 'threads']
+        >>> attributes["mean"].dtype
+        dtype('int32')
+    """
+    fields: list[tuple[str, Any, Any]] = [
+        (name, kind, getattr(p.shape, name)) for name, kind in Shape._fields_ if name != "outer"
+    ]
+    fields += [(name, kind, getattr(p, name)) for name, kind in Params._fields_ if name != "shape"]
+    return {name: np.dtype(kind).type(value) for name, kind, value in fields}
 
 
 def _cache_dir() -> Path:
@@ -170,17 +271,20 @@ def capi() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(installed("capi") or build("capi")))
         if lib.l2norm_abi_version() != ABI_VERSION:
             raise BuildError(f"library reports ABI {lib.l2norm_abi_version()}, not {ABI_VERSION}")
+        lib.l2norm_params_size.restype = ctypes.c_int64
+        if lib.l2norm_params_size() != ctypes.sizeof(Params):
+            raise BuildError(
+                f"the library's Params has {lib.l2norm_params_size()} bytes, "
+                f"l2norm._native.Params {ctypes.sizeof(Params)}"
+            )
     except (BuildError, OSError) as err:
         _warn_once("capi", err)
         return None
-    i64, ptr, dptr = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_double)
-    c_int, c_double = ctypes.c_int, ctypes.c_double
-    lib.l2norm_forward.argtypes = [
-        *(c_int, ptr, ptr, i64, i64, i64, dptr, i64, c_int, c_int, c_double, c_int)
-    ]
-    lib.l2norm_backward.argtypes = [
-        *(c_int, ptr, ptr, ptr, dptr, i64, i64, i64, dptr, i64, c_int, c_int, c_double, c_int)
-    ]
+    # Every pointer as c_void_p: a plain int from a tensor's data_ptr() goes in as it is
+    # (no ctypes.cast per call), and so do ctypes.byref(params) and ctypes pointers.
+    c_int, ptr = ctypes.c_int, ctypes.c_void_p
+    lib.l2norm_forward.argtypes = [c_int, ptr, ptr, ptr, ptr]  # dtype, params, x, w, y
+    lib.l2norm_backward.argtypes = [c_int, *[ptr] * 6]  # dtype, params, x, g, w, dx, dw
     lib.l2norm_forward.restype = lib.l2norm_backward.restype = c_int
     return lib
 

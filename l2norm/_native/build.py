@@ -7,12 +7,16 @@ loads this file by path, so it imports nothing but the standard library) builds 
 libraries into the package, one per x86-64 level; :mod:`l2norm._native` checks those
 against the sources next to them and otherwise compiles one for this CPU into its cache.
 
-Examples:
-    >>> from l2norm._native import build
+Examples (``l2norm._native.build`` is also the name of a function of the package, so the
+module is imported by its full name):
+    >>> import importlib
+    >>> build = importlib.import_module("l2norm._native.build")
     >>> sorted(build.LIBRARIES)
     ['capi', 'xla']
     >>> build.portable_name("capi", "v3")
     'libl2norm_capi_portable_v3.so'
+    >>> build.abi_version() >= 2
+    True
 """
 
 from __future__ import annotations
@@ -85,6 +89,16 @@ def flags(cxx: str, march: str | None) -> tuple[str, ...]:
     """The compile flags: :data:`BASE_FLAGS`, ``march`` and OpenMP where ``cxx`` takes them."""
     optional = [f for f in (march, "-fopenmp") if f is not None and accepts(cxx, f)]
     return (*BASE_FLAGS, *optional)
+
+
+def abi_version(native: Path = HERE) -> int:
+    """The C ABI's version, written once: ``kAbiVersion`` in ``kernel.h``, which
+    ``l2norm_abi_version`` returns and :mod:`l2norm._native` expects of a library."""
+    text = (native / "kernel.h").read_text()
+    found = re.search(r"^constexpr int kAbiVersion = (\d+);", text, re.MULTILINE)
+    if found is None:
+        raise BuildError(f"no 'constexpr int kAbiVersion = N;' line in {native / 'kernel.h'}")
+    return int(found.group(1))
 
 
 def source_digest(name: str, native: Path = HERE) -> str:

@@ -18,8 +18,9 @@
 // its own: a NaN flows through the arithmetic (NaN slice, NaN out), and a slice holding
 // +-Inf (its sum is Inf) takes the reference's limit in a short extra loop over that block.
 //
-// The eps placement arrives as (is_add, power, eps): l2norm._modes.EpsMode.kernel_code;
-// slice_terms below is that table's denominator and ratio, in double.
+// Every call is told its shape, scale, eps placement and threads in one struct, Params
+// (below), from the callers to the loops; slice_terms is the mode table's denominator and
+// ratio (l2norm._modes), in double.
 #pragma once
 
 #include <algorithm>
@@ -219,8 +220,9 @@ inline void narrow_row(const float* r, int64_t n, typename E::T* out) {
 
 // Whether the second pass of E runs in float32 rather than double: float16, whose whole
 // range float32 holds with room to spare. A nonzero float16 slice has n >= 2**-24, so
-// 1 / d <= 2**24 and no product below leaves float32 (|k x| <= ||w g|| in the backward); a
-// zero slice's larger 1 / d is clamped to the largest float (0 times it is still 0).
+// 1 / d <= 2**24 (2**24 sqrt(C) for a mean, below 2**56 for any C an int64 holds) and no
+// product below leaves float32 (|k x| <= ||w g|| in the backward); a zero slice's larger
+// 1 / d is clamped to the largest float (0 times it is still 0).
 // float32 arithmetic carries a relative error of a few 2**-24, far inside float16's
 // 2**-11, and doubles the lanes. bfloat16 keeps double: its slices reach 2**-133, whose
 // 1 / d float32 cannot hold. So do scales beyond 2**32 (none in practice).
@@ -288,15 +290,50 @@ inline void end_streaming() {
 #endif
 }
 
-// ------------------------------------------------------------------ the per-slice formula
+// ------------------------------------------------------------------ the parameters
 
-// The eps placement of l2norm._modes: d**power = n**power + eps (add) or
-// max(n**power, eps) (clamp).
-struct Placement {
-  bool add;
-  int power;
-  double eps;
+// The version of the interface of capi.cpp (the Params layout and the entry points):
+// l2norm._native reads it from this line and refuses a library reporting another.
+constexpr int kAbiVersion = 2;
+
+// (outer, C, inner): the middle axis is normalized, each slice holds its C entries.
+struct Shape {
+  int64_t outer, C, inner;
 };
+
+// How many scale entries a call passes: none (a scale of ones), one for every channel, or
+// one per channel.
+enum ScaleKind : int32_t { kNoScale = 0, kSharedScale = 1, kScalePerChannel = 2 };
+
+// Everything a call is told besides its pointers and dtype. The C ABI takes it by pointer
+// (l2norm._native.Params mirrors it with ctypes, field for field); the XLA handlers fill
+// it from their attributes, which carry the same names (xla_ffi.cpp, ReadCall).
+struct Params {
+  Shape shape;
+  double eps;
+  int32_t scale;    // a ScaleKind
+  int32_t is_add;   // the eps placement, l2norm._modes.EpsMode.kernel_code: eps added (1)
+  int32_t power;    // or a floor (0); it meets the norm (1) or the sum of squares (2),
+  int32_t mean;     // divided by C first (1: the mean of the squares, RMSNorm; power 2)
+  int32_t threads;  // at most this many threads
+};
+
+// Whether the kernel takes `params` (zero sizes are valid: it returns at once, zeroing dw).
+inline bool valid(const Params& params) {
+  const Shape& s = params.shape;
+  const bool placement = (params.is_add == 0 || params.is_add == 1) &&
+                         (params.power == 1 || params.power == 2) &&
+                         (params.mean == 0 || (params.mean == 1 && params.power == 2));
+  return s.outer >= 0 && s.C >= 0 && s.inner >= 0 && params.scale >= kNoScale &&
+         params.scale <= kScalePerChannel && placement && params.threads > 0;
+}
+
+// The scale entries a call passes: 0, 1 or C.
+inline int64_t scale_entries(const Params& params) {
+  return params.scale == kNoScale ? 0 : (params.scale == kSharedScale ? 1 : params.shape.C);
+}
+
+// ------------------------------------------------------------------ the per-slice formula
 
 // Per slice: 1 / d and r / n^2 (r = n d'(n) / d(n), so that
 // dx = (sigma - (r / n^2) <sigma, x> x) / d); `infinite` for a slice holding Inf.
@@ -306,27 +343,29 @@ struct Slice {
   bool infinite;
 };
 
-inline Slice slice_terms(double n2, const Placement& pl) {
+// m is what eps meets: the norm n, the sum of squares n^2, or their mean n^2 / C (the
+// division exact to a rounding, and n^2 / C >= 2**-361 > 0 for a nonzero float slice).
+// Added, d**power = m + eps and r = m / d**power (so r / n^2 = 1 / (C d^2) for a mean);
+// a floor, r is 1 above it and 0 below.
+inline Slice slice_terms(double n2, const Params& params) {
   if (std::isinf(n2)) return {0.0, 0.0, true};  // float squares cannot overflow a double
   const double n = std::sqrt(n2);                // NaN stays NaN below
-  double d, r;
-  if (pl.add) {
-    d = pl.power == 1 ? n + pl.eps : std::sqrt(n2 + pl.eps);
-    r = pl.power == 1 ? n / d : n2 / (d * d);
+  const double count = static_cast<double>(params.shape.C);
+  const double m = params.power == 1 ? n : (params.mean ? n2 / count : n2);
+  double d, r_over_n2;
+  if (params.is_add) {
+    d = params.power == 1 ? m + params.eps : std::sqrt(m + params.eps);
+    const double r = params.power == 1 ? n / d : m / (d * d);
+    r_over_n2 = params.mean ? 1.0 / (count * (d * d)) : r / n2;
   } else {
-    const double np = pl.power == 1 ? n : n2;
-    const double dp = pl.eps > np ? pl.eps : np;  // keeps a NaN np
-    d = pl.power == 1 ? dp : std::sqrt(dp);
-    r = np >= pl.eps ? 1.0 : 0.0;
+    const double dp = params.eps > m ? params.eps : m;  // keeps a NaN m
+    d = params.power == 1 ? dp : std::sqrt(dp);
+    r_over_n2 = (m >= params.eps ? 1.0 : 0.0) / n2;
   }
-  return {1.0 / d, n2 > 0.0 ? r / n2 : 0.0, false};
+  return {1.0 / d, n2 > 0.0 ? r_over_n2 : 0.0, false};
 }
 
 // ------------------------------------------------------------------ shape and threads
-
-struct Shape {
-  int64_t outer, C, inner;
-};
 
 inline int64_t block_slices(const Shape& s, int64_t item_bytes) {
   const int64_t by_bytes = kBlockBytes / (s.C * item_bytes);
@@ -387,41 +426,45 @@ inline int thread_id() {
 }
 
 // The scale as C doubles (none: ones; shared: repeated), so that the loops need no case.
-inline std::vector<double> per_channel(const double* w, int64_t w_len, int64_t C) {
-  if (w_len == 0) return std::vector<double>(C, 1.0);
-  if (w_len == 1) return std::vector<double>(C, w[0]);
+inline std::vector<double> per_channel(const double* w, const Params& params) {
+  const int64_t C = params.shape.C;
+  if (params.scale == kNoScale) return std::vector<double>(C, 1.0);
+  if (params.scale == kSharedScale) return std::vector<double>(C, w[0]);
   return std::vector<double>(w, w + C);
 }
 
 // ------------------------------------------------------------------ Inf slices
 
+// What each of the k infinite entries of a slice tends to, in magnitude: n / d(n) tends to
+// 1 (sqrt(C) for a mean), shared by the k as 1 / sqrt(k) (sqrt(C / k), rounded once).
 template <typename E>
-inline double inf_share(const typename E::T* x, int64_t stride, int64_t C) {
+inline double inf_share(const typename E::T* x, int64_t stride, const Params& params) {
   int64_t count = 0;
-  for (int64_t ch = 0; ch < C; ++ch) count += std::isinf(E::load(x[ch * stride]));
-  return 1.0 / std::sqrt(static_cast<double>(count));
+  for (int64_t ch = 0; ch < params.shape.C; ++ch) count += std::isinf(E::load(x[ch * stride]));
+  const double k = static_cast<double>(count);
+  return params.mean ? std::sqrt(static_cast<double>(params.shape.C) / k) : 1.0 / std::sqrt(k);
 }
 
-// The limit direction of a slice holding +-Inf (and no NaN): +-1 / sqrt(count) on its
-// infinite entries, 0 elsewhere.
+// The limit of a slice holding +-Inf (and no NaN): +-share on its infinite entries, 0
+// elsewhere.
 inline double limit_of(double v, double share) {
   return std::isinf(v) ? std::copysign(share, v) : 0.0;
 }
 
 template <typename E>
-void forward_limit(const typename E::T* x, int64_t stride, int64_t C, const double* w,
-                   typename E::T* out) {
-  const double share = inf_share<E>(x, stride, C);
-  for (int64_t ch = 0; ch < C; ++ch) {
+void forward_limit(const typename E::T* x, int64_t stride, const Params& params,
+                   const double* w, typename E::T* out) {
+  const double share = inf_share<E>(x, stride, params);
+  for (int64_t ch = 0; ch < params.shape.C; ++ch) {
     out[ch * stride] = E::store(w[ch] * limit_of(E::load(x[ch * stride]), share));
   }
 }
 
 template <typename E>
-void backward_limit(const typename E::T* x, const typename E::T* g, int64_t stride, int64_t C,
-                    typename E::T* dx, double* dw_part) {
-  const double share = inf_share<E>(x, stride, C);
-  for (int64_t ch = 0; ch < C; ++ch) {
+void backward_limit(const typename E::T* x, const typename E::T* g, int64_t stride,
+                    const Params& params, typename E::T* dx, double* dw_part) {
+  const double share = inf_share<E>(x, stride, params);
+  for (int64_t ch = 0; ch < params.shape.C; ++ch) {
     dx[ch * stride] = E::store(0.0);
     dw_part[ch] += E::load(g[ch * stride]) * limit_of(E::load(x[ch * stride]), share);
   }
@@ -430,8 +473,9 @@ void backward_limit(const typename E::T* x, const typename E::T* g, int64_t stri
 // ------------------------------------------------------------------ forward
 
 template <typename E>
-void forward_rows(const typename E::T* x, typename E::T* y, const Shape& s,
-                  const std::vector<double>& w, const Placement& pl, int threads) {
+void forward_rows(const typename E::T* x, typename E::T* y, const Params& params,
+                  const std::vector<double>& w, int threads) {
+  const Shape& s = params.shape;
   const int64_t C = s.C;
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -454,9 +498,9 @@ void forward_rows(const typename E::T* x, typename E::T* y, const Shape& s,
     }
     double n2 = 0.0;
     for (int64_t j = 0; j < kLanes; ++j) n2 += lanes[j];
-    const Slice sl = slice_terms(n2, pl);
+    const Slice sl = slice_terms(n2, params);
     if (sl.infinite) {
-      forward_limit<E>(row, 1, C, w.data(), out);
+      forward_limit<E>(row, 1, params, w.data(), out);
       continue;
     }
     for (ch = 0; ch < C; ++ch) out[ch] = E::store(E::load(row[ch]) * sl.inv_d * w[ch]);
@@ -488,20 +532,21 @@ inline void add_squares(const typename E::T* first, int64_t inner, int64_t count
 }
 
 template <typename E>
-void forward(const typename E::T* x, typename E::T* y, const Shape& s, const double* w_ptr,
-             int64_t w_len, const Placement& pl, int threads) {
+void forward(const Params& params, const typename E::T* x, const double* w_ptr,
+             typename E::T* y) {
   using T = typename E::T;
+  const Shape& s = params.shape;
   if (empty(s)) return;
-  const std::vector<double> w = per_channel(w_ptr, w_len, s.C);
+  const std::vector<double> w = per_channel(w_ptr, params);
   if (s.inner == 1) {
-    forward_rows<E>(x, y, s, w, pl, threads_for(s, s.outer, threads));
+    forward_rows<E>(x, y, params, w, threads_for(s, s.outer, params.threads));
     return;
   }
   const int64_t C = s.C, inner = s.inner;
   const bool stream = s.outer * C * inner * int64_t(sizeof(T)) >= kStreamBytes;
   const bool fast = float_arithmetic<E>(w);
   const int64_t slices = block_slices(s, sizeof(T));
-  threads = threads_for(s, blocks_of(s, slices), threads);
+  const int threads = threads_for(s, blocks_of(s, slices), params.threads);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     KeepSubnormals keep;
@@ -519,7 +564,7 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
     }
     bool any_inf = false;
     for (int64_t p = 0; p < blk.len; ++p) {
-      const Slice sl = slice_terms(acc[p], pl);
+      const Slice sl = slice_terms(acc[p], params);
       inv_d[p] = sl.inv_d;
       any_inf |= sl.infinite;
     }
@@ -547,7 +592,7 @@ void forward(const typename E::T* x, typename E::T* y, const Shape& s, const dou
       if (stream) end_streaming();
       for (int64_t p = 0; p < blk.len; ++p) {
         if (!std::isinf(acc[p])) continue;
-        forward_limit<E>(x + blk.base + p, inner, C, w.data(), y + blk.base + p);
+        forward_limit<E>(x + blk.base + p, inner, params, w.data(), y + blk.base + p);
       }
     }
   }
@@ -570,8 +615,9 @@ inline void sum_partials(const std::vector<double>& partial, int threads, int64_
 
 template <typename E>
 void backward_rows(const typename E::T* x, const typename E::T* g, typename E::T* dx,
-                   double* dw, const Shape& s, const std::vector<double>& w,
-                   const Placement& pl, int threads) {
+                   double* dw, const Params& params, const std::vector<double>& w,
+                   int threads) {
+  const Shape& s = params.shape;
   const int64_t C = s.C;
   std::vector<double> partial(static_cast<size_t>(threads) * C, 0.0);
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -603,9 +649,9 @@ void backward_rows(const typename E::T* x, const typename E::T* g, typename E::T
       n2 += sq[j];
       ip += ipl[j];
     }
-    const Slice sl = slice_terms(n2, pl);
+    const Slice sl = slice_terms(n2, params);
     if (sl.infinite) {
-      backward_limit<E>(xr, gr, 1, C, out, dw_part);
+      backward_limit<E>(xr, gr, 1, params, out, dw_part);
       continue;
     }
     const double k = sl.r_over_n2 * ip;
@@ -650,24 +696,24 @@ inline void add_squares_and_products(const typename E::T* x, const typename E::T
 }
 
 template <typename E>
-void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx, double* dw,
-              const Shape& s, const double* w_ptr, int64_t w_len, const Placement& pl,
-              int threads) {
+void backward(const Params& params, const typename E::T* x, const typename E::T* g,
+              const double* w_ptr, typename E::T* dx, double* dw) {
   using T = typename E::T;
+  const Shape& s = params.shape;
   if (empty(s)) {  // no slices: the scale's gradient is zero
     std::fill(dw, dw + s.C, 0.0);
     return;
   }
-  const std::vector<double> w = per_channel(w_ptr, w_len, s.C);
+  const std::vector<double> w = per_channel(w_ptr, params);
   if (s.inner == 1) {
-    backward_rows<E>(x, g, dx, dw, s, w, pl, threads_for(s, s.outer, threads));
+    backward_rows<E>(x, g, dx, dw, params, w, threads_for(s, s.outer, params.threads));
     return;
   }
   const int64_t C = s.C, inner = s.inner;
   const bool stream = s.outer * C * inner * int64_t(sizeof(T)) >= kStreamBytes;
   const bool fast = float_arithmetic<E>(w);
   const int64_t slices = block_slices(s, sizeof(T));
-  threads = threads_for(s, blocks_of(s, slices), threads);
+  const int threads = threads_for(s, blocks_of(s, slices), params.threads);
   std::vector<double> partial(static_cast<size_t>(threads) * C, 0.0);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
@@ -691,7 +737,7 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
     }
     bool any_inf = false;
     for (int64_t p = 0; p < blk.len; ++p) {
-      const Slice sl = slice_terms(n2[p], pl);
+      const Slice sl = slice_terms(n2[p], params);
       inv_d[p] = sl.inv_d;
       k[p] = sl.r_over_n2 * ip[p];
       any_inf |= sl.infinite;
@@ -757,8 +803,8 @@ void backward(const typename E::T* x, const typename E::T* g, typename E::T* dx,
       if (stream) end_streaming();
       for (int64_t p = 0; p < blk.len; ++p) {
         if (!std::isinf(n2[p])) continue;
-        backward_limit<E>(x + blk.base + p, g + blk.base + p, inner, C, dx + blk.base + p,
-                          dw_part);
+        backward_limit<E>(x + blk.base + p, g + blk.base + p, inner, params,
+                          dx + blk.base + p, dw_part);
       }
     }
   }

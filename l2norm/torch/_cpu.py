@@ -12,7 +12,6 @@ plain torch ops, never an error. ``L2NORM_CPU_KERNEL=0`` in the environment, or
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,31 +121,19 @@ def layout(x: Tensor, norm: tuple[int, ...], channel: int) -> Layout | None:
     return view
 
 
-def _scale(weight: Tensor | None) -> Tensor:
-    """The scale as the kernel takes it: float64, 0 (none), 1 or C entries."""
-    if weight is None:
-        return _NO_SCALE
-    return weight.detach().to(torch.float64).reshape(-1).contiguous()
+def _call(
+    x: Tensor, weight: Tensor | None, view: Layout, mode: EpsMode, eps: float
+) -> tuple[Tensor, int, Any]:
+    """What both directions pass the kernel: the scale as it takes it (float64, 0, 1 or C
+    entries), the dtype code, and a pointer to the call's :class:`~l2norm._native.Params`."""
+    w = _NO_SCALE if weight is None else weight.detach().to(torch.float64).reshape(-1)
+    kind = _native.scale_kind(None if weight is None else w.numel(), view.rows[1])
+    params = _native.params(view.rows, kind, mode, eps, torch.get_num_threads())
+    code = _native.DTYPE_CODES[KERNEL_DTYPES[x.dtype]]
+    return w.contiguous(), code, ctypes.byref(params)
 
 
 _NO_SCALE = torch.empty(0, dtype=torch.float64)
-
-
-@functools.cache
-def _entry_points() -> tuple[Any, Any]:
-    """The C ABI's forward and backward with every pointer as ``c_void_p``: a plain int
-    from ``data_ptr()`` then goes in without a ``ctypes.cast`` per call (a microsecond
-    each, a tenth of a small call). New function objects, so the library's own stay as
-    :mod:`l2norm._native` declared them."""
-    lib = require()
-    i64, ptr, c_int, c_double = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
-    fwd, bwd = lib["l2norm_forward"], lib["l2norm_backward"]
-    fwd.argtypes = [c_int, ptr, ptr, i64, i64, i64, ptr, i64, c_int, c_int, c_double, c_int]
-    bwd.argtypes = [
-        *(c_int, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, i64, c_int, c_int, c_double, c_int)
-    ]
-    fwd.restype = bwd.restype = c_int
-    return fwd, bwd
 
 
 def _check(status: int) -> None:
@@ -164,20 +151,9 @@ def forward(x: Tensor, weight: Tensor | None, view: Layout, mode: EpsMode, eps: 
     """``y = weight * x / d(n)`` by the kernel, on ``x``'s memory as it lies: ``x`` is
     dense in ``view``'s order, so ``empty_like`` gives ``y`` the same strides, and both
     are ``view.rows`` in memory."""
-    is_add, power, mean = mode.kernel_code
-    if mean:  # until the kernel reads the mean placement
-        raise NotImplementedError(f"eps_mode={mode.name!r} is not in this kernel yet")
+    w, code, params = _call(x, weight, view, mode, eps)
     y = torch.empty_like(x)
-    w = _scale(weight)
-    outer, channels, inner = view.rows
-    code = _native.DTYPE_CODES[KERNEL_DTYPES[x.dtype]]
-    threads = torch.get_num_threads()
-    _check(
-        _entry_points()[0](
-            *(code, x.data_ptr(), y.data_ptr(), outer, channels, inner),
-            *(w.data_ptr(), w.numel(), is_add, power, eps, threads),
-        )
-    )
+    _check(require().l2norm_forward(code, params, x.data_ptr(), w.data_ptr(), y.data_ptr()))
     return y
 
 
@@ -186,20 +162,10 @@ def backward(
 ) -> tuple[Tensor, Tensor]:
     """``(dx, the scale's gradient per channel in float64)`` by the kernel (it sums the
     squares again: nothing is saved from the forward)."""
-    is_add, power, mean = mode.kernel_code
-    if mean:  # until the kernel reads the mean placement
-        raise NotImplementedError(f"eps_mode={mode.name!r} is not in this kernel yet")
+    w, code, params = _call(x, weight, view, mode, eps)
     g = _like(g, x)
     dx = torch.empty_like(x)
-    outer, channels, inner = view.rows
-    per_channel = torch.empty(channels, dtype=torch.float64)
-    w = _scale(weight)
-    code = _native.DTYPE_CODES[KERNEL_DTYPES[x.dtype]]
-    threads = torch.get_num_threads()
-    _check(
-        _entry_points()[1](
-            *(code, x.data_ptr(), g.data_ptr(), dx.data_ptr(), per_channel.data_ptr()),
-            *(outer, channels, inner, w.data_ptr(), w.numel(), is_add, power, eps, threads),
-        )
-    )
+    per_channel = torch.empty(view.rows[1], dtype=torch.float64)
+    pointers = (x.data_ptr(), g.data_ptr(), w.data_ptr(), dx.data_ptr(), per_channel.data_ptr())
+    _check(require().l2norm_backward(code, params, *pointers))
     return dx, per_channel
