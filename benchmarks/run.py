@@ -7,10 +7,13 @@ Usage::
     python benchmarks/run.py --output DIR     # where results.json, results.md, *.png go
     python benchmarks/run.py --frameworks torch,jax
     python benchmarks/run.py --device cuda    # torch and jax on the GPU
+    python benchmarks/run.py --frameworks rmsnorm-torch --sizes 8,512,768  # RMSNorm
 
 Each framework module ``benchmarks/bench_<name>.py`` exposes
 ``suites(shape, dtype, quick, device) -> list[Suite]`` for an NCHW ``shape`` (it
-converts to its own layout); every suite is timed interleaved (A B A B ...), warm-up excluded,
+converts to its own layout); the RMSNorm frameworks (``rmsnorm-*``,
+``benchmarks/bench_rmsnorm.py``) take ``(batch, tokens, channels)`` sizes instead and run
+only when named. Every suite is timed interleaved (A B A B ...), warm-up excluded,
 median of repeats (``benchmarks/harness.py``). Every framework (and every Keras backend)
 runs in a child process of its own: Keras picks its backend once per process, and one
 framework's thread pools, still spinning after its last op, would take cores from the
@@ -20,6 +23,7 @@ next one's timings.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -43,11 +47,30 @@ HEADLINE = (8, 512, 38, 38)
 DTYPES = ("float32", "bfloat16")
 #: The frameworks each device can run (NumPy has no GPU; the Keras rows run on CPU).
 DEVICE_FRAMEWORKS = {"cpu": FRAMEWORKS, "cuda": ("torch", "jax")}
+#: Run only when named: RMSNorm at (batch, tokens, channels) sizes (bench_rmsnorm.py).
+RMS_FRAMEWORKS = (
+    "rmsnorm-torch",
+    "rmsnorm-jax",
+    "rmsnorm-keras-tensorflow",
+    "rmsnorm-keras-jax",
+    "rmsnorm-keras-torch",
+)
+NAMED_FRAMEWORKS = {"cpu": RMS_FRAMEWORKS, "cuda": ()}
 
 
-def _module_for(framework: str):
+def _suites_for(framework: str):
+    """The ``suites(shape, dtype, quick, device)`` function of ``framework``."""
+    if framework.startswith("rmsnorm-"):
+        module = importlib.import_module("benchmarks.bench_rmsnorm")
+        return functools.partial(module.suites, framework=framework)
     name = "keras" if framework.startswith("keras-") else framework
-    return importlib.import_module(f"benchmarks.bench_{name}")
+    return importlib.import_module(f"benchmarks.bench_{name}").suites
+
+
+def keras_backend(framework: str) -> str | None:
+    """The Keras backend a framework's child runs (``"keras-jax"``, ``"rmsnorm-keras-jax"``:
+    ``"jax"``), or None."""
+    return framework.partition("keras-")[2] or None
 
 
 def _repeats(shape: tuple[int, ...], quick: bool) -> int:
@@ -60,11 +83,11 @@ def _repeats(shape: tuple[int, ...], quick: bool) -> int:
 
 def run_framework(framework: str, sizes, dtypes, quick: bool, device: str = "cpu") -> list[dict]:
     """Time every suite of one framework in this process; rows of plain data."""
-    module = _module_for(framework)
+    suites = _suites_for(framework)
     rows = []
     for shape in sizes:
         for dtype in dtypes:
-            for suite in module.suites(shape, dtype, quick, device):
+            for suite in suites(shape, dtype, quick, device):
                 timing = time_suite(suite, repeats=_repeats(shape, quick), warmup=2, min_time=0.002)
                 rows.append(_row(framework, timing, shape))
     return rows
@@ -146,8 +169,8 @@ def machine() -> dict:
 def _run_child(framework: str, args, sizes, dtypes) -> list[dict] | None:
     """Time one framework in a fresh Python process; its rows, or None if it failed."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    if framework.startswith("keras-"):
-        env["KERAS_BACKEND"] = framework.split("-", 1)[1]
+    if keras_backend(framework):
+        env["KERAS_BACKEND"] = keras_backend(framework)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", framework]
@@ -286,6 +309,7 @@ def main(argv=None) -> int:
 
     available = DEVICE_FRAMEWORKS[args.device]
     frameworks = [f for f in (args.frameworks or ",".join(available)).split(",") if f]
+    available += NAMED_FRAMEWORKS[args.device]
     unknown = sorted(set(frameworks) - set(available))
     if unknown:
         parser.error(

@@ -80,3 +80,43 @@ def test_kernel_bench_times_the_kernel_and_the_copy(capsys):
         assert all(row[k] > 0 for k in ("copy", "forward", "backward"))
     out = capsys.readouterr().out
     assert "vector extensions:" in out and "| float16 |" in out
+
+
+#: The peers each RMSNorm framework is timed against (eager suites of a tiny shape).
+RMS_PEERS = {
+    "rmsnorm-torch": {"F.rms_norm"},
+    "rmsnorm-jax": {"nnx.RMSNorm"},
+    "rmsnorm-keras": {"keras.layers.RMSNormalization"},
+}
+
+
+def assert_rms_suites_form_ratios(framework: str, peers: set[str]) -> None:
+    """The RMSNorm suites of ``framework`` at a tiny (batch, tokens, channels) shape time
+    ours, its peers and the copy, forward and forward+backward, and form the ratios."""
+    from benchmarks import bench_rmsnorm
+
+    suites = bench_rmsnorm.suites((2, 3, 8), "bfloat16", quick=True, framework=framework)
+    assert {s.mode for s in suites} == {"forward", "forward+backward"}
+    for suite in suites:
+        assert set(suite.impls) == {"l2norm", "copy", *peers}
+        ratios = time_suite(suite, repeats=1, warmup=1).ratios()
+        assert ratios["vs_best_peer"] > 0 and ratios["vs_copy"] > 0
+
+
+@pytest.mark.parametrize("framework", ["rmsnorm-torch", "rmsnorm-jax"])
+def test_rms_norm_suites_time_ours_against_the_peers(framework):
+    assert_rms_suites_form_ratios(framework, RMS_PEERS[framework])
+
+
+@pytest.mark.keras
+def test_rms_norm_keras_suites_run_on_this_backend():
+    import keras
+
+    framework = f"rmsnorm-keras-{keras.backend.backend()}"
+    assert_rms_suites_form_ratios(framework, RMS_PEERS["rmsnorm-keras"])
+
+
+def test_run_takes_the_rms_norm_frameworks_by_name_only():
+    assert not set(run.RMS_FRAMEWORKS) & set(run.FRAMEWORKS)  # (batch, tokens, C) sizes
+    assert run.keras_backend("rmsnorm-keras-jax") == run.keras_backend("keras-jax") == "jax"
+    assert run.keras_backend("rmsnorm-torch") is None
