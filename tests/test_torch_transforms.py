@@ -401,7 +401,7 @@ def test_zero_size_inputs_give_empty_results_and_gradients(lowering, shape):
 #: A representative subset of the matrix runs it; the rest shares its code with L2Norm.
 RMS_EPS = 1e-6
 RMS_SPEC = RMSSpec.create(eps=RMS_EPS).spec("float32")
-RMS_LOWERINGS = ["ops"]
+RMS_LOWERINGS = [None, "ops"]
 
 
 def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -450,6 +450,12 @@ def test_rms_norm_per_example_gradients_and_forward_ad_match_the_reference(lower
     for i in range(3):
         assert_vjp(dx[i][None], dw[i], x[i : i + 1], w, g[i : i + 1], spec=RMS_SPEC)
     assert_tangent(tangent, tx, tw, x, w, spec=RMS_SPEC)
+
+
+def test_rms_norm_compiles_once_for_every_sequence_length():
+    # torch.compile traces the kernel wherever it applies, whatever use_lowering says.
+    shapes = ((2, 5, 16), (2, 7, 16), (2, 9, 16))
+    assert_compiles_once_for_all_shapes(rms_layer(16), shapes, None, dynamic=None)
 
 
 def test_rms_norm_exports_with_dynamic_batch_and_sequence_length():
