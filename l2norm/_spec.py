@@ -392,7 +392,8 @@ class ArrayOps(NamedTuple):
 
     Attributes:
         normalize: ``normalize(x, scale, spec)``, the framework's ``scale * x / d`` for a
-            :class:`Spec`, in ``x``'s dtype, with its exact gradient.
+            :class:`Spec`, in ``x``'s dtype, with its exact gradient; it checks ``x`` and
+            ``scale`` as the L2 op does.
         cast: ``cast(t, dtype_name)``.
         dtype: ``dtype(t)``, the dtype's name (``"bfloat16"``, ``"float32"``, ...).
         multiply: ``multiply(a, b)`` with the framework's type promotion.
@@ -511,15 +512,15 @@ class RMSSpec:
         x_dtype = ops.dtype(x)
         check_float_dtype(x_dtype, what="x")
         spec = self.spec(x_dtype)
+        flow = self.convention.flow
+        if flow == "fused":  # normalize checks the scale as the L2 op does
+            return ops.normalize(x, scale, spec)
         axes = spec.resolve(len(x.shape))
         w_dtype = None
-        if scale is not None:
+        if scale is not None:  # here, before a multiplication would broadcast it
             w_dtype = ops.dtype(scale)
             check_float_dtype(w_dtype, what="scale")
             check_scale_shape(tuple(int(n) for n in scale.shape), int(x.shape[axes.channel]), axes)
-        flow = self.convention.flow
-        if flow == "fused":
-            return ops.normalize(x, scale, spec)
         if flow == "promote":
             out = x_dtype if w_dtype is None else promote_float(x_dtype, w_dtype)
             scale = None if scale is None else ops.cast(scale, out)

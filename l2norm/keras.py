@@ -148,9 +148,14 @@ def l2_normalize(
         axis=axis, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
     )
     x = ops.convert_to_tensor(x)
+    scale = None if scale is None else ops.convert_to_tensor(scale)
+    return _checked_normalize(x, scale, spec)
+
+
+def _checked_normalize(x: Any, scale: Any | None, spec: Spec) -> Any:
+    """:func:`_normalize` once ``x`` and ``scale`` (backend tensors) pass the checks."""
     axes = _check_input(x, spec)
     if scale is not None:
-        scale = ops.convert_to_tensor(scale)
         check_float_dtype(keras.backend.standardize_dtype(scale.dtype), what="scale")
         check_scale_shape(tuple(scale.shape), x.shape[axes.channel], axes)
     return _normalize(x, scale, spec, axes)
@@ -344,7 +349,7 @@ class L2Norm(keras.layers.Layer):
 
 #: The current backend's tensors for :meth:`l2norm._spec.RMSSpec.apply`.
 KERAS_OPS = ArrayOps(
-    normalize=lambda x, scale, spec: _normalize(x, scale, spec, spec.resolve(len(x.shape))),
+    normalize=_checked_normalize,
     cast=ops.cast,
     dtype=lambda t: keras.backend.standardize_dtype(t.dtype),
     multiply=ops.multiply,
