@@ -23,12 +23,9 @@ import torch
 
 from benchmarks.run import vector_extensions
 from l2norm import _native
+from l2norm._modes import get_mode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _doubles(t: torch.Tensor):
-    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_double))
 
 
 def _row(lib, name: str, shape, threads: int, gen, repeats: int) -> dict:
@@ -39,13 +36,16 @@ def _row(lib, name: str, shape, threads: int, gen, repeats: int) -> dict:
     y, dx, buf = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
     dw = torch.empty(c, dtype=torch.float64)
     code = _native.DTYPE_CODES[name]
-    # (outer, C, inner), eps placement clamp_norm (is_add 0, power 1), eps 1e-12
-    args = (n, c, h * wd, _doubles(scale), c, 0, 1, 1e-12, threads)
+    # (outer, C, inner), a scale per channel, eps placement clamp_norm, eps 1e-12
+    kind, mode = _native.ScaleKind.PER_CHANNEL, get_mode("clamp_norm")
+    params = ctypes.byref(_native.params((n, c, h * wd), kind, mode, 1e-12, threads))
     calls = {
         "copy": lambda: buf.copy_(x),
-        "forward": lambda: lib.l2norm_forward(code, x.data_ptr(), y.data_ptr(), *args),
+        "forward": lambda: lib.l2norm_forward(
+            code, params, x.data_ptr(), scale.data_ptr(), y.data_ptr()
+        ),
         "backward": lambda: lib.l2norm_backward(
-            code, x.data_ptr(), g.data_ptr(), dx.data_ptr(), _doubles(dw), *args
+            code, params, x.data_ptr(), g.data_ptr(), scale.data_ptr(), dx.data_ptr(), dw.data_ptr()
         ),
     }
     samples: dict[str, list[float]] = {k: [] for k in calls}
