@@ -309,6 +309,16 @@ def test_torch_preset_gradients_are_the_references(preset):
 # --------------------------------------------------------------------------- JAX and Flax
 
 
+def test_several_axes_in_torch_and_jax():
+    """A tuple of axes: one mean over all of them, the weight along the first."""
+    x, _ = _data("float32")
+    w = _weight("float32", 2)
+    got = torch_to_numpy(torch_rms_norm(numpy_to_torch(x), numpy_to_torch(w), dim=(1, 2)))
+    assert _oracle_ulps(got, x, w, 1e-6, axis=(1, 2)) <= 1.0
+    got = np.asarray(l2norm.jax.rms_norm(jnp.asarray(x), jnp.asarray(w), axis=(1, 2)))
+    assert _oracle_ulps(got, x, w, 1e-6, axis=(1, 2)) <= 1.0
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_jax_forward_and_gradient_match_the_reference(dtype):
     x, w = _data(dtype)
