@@ -32,7 +32,21 @@ from l2norm import _faithful, _ladder
 from l2norm._compensated import Pair
 from l2norm._ladder import FORMATS, FloatFormat, Ladder, SliceFactors, Upscale
 
-__all__ = ["Bits", "Forward", "Hooks", "bit_pairs", "factors", "forward", "largest", "sums", "vjp"]
+__all__ = [
+    "Bits",
+    "Forward",
+    "Hooks",
+    "bit_pairs",
+    "exact_upscale",
+    "factors",
+    "forward",
+    "largest",
+    "saturate",
+    "subnormal",
+    "sums",
+    "upscaled_from_bits",
+    "vjp",
+]
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,7 @@ class Bits:
 
     ints: Callable[[Any], tuple[Any, FloatFormat]]  # v -> (its bits, its format)
     floats: Callable[[Any, Any], Any]  # (bits, like) -> floats of like's dtype
+    convert: Callable[[Any, Any], Any]  # (integers, like) -> their values in like's dtype
 
 
 def bit_pairs(bits: Bits) -> _faithful.PairSums:
@@ -54,7 +69,7 @@ def bit_pairs(bits: Bits) -> _faithful.PairSums:
         >>> import numpy as np
         >>> from l2norm._ladder import FORMATS
         >>> np_bits = Bits(lambda v: (v.view(np.int64), FORMATS["float64"]),
-        ...                lambda b, like: b.view(like.dtype))
+        ...                lambda b, like: b.view(like.dtype), None)
         >>> split, floor = bit_pairs(np_bits)
         >>> hi, lo = split(np.array([1.0 + 2.0**-40]))
         >>> float(hi[0]), float(lo[0]), float(floor(np.array([6.0]))[0])
@@ -74,6 +89,46 @@ def bit_pairs(bits: Bits) -> _faithful.PairSums:
     return _faithful.PairSums(split, pow2_floor)
 
 
+def subnormal(bits: Bits, x: Any) -> Any:
+    """Where ``x`` is subnormal or zero, read from its bits (a flushing compare says 0)."""
+    ints, fmt = bits.ints(x)
+    width = 1 + fmt.max_exp.bit_length() + fmt.mant  # sign, exponent and mantissa bits
+    return (ints & ((1 << (width - 1)) - 1)) < (1 << fmt.mant)
+
+
+def upscaled_from_bits(xp: Any, bits: Bits, x: Any, shift: int) -> Any:
+    """``x * 2**shift`` for a subnormal ``x`` (garbage elsewhere), from its bits.
+
+    A subnormal is ``mant * 2**sub`` (``sub`` = -149 for float32): the integer ``mant``
+    converts exactly, and two normal power-of-two factors bring it up to a normal number,
+    so no floating operand is ever subnormal. The sign is kept.
+    """
+    ints, fmt = bits.ints(x)
+    mant = bits.convert(ints & ((1 << fmt.mant) - 1), x)
+    low = fmt.subnormal_exp // 2
+    value = mant * 2.0**low * 2.0 ** (fmt.subnormal_exp + shift - low)
+    return xp.where(ints < 0, -value, value)
+
+
+def exact_upscale(xp: Any, bits: Bits, x: Any, shift: int, from_bits: Upscale | None = None) -> Any:
+    """``x * 2**shift``, exact also where ``x`` is subnormal and ``shift > 0`` (a CPU that
+    flushes subnormal operands reads them as 0); ``from_bits``: the framework's wrapper of
+    :func:`upscaled_from_bits` (JAX: with its derivative).
+
+    Example:
+        >>> import numpy as np
+        >>> b = Bits(lambda v: (v.view(np.int32), FORMATS["float32"]),
+        ...          lambda i, like: i.view(like.dtype), lambda i, like: i.astype(like.dtype))
+        >>> x = np.float32([1e-45, -3e-40, 2.0])
+        >>> exact_upscale(np, b, x, 100) / np.float32(2.0**100) == x
+        array([ True,  True,  True])
+    """
+    if shift <= 0:  # a subnormal x then maps below the normal range anyway
+        return x * 2.0**shift if shift else x
+    rebuilt = (from_bits or (lambda v, s: upscaled_from_bits(xp, bits, v, s)))(x, shift)
+    return xp.where(subnormal(bits, x), rebuilt, x * 2.0**shift)
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What a framework supplies to the driver (built per call: the reductions know the
@@ -84,7 +139,8 @@ class Hooks:
         acc: the accumulator dtype's name.
         reduce: ``v`` summed over the normalized axes (kept).
         reduce2: two arrays summed so, in one pass where the framework can (the pairs).
-        scale_sum: the scale gradient's terms summed down to the scale's entries.
+        scale_sum: the scale gradient's terms summed down to the scale's entries (for
+            :func:`vjp`).
         upscale: ``x * 2**s`` exactly (from the bits where the CPU flushes subnormals).
         pairs: the pairs' split and floor (:func:`bit_pairs`) where the data is as wide as
             the accumulator and the result is not to be differentiated by autodiff, else
@@ -92,6 +148,8 @@ class Hooks:
         sums: the rungs' sums and the count of infinities of ``x`` in one pass, where the
             framework sums several terms together; default: :func:`l2norm._ladder.sums`
             with ``reduce``.
+        stop_gradient: where autodiff runs through the pairs (JAX's higher orders): the
+            pair is then differentiated as the plain sum.
         scale_inside: the scale joins ``1 / d`` (and ``xhat`` joins ``n / d``) before the
             full-size products, for CPUs that flush subnormals: ``x / d`` may be
             subnormal where ``scale * x / d`` is not.
@@ -101,11 +159,12 @@ class Hooks:
     acc: str
     reduce: Callable[[Any], Any]
     reduce2: Callable[[Any, Any], tuple[Any, Any]]
-    scale_sum: Callable[[Any], Any]
+    scale_sum: Callable[[Any], Any] | None = None
     upscale: Upscale = _ladder.plain_upscale
     pairs: _faithful.PairSums | None = None
     sums: Callable[[Any, Ladder], tuple[list[Any], Any]] | None = None
     scale_inside: bool = False
+    stop_gradient: Callable[[Any], Any] | None = None
 
 
 class Forward(NamedTuple):
@@ -136,6 +195,20 @@ def sums(h: Hooks, x: Any, ladder: Ladder) -> tuple[list[Any], Any]:
     return h.sums(x, ladder)
 
 
+def saturate(xp: Any, v: Any, data: str) -> Any:
+    """``v`` clipped to the largest finite magnitude of the ``data`` dtype, NaN kept (as
+    :func:`l2norm.reference.saturate`): the input gradient of an all-zero float16 pixel,
+    ``scale * g / eps``, must stay finite, or a loss scaler skips every step.
+
+    Example:
+        >>> import numpy as np
+        >>> saturate(np, np.array([1e6, -np.inf, np.nan, 2.0]), "float16").tolist()
+        [65504.0, -65504.0, nan, 2.0]
+    """
+    top = largest(data)
+    return xp.clip(v, -top, top)
+
+
 def factors(
     h: Hooks, x: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any, pair: Pair | None = None
 ) -> tuple[SliceFactors, Pair | None]:
@@ -148,7 +221,12 @@ def factors(
     chosen = _ladder.choose_rung(xp, ladder, rung_sums)
     if pair is None:
         xs = _faithful.rung_values(xp, x, chosen, ladder, h.upscale)
-        pair = _faithful.refined_pair(xp, xs, chosen.sumsq, h.reduce2, h.pairs)
+        plain, stop = chosen.sumsq, h.stop_gradient
+        if stop is None:
+            pair = _faithful.refined_pair(xp, xs, plain, h.reduce2, h.pairs)
+        else:  # the plain sum's tangent, added as 0: differentiated as the plain sum
+            pair = _faithful.refined_pair(xp, stop(xs), stop(plain), h.reduce2, h.pairs)
+            pair = Pair(pair.hi + (plain - stop(plain)), pair.lo, pair.split)
     f = _ladder.factors(xp, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
     return f, pair
 
@@ -177,15 +255,12 @@ def vjp(
 ) -> tuple[Any, Any]:
     """``(dx, dscale)`` in the accumulator dtype (``dscale`` None without a scale) for the
     cotangent ``g``: ``dx = (sigma - r <sigma, xhat> xhat) / d`` with ``sigma = scale g``
-    (:func:`l2norm._ladder.input_grad`), saturated at the largest finite value of the
-    ``data`` dtype (as :func:`l2norm.reference.saturate`: an all-zero float16 pixel's
-    ``scale * g / eps`` stays finite, so a loss scaler keeps its scale), and
+    (:func:`l2norm._ladder.input_grad`) saturated to the ``data`` dtype (:func:`saturate`),
     ``dscale = sum g u`` with ``u = xhat n / d``: bounded terms, no ``1 / d`` blow-up."""
     xp = h.xp
     xhat = _ladder.direction(xp, x, f, ladder, h.upscale)
     sigma = g if scale is None else g * scale
-    top = largest(data)
-    dx = xp.clip(_ladder.input_grad(sigma, xhat, h.reduce(sigma * xhat), f), -top, top)
+    dx = saturate(xp, _ladder.input_grad(sigma, xhat, h.reduce(sigma * xhat), f), data)
     if scale is None:
         return dx, None
     gu = g * (xhat * f.ratio) if h.scale_inside else g * xhat * f.ratio

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from l2norm import _faithful
+from l2norm import _driver
 from l2norm._ladder import FORMATS, FloatFormat
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "subnormal",
     "subnormal_upscaled",
     "sum_two",
+    "upscaled",
 ]
 
 
@@ -44,30 +45,37 @@ def exact(x: jax.Array, acc: Any) -> jax.Array:
     return bf16_to_f32(x) if x.dtype == jnp.bfloat16 else x.astype(acc)
 
 
+def _ints(v: jax.Array) -> tuple[jax.Array, FloatFormat]:
+    fmt = FORMATS[jnp.dtype(v.dtype).name]
+    return lax.bitcast_convert_type(v, jnp.int64 if fmt.mant > 23 else jnp.int32), fmt
+
+
+#: How JAX reads and writes a float's bits (:class:`l2norm._driver.Bits`).
+BITS = _driver.Bits(
+    _ints,
+    lambda bits, like: lax.bitcast_convert_type(bits, like.dtype),
+    lambda ints, like: ints.astype(like.dtype),
+)
+
+#: The pairs' split and floor from the bits (:func:`l2norm._driver.bit_pairs`).
+PAIRS = _driver.bit_pairs(BITS)
+
+
 def magnitude_bits(x: jax.Array) -> tuple[jax.Array, FloatFormat]:
-    fmt = FORMATS[jnp.dtype(x.dtype).name]
-    int_type = jnp.int64 if fmt.mant > 23 else jnp.int32
-    return lax.bitcast_convert_type(x, int_type) & jnp.iinfo(int_type).max, fmt
+    bits, fmt = _ints(x)
+    return bits & jnp.iinfo(bits.dtype).max, fmt
 
 
 def subnormal(x: jax.Array) -> jax.Array:
     """Where ``x`` is subnormal or zero, read from the bits (a flushing compare says 0)."""
-    magnitude, fmt = magnitude_bits(x)
-    return magnitude < (1 << fmt.mant)
+    return _driver.subnormal(BITS, x)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def subnormal_upscaled(x: jax.Array, shift: int) -> jax.Array:
-    """``x * 2**shift`` for a subnormal ``x`` (garbage elsewhere), built from its bits.
-
-    A subnormal is ``mant * 2**sub`` (``sub`` = -149 for float32): the integer ``mant``
-    converts exactly, and two normal power-of-two factors bring it up to a normal number.
-    The derivative is ``2**shift``, as for a multiplication.
-    """
-    magnitude, fmt = magnitude_bits(x)
-    low = fmt.subnormal_exp // 2
-    value = magnitude.astype(x.dtype) * 2.0**low * 2.0 ** (fmt.subnormal_exp + shift - low)
-    return jnp.copysign(value, x)
+    """:func:`l2norm._driver.upscaled_from_bits` with the derivative of a multiplication,
+    ``2**shift``."""
+    return _driver.upscaled_from_bits(jnp, BITS, x, shift)
 
 
 @subnormal_upscaled.defjvp
@@ -75,26 +83,9 @@ def subnormal_upscaled_jvp(shift: int, primals: tuple, tangents: tuple) -> tuple
     return subnormal_upscaled(primals[0], shift), tangents[0] * 2.0**shift
 
 
-_HALF_MANTISSA = {"float32": (8, 11), "float64": (11, 25)}
-
-
-def _split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``v = hi + lo`` exactly, each with half the significand (rounded at the middle
-    bit), so that products of halves are exact; no multiply-add for XLA to fuse."""
-    exponent_bits, mantissa_bits = _HALF_MANTISSA[jnp.dtype(v.dtype).name]
-    hi = lax.reduce_precision(v, exponent_bits=exponent_bits, mantissa_bits=mantissa_bits)
-    return hi, v - hi
-
-
-def _pow2_floor(v: jax.Array) -> jax.Array:
-    """The power of two at or below each positive normal entry: its exponent bits."""
-    fmt = FORMATS[jnp.dtype(v.dtype).name]
-    int_type = jnp.int64 if fmt.mant > 23 else jnp.int32
-    bits = lax.bitcast_convert_type(v, int_type)
-    return lax.bitcast_convert_type(bits & ~((1 << fmt.mant) - 1), v.dtype)
-
-
-PAIRS = _faithful.PairSums(_split, _pow2_floor)
+def upscaled(x: jax.Array, shift: int) -> jax.Array:
+    """``x * 2**shift`` exactly (:func:`l2norm._driver.exact_upscale`)."""
+    return _driver.exact_upscale(jnp, BITS, x, shift, subnormal_upscaled)
 
 
 def _add_two(a: tuple, b: tuple) -> tuple:

@@ -50,9 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from l2norm import _faithful, _jax_kernel, _ladder
+from l2norm import _driver, _faithful, _jax_kernel, _ladder
 from l2norm import _jax_bits as _bits
-from l2norm._compensated import Pair
 from l2norm._jax_kernel import LOWERINGS, use_lowering
 from l2norm._ladder import FORMATS, Ladder, SliceFactors
 from l2norm._spec import (
@@ -348,21 +347,17 @@ def _factors(plan: _Plan, x: jax.Array, acc: Any) -> SliceFactors:
     """The reduction pass and the slice-sized choice of rung; where the data is as wide
     as the accumulator, a second pass sums the chosen rung again as a pair
     (:func:`l2norm._faithful.refined_pair`), from which the factors are computed."""
-    ladder = plan.ladder
     rung_sums, n_inf = _sums(x, acc, plan)
-    if not _compensated(acc, x):
-        return _ladder.slice_factors(jnp, ladder, rung_sums, n_inf)
-    chosen = _ladder.choose_rung(jnp, ladder, rung_sums)
-    top = chosen.top > 0 if ladder.exact_top else None
-    xin, _ = _rung_input(_bits.exact(x, acc), chosen._replace(top=top), ladder, chosen.pre)
-    xs = lax.stop_gradient(xin * chosen.post)
-    plain = chosen.sumsq
-    pair = _faithful.refined_pair(
-        jnp, xs, lax.stop_gradient(plain), _bits.sum_two(plan.axes.norm), _bits.PAIRS
+    hooks = _driver.Hooks(
+        jnp,
+        jnp.dtype(acc).name,
+        lambda v: _sum(v, plan.axes.norm),
+        _bits.sum_two(plan.axes.norm),
+        upscale=_bits.upscaled,
+        pairs=_bits.PAIRS if _compensated(acc, x) else None,
+        stop_gradient=lax.stop_gradient,
     )
-    # Differentiated (higher-order gradients) as the plain sum: its tangent, added as 0.
-    pair = Pair(pair.hi + (plain - lax.stop_gradient(plain)), pair.lo, pair.split)
-    return _ladder.factors(jnp, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
+    return _driver.factors(hooks, _bits.exact(x, acc), plan.ladder, rung_sums, n_inf)[0]
 
 
 def _forward(plan: _Plan, x: jax.Array, s: jax.Array):
@@ -406,11 +401,7 @@ def _backward(plan: _Plan, residuals: tuple, g: jax.Array):
     # pass under jit: shared, XLA:CPU writes it out in full for the reduction below.
     sigma = lax.optimization_barrier(s) * g
     dx = _ladder.input_grad(sigma, xhat, _sum(sigma * xhat, axes.norm), f)
-    # Saturated where the exact gradient exceeds x's dtype (reference.saturate: a float16
-    # all-zero pixel, scale * g / eps), so that a loss scaler keeps its scale; written
-    # -max(-max(dx, -top), -top) (NaN kept), which XLA:CPU fuses into the reduction above.
-    top = float(jnp.finfo(x.dtype).max)
-    dx = -jnp.maximum(-jnp.maximum(dx, -top), -top)
+    dx = _driver.saturate(jnp, dx, jnp.dtype(x.dtype).name)
     # The barrier again: one broadcast of 2**s shared by the two reductions is written out.
     ds = _reduce_like(g * through(f.inv_d, lax.optimization_barrier(f.post)), s, axes)
     return dx.astype(x.dtype), ds.reshape(s.shape)
