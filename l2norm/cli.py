@@ -13,7 +13,10 @@ Three sections: the conformance table (each backend against the reference, per d
 by default the fixed subset :data:`l2norm.conformance.DEFAULT_CASE_IDS`, which meets
 every dtype, eps placement, layout and scale kind on hostile and random data), batch
 invariance (a sample's result must not depend on its batch), and the cross-framework
-comparison (one float32 input through every backend, pairwise differences).
+comparison (one float32 input through every backend, pairwise differences), once for the
+L2 op and once for RMSNorm. RMSNorm is the L2 op with the mean placement
+(``eps_mode="add_meansq"``): its cases have rows of their own in the table (op ``RMSNorm``)
+and a summary line under it.
 
 Backends whose framework is not installed are listed with the extra that installs them;
 they are not a failure unless named with ``--backends``. Keras picks its backend once per
@@ -236,16 +239,21 @@ def _finish(
     rows = [row for report in reports.values() for row in report.rows]
     problems = [p for report in reports.values() for p in report.problems]
     invariance = [r.invariance for r in reports.values() if r.invariance is not None]
-    outputs = {name: r.cross for name, r in reports.items() if r.cross is not None}
     bounds = {name: SimpleNamespace(**r.bounds) for name, r in reports.items() if r.bounds}
-    cross = (
-        conformance.cross_compare(outputs, bounds) if len(outputs) > 1 and not in_child else None
-    )
+    crosses = {}  # per op: the backends' outputs on the cross-framework input, compared
+    for attribute, options in (
+        ("cross", conformance.CROSS_OPTIONS),
+        ("cross_rms", conformance.RMS_CROSS_OPTIONS),
+    ):
+        outputs = {n: getattr(r, attribute) for n, r in reports.items()}
+        outputs = {n: out for n, out in outputs.items() if out is not None}
+        if len(outputs) > 1 and not in_child:
+            crosses[attribute] = conformance.cross_compare(outputs, bounds, options)
     failed = (
         not reports
         or any(not report.passed for report in reports.values())
-        or (args.cross_only and not outputs)
-        or (cross is not None and not cross.passed)
+        or (args.cross_only and not any(r.cross is not None for r in reports.values()))
+        or any(not cross.passed for cross in crosses.values())
     )
     if args.json:
         payload = {
@@ -257,8 +265,8 @@ def _finish(
             "problems": problems,
             "not_installed": {name: str(p) for name, p in missing.items()},
         }
-        if cross is not None:
-            payload["cross"] = {**cross.__dict__, "passed": cross.passed}
+        for attribute, cross in crosses.items():
+            payload[attribute] = {**cross.__dict__, "passed": cross.passed}
         if in_child:
             payload["reports"] = [r.to_json() for r in reports.values()]
         print(json.dumps(payload, indent=1, default=float))
@@ -276,8 +284,10 @@ def _finish(
         print()
         print(format_invariance(invariance))
         print()
-    if cross is not None:
-        print(format_cross(cross))
+    if crosses:
+        print("\n\n".join(format_cross(cross) for cross in crosses.values()))
+        agree = all(cross.passed for cross in crosses.values())
+        print("cross-framework: " + ("PASS" if agree else "FAIL"))
     for report in reports.values():
         for note in report.notes:
             print(f"note: {report.name}: {note}")

@@ -42,8 +42,13 @@ Error measures (the tolerances are per backend and per dtype):
 * non-finite mismatches: an element where the backend is NaN/Inf and the reference is
   not, or the other way round (NaN where the reference is NaN passes).
 
+RMSNorm is the L2 op with the mean placement (``eps_mode="add_meansq"``): its cases are
+those of that option set (:attr:`Case.op`), measured the same way and reported on rows of
+their own.
+
 Besides the cases: :func:`check_batch_invariance` (a sample's result must not depend on
-its batch) and :func:`cross_compare` (the backends against each other on one input).
+its batch) and :func:`cross_compare` (the backends against each other on one input, for
+the L2 op and for RMSNorm).
 
 Examples:
     >>> from l2norm import conformance
@@ -73,6 +78,7 @@ from l2norm.conformance._cases import (
 from l2norm.conformance._cross import (
     CROSS_OPTIONS,
     CROSS_SHAPE,
+    RMS_CROSS_OPTIONS,
     Cross,
     cross_compare,
     cross_inputs,
@@ -129,6 +135,7 @@ __all__ = [
     "LAYOUTS",
     "OPTION_SETS",
     "PRESETS",
+    "RMS_CROSS_OPTIONS",
     "SCALES",
     "WIDE_OPTION_SETS",
     "Backend",

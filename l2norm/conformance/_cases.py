@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from l2norm import _oracle
+from l2norm._modes import get_mode
 from l2norm._spec import EPS_MODES, FLOAT_DTYPES, PRESETS, Axes, Spec
 
 #: (shape, axis, across_spatial): the layouts every option set is run on.
@@ -55,9 +56,10 @@ HOSTILE = {
 }
 
 #: What ``l2norm check`` runs by default: a fixed subset of :func:`cases`, one hostile and
-#: one random case per dtype, that still meets every eps placement on hostile data (and
-#: again on random data), every layout (the 2048-channel one included), every scale kind,
-#: a preset and a tiny eps. Fixed rather than sampled so that two runs compare; each case
+#: one random case per dtype, that still meets every eps placement of the L2 op on hostile
+#: data (and again on random data), every layout (the 2048-channel one included), every
+#: scale kind, a preset and a tiny eps; and RMSNorm (the mean placement) on hostile float32
+#: and random bfloat16 rows. Fixed rather than sampled so that two runs compare; each case
 #: costs a compilation in the frameworks that compile per shape and option set, so it is
 #: small. The whole matrix is ``l2norm check --full`` and the test suite.
 DEFAULT_CASE_IDS: tuple[str, ...] = (
@@ -69,7 +71,24 @@ DEFAULT_CASE_IDS: tuple[str, ...] = (
     "3:mode=add_norm:shared:bfloat16:random",
     "6:mode=add_sumsq:per_channel:float32:random",
     "0:default:none:float64:random",  # clamp_norm, eps 1e-12
+    "2:mode=add_meansq:per_channel:float32:hostile",  # RMSNorm over the channels, NHWC
+    "0:mode=add_meansq:per_channel:bfloat16:random",  # RMSNorm of a batch of rows
 )
+
+#: The op a mean placement makes of the L2 op: RMSNorm (``d = sqrt(mean(x**2) + eps)``).
+RMS_NORM = "RMSNorm"
+L2_NORM = "L2Norm"
+
+
+def op_of(options: dict) -> str:
+    """The op ``options`` (keyword arguments of :func:`l2norm.l2_normalize`) compute:
+    :data:`RMS_NORM` for a mean placement, :data:`L2_NORM` otherwise.
+
+    Example:
+        >>> op_of({"eps_mode": "add_meansq"}), op_of({"preset": "caffe"})
+        ('RMSNorm', 'L2Norm')
+    """
+    return RMS_NORM if get_mode(Spec.create(**options).eps_mode).mean else L2_NORM
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -126,6 +145,11 @@ class Case:
         """The keyword arguments of :func:`l2norm.l2_normalize` this case runs with."""
         _, axis, across = LAYOUTS[self.layout]
         return {"axis": axis, "across_spatial": across, **OPTION_SETS[self.option_set]}
+
+    @property
+    def op(self) -> str:
+        """``"L2Norm"``, or ``"RMSNorm"`` for the mean placement (:func:`op_of`)."""
+        return op_of(self.options)
 
     def axes(self) -> Axes:
         return Spec.create(**self.options).resolve(len(self.shape))

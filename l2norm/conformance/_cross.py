@@ -2,12 +2,14 @@
 
 Each backend is measured against the reference case by case; this section shows how far
 the frameworks are from each other on one input a user could have (an NHWC feature map
-with an all-zero pixel and pixels whose squares underflow or overflow float32).
+with an all-zero pixel and pixels whose squares underflow or overflow float32), once per
+op: the L2 op with its default options (:data:`CROSS_OPTIONS`) and RMSNorm, the mean
+placement (:data:`RMS_CROSS_OPTIONS`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
 
 CROSS_SHAPE: tuple[int, ...] = (2, 6, 6, 64)
 CROSS_OPTIONS: dict = {"axis": -1}
+#: RMSNorm over the channels with the usual eps of its peers' layers (torch, Keras, Flax).
+RMS_CROSS_OPTIONS: dict = {"axis": -1, "eps_mode": "add_meansq", "eps": 1e-6}
 
 
 def cross_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -36,24 +40,26 @@ def cross_inputs() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x.astype(np.float32), scale.astype(np.float32), g.astype(np.float32)
 
 
-def cross_outputs(backend: Backend) -> tuple[np.ndarray, np.ndarray]:
-    """``(y, dx)`` of one backend on :func:`cross_inputs`, as float32."""
+def cross_outputs(backend: Backend, options: dict = CROSS_OPTIONS) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, dx)`` of one backend on :func:`cross_inputs` with ``options``, as float32."""
     x, scale, g = cross_inputs()
     with np.errstate(all="ignore"):
-        y = np.asarray(backend.forward(x, scale, dict(CROSS_OPTIONS)), np.float32)
-        dx, _ = backend.vjp(x, scale, g, dict(CROSS_OPTIONS))
+        y = np.asarray(backend.forward(x, scale, dict(options)), np.float32)
+        dx, _ = backend.vjp(x, scale, g, dict(options))
     return y, np.asarray(dx, np.float32)
 
 
 @dataclass
 class Cross:
     """Pairwise maximum differences: forward in float32 ULPs, input gradient in float32
-    machine epsilons relative to each slice's term size (the conformance measures)."""
+    machine epsilons relative to each slice's term size (the conformance measures), of the
+    op ``options`` compute."""
 
     backends: list[str]
     forward_ulps: list[list[float]]
     grad_eps: list[list[float]]
     exceeded: list[str]
+    options: dict = field(default_factory=lambda: dict(CROSS_OPTIONS))
 
     @property
     def passed(self) -> bool:
@@ -63,14 +69,15 @@ class Cross:
 def cross_compare(
     outputs: dict[str, tuple[np.ndarray, np.ndarray]],
     registered: dict[str, Backend] | None = None,
+    options: dict = CROSS_OPTIONS,
 ) -> Cross:
-    """Compare every pair of ``outputs`` (name -> ``(y, dx)``); a pair fails when it differs
-    by more than the sum of the two backends' float32 bounds (each is within its bound of
-    the reference). ``registered`` gives the bounds; a name missing there gets the
-    defaults."""
+    """Compare every pair of ``outputs`` (name -> ``(y, dx)``, computed with ``options``); a
+    pair fails when it differs by more than the sum of the two backends' float32 bounds
+    (each is within its bound of the reference). ``registered`` gives the bounds; a name
+    missing there gets the defaults."""
     x, scale, g = cross_inputs()
     f32 = np.dtype(np.float32)
-    magnitude, _ = gradient_magnitudes(x, scale, g, Spec.create(**CROSS_OPTIONS))
+    magnitude, _ = gradient_magnitudes(x, scale, g, Spec.create(**options))
     names = list(outputs)
     registered = registered or {}
     fwd = [[0.0] * len(names) for _ in names]
@@ -101,4 +108,4 @@ def cross_compare(
                         f"{a} vs {b}: {f:.3g} ULP (bound {f_bound:g}), "
                         f"{d:.3g} eps (bound {g_bound:g})"
                     )
-    return Cross(names, fwd, grad, exceeded)
+    return Cross(names, fwd, grad, exceeded, dict(options))

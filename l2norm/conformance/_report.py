@@ -13,8 +13,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from l2norm._spec import FLOAT_DTYPES
-from l2norm.conformance._cases import Case
-from l2norm.conformance._cross import CROSS_SHAPE, Cross, cross_outputs
+from l2norm.conformance._cases import L2_NORM, RMS_NORM, Case, op_of
+from l2norm.conformance._cross import (
+    CROSS_OPTIONS,
+    CROSS_SHAPE,
+    RMS_CROSS_OPTIONS,
+    Cross,
+    cross_outputs,
+)
 from l2norm.conformance._invariance import InvarianceResult, check_batch_invariance
 from l2norm.conformance._measures import run_case
 from l2norm.conformance._registry import Backend, get_backend
@@ -22,10 +28,11 @@ from l2norm.conformance._registry import Backend, get_backend
 
 @dataclass
 class Row:
-    """The summary of one backend on one dtype."""
+    """The summary of one backend on one op (``"L2Norm"`` or ``"RMSNorm"``) and dtype."""
 
     backend: str
     dtype: str
+    op: str = L2_NORM
     cases: int = 0
     failed: int = 0
     forward_ulps: float = 0.0
@@ -41,14 +48,16 @@ class Row:
 class BackendReport:
     """Everything ``l2norm check`` learned about one backend.
 
-    ``problems`` are ``(message, fatal)``; ``cross`` is the backend's ``(y, dx)`` on the
-    cross-framework input, if that section ran.
+    ``problems`` are ``(message, fatal)``; ``cross`` and ``cross_rms`` are the backend's
+    ``(y, dx)`` on the cross-framework input for the L2 op and for RMSNorm, if that section
+    ran.
     """
 
     name: str
     rows: list[Row] = field(default_factory=list)
     invariance: InvarianceResult | None = None
     cross: tuple[np.ndarray, np.ndarray] | None = None
+    cross_rms: tuple[np.ndarray, np.ndarray] | None = None
     problems: list[tuple[str, bool]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -69,9 +78,8 @@ class BackendReport:
             "name": self.name,
             "rows": [asdict(row) for row in self.rows],
             "invariance": None if self.invariance is None else asdict(self.invariance),
-            "cross": None
-            if self.cross is None
-            else {"y": self.cross[0].ravel().tolist(), "dx": self.cross[1].ravel().tolist()},
+            "cross": _outputs_to_json(self.cross),
+            "cross_rms": _outputs_to_json(self.cross_rms),
             "problems": [list(p) for p in self.problems],
             "notes": self.notes,
             "seconds": self.seconds,
@@ -80,21 +88,34 @@ class BackendReport:
 
     @classmethod
     def from_json(cls, payload: dict) -> BackendReport:
-        cross = payload.get("cross")
         return cls(
             name=payload["name"],
             rows=[Row(**row) for row in payload["rows"]],
             invariance=None
             if payload.get("invariance") is None
             else InvarianceResult(**payload["invariance"]),
-            cross=None
-            if cross is None
-            else tuple(np.asarray(cross[k], np.float32).reshape(CROSS_SHAPE) for k in ("y", "dx")),
+            cross=_outputs_from_json(payload.get("cross")),
+            cross_rms=_outputs_from_json(payload.get("cross_rms")),
             problems=[(message, bool(fatal)) for message, fatal in payload["problems"]],
             notes=list(payload.get("notes", [])),
             seconds=float(payload.get("seconds", 0.0)),
             bounds=payload.get("bounds"),
         )
+
+
+def _outputs_to_json(outputs: tuple[np.ndarray, np.ndarray] | None) -> dict | None:
+    return (
+        None
+        if outputs is None
+        else {"y": outputs[0].ravel().tolist(), "dx": outputs[1].ravel().tolist()}
+    )
+
+
+def _outputs_from_json(payload: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
+    if payload is None:
+        return None
+    y, dx = (np.asarray(payload[k], np.float32).reshape(CROSS_SHAPE) for k in ("y", "dx"))
+    return y, dx
 
 
 def run_backend(
@@ -107,9 +128,9 @@ def run_backend(
     on_stage: Callable[[str], None] | None = None,
 ) -> BackendReport:
     """Build backend ``name`` and run the cases, the batch-invariance check and the
-    cross-framework input through it. A failure to build is a fatal problem of the report;
-    ``on_case(done, total)`` is called after each case and ``on_stage(what)`` before each
-    section (for a progress bar)."""
+    cross-framework input (the L2 op, then RMSNorm) through it. A failure to build is a
+    fatal problem of the report; ``on_case(done, total)`` is called after each case and
+    ``on_stage(what)`` before each section (for a progress bar)."""
     stage = on_stage or (lambda what: None)
     start = time.perf_counter()
     report = BackendReport(name)
@@ -129,10 +150,12 @@ def run_backend(
         report.invariance = check_batch_invariance(backend)
     if cross:
         stage("cross-framework")
-        try:
-            report.cross = cross_outputs(backend)
-        except Exception as err:  # reported, as a conformance crash is
-            report.problems.append((f"{name}: cross-framework run failed: {err!r}", True))
+        for attribute, options in (("cross", CROSS_OPTIONS), ("cross_rms", RMS_CROSS_OPTIONS)):
+            try:
+                setattr(report, attribute, cross_outputs(backend, options))
+            except Exception as err:  # reported, as a conformance crash is
+                message = f"{name}: cross-framework run ({op_of(options)}) failed: {err!r}"
+                report.problems.append((message, True))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -141,19 +164,21 @@ def _run_cases(
     backend: Backend, selected: Sequence[Case], on_case: Callable[[int, int], None] | None
 ) -> list[Row]:
     rows = {
-        dtype: Row(
+        (op, dtype): Row(
             backend.name,
             dtype,
+            op,
             forward_bound=backend.forward_ulps[dtype],
             grad_bound=backend.grad_eps[dtype],
         )
+        for op in (L2_NORM, RMS_NORM)
         for dtype in FLOAT_DTYPES
         if dtype in backend.dtypes
     }
     for done, case in enumerate(selected, 1):
-        if case.dtype in rows:
+        row = rows.get((case.op, case.dtype))
+        if row is not None:
             result = run_case(backend, case)
-            row = rows[case.dtype]
             row.cases += 1
             row.forward_ulps = max(row.forward_ulps, result.forward_ulps)
             row.grad_eps = max(row.grad_eps, result.grad_eps)
@@ -165,7 +190,7 @@ def _run_cases(
                     row.errors.append(f"{case.id}: {result.error}")
         if on_case is not None:
             on_case(done, len(selected))
-    # With --case only that case's dtype has a row.
+    # With --case only that case's op and dtype have a row.
     return [row for row in rows.values() if row.cases]
 
 
@@ -173,21 +198,36 @@ def _run_cases(
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """The conformance table: one line per backend and dtype."""
+    """The conformance table: one line per backend, op and dtype, and a line summing up
+    RMSNorm (the mean placement) over the backends, where its cases ran."""
     header = (
-        f"{'backend':<17}{'dtype':<10}{'cases':>6}  {'fwd ULP (bound)':<17}"
+        f"{'backend':<17}{'op':<9}{'dtype':<10}{'cases':>6}  {'fwd ULP (bound)':<17}"
         f"{'grad eps (bound)':<18}{'non-finite':>10}  result"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         fwd = f"{row.forward_ulps:.3g} ({row.forward_bound:g})"
         grad = f"{row.grad_eps:.3g} ({row.grad_bound:g})"
-        verdict = "PASS" if row.failed == 0 and row.cases else "FAIL"
         lines.append(
-            f"{row.backend:<17}{row.dtype:<10}{row.cases:>6}  {fwd:<17}{grad:<18}"
-            f"{row.nonfinite:>10}  {verdict}"
+            f"{row.backend:<17}{row.op:<9}{row.dtype:<10}{row.cases:>6}  {fwd:<17}{grad:<18}"
+            f"{row.nonfinite:>10}  {_verdict(row)}"
+        )
+    rms = [row for row in rows if row.op == RMS_NORM]
+    if rms:
+        backends = sorted({row.backend for row in rms})
+        failing = sorted({row.backend for row in rms if _verdict(row) == "FAIL"})
+        lines.append(
+            f"{RMS_NORM} (eps_mode='add_meansq', d = sqrt(mean(x**2) + eps)): "
+            f"{sum(row.cases for row in rms)} cases on {len(backends)} backends, at most "
+            f"{max(row.forward_ulps for row in rms):.3g} ULP forward, "
+            f"{max(row.grad_eps for row in rms):.3g} eps gradient: "
+            + (f"FAIL on {', '.join(failing)}" if failing else "PASS")
         )
     return "\n".join(lines)
+
+
+def _verdict(row: Row) -> str:
+    return "PASS" if row.failed == 0 and row.cases else "FAIL"
 
 
 def format_invariance(results: Sequence[InvarianceResult]) -> str:
@@ -214,12 +254,14 @@ def format_invariance(results: Sequence[InvarianceResult]) -> str:
 
 
 def format_cross(cross: Cross) -> str:
-    """The cross-framework section: the pairwise difference matrix."""
+    """The cross-framework section of one op: the pairwise difference matrix."""
     names = cross.backends
     label = max(len(n) for n in names) + 6
+    op = op_of(cross.options)
+    options = ", ".join(f"{k}={v!r}" for k, v in cross.options.items())
     lines = [
-        f"cross-framework: one float32 input {CROSS_SHAPE} (axis=-1, per-channel scale, "
-        "zero / underflowing / overflowing pixels) through every backend",
+        f"cross-framework, {op}: one float32 input {CROSS_SHAPE} ({options}, per-channel "
+        "scale, zero / underflowing / overflowing pixels) through every backend",
         "pairwise max difference: forward ULP / input-gradient eps",
         " " * label + "".join(f"{f'[{j + 1}]':>11}" for j in range(len(names))),
     ]
@@ -231,5 +273,5 @@ def format_cross(cross: Cross) -> str:
         lines.append(f"{f'[{i + 1}] {a}':<{label}}" + "".join(f"{c:>11}" for c in cells))
     for message in cross.exceeded:
         lines.append(f"EXCEEDED {message}")
-    lines.append("cross-framework: " + ("PASS" if cross.passed else "FAIL"))
+    lines.append(f"cross-framework, {op}: " + ("PASS" if cross.passed else "FAIL"))
     return "\n".join(lines)
