@@ -27,9 +27,11 @@ and JAX's float64 would hang on the global ``jax_enable_x64`` flag):
   is far inside their precision.
 * **Per row**, ``n``, ``d(n)``, ``1 / d`` and ``r`` are computed in double-word
   arithmetic by :mod:`l2norm._compensated` running the table of :mod:`l2norm._modes`
-  (each placement written once), eps carried as a pair from its float64 value and
-  scaled along; where eps would pass ``2**62`` in the units of ``x'`` (it then
-  dominates the norm by ``2**55`` or more), ``d`` is computed at a smaller power of two.
+  (each placement written once; the mean placement divides ``n'**2`` by the row's size
+  ``N = L`` as a pair), eps carried as a pair from its float64 value and scaled along;
+  where eps would pass ``2**62`` in the units of ``x'`` (it then dominates what it meets
+  by ``2**52`` or more: ``n' <= 32``, ``n'**2 <= 2**10``, a mean ``n'**2 / N <= 1/4``),
+  ``d`` is computed at a smaller power of two.
   ``1 / d`` is kept as a pair ``G`` in ``[1, 2)`` times a power of two, so that every
   product with ``G`` keeps its error terms in the normal range.
 * **Output**: ``y = w x' G 2**t``, ``x' G`` an exact pair multiplied by ``w`` exactly
@@ -46,8 +48,9 @@ and JAX's float64 would hang on the global ``jax_enable_x64`` flag):
 NaN and Inf rows are handled by selects (no branch): a row holding NaN is NaN; a row
 holding +-Inf is read as its limit direction (+-1 on its ``k`` infinities, 0 elsewhere,
 norm ``sqrt(k)``, no eps), so the same arithmetic gives the reference's limit
-``+-w / sqrt(k)``; its gradient is 0. Input gradients beyond the dtype saturate at its
-largest value (:func:`l2norm.reference.saturate`).
+``+-w / sqrt(k)`` (``+-w sqrt(N / k)`` for a mean: ``d = sqrt(k / N)``,
+:meth:`l2norm._modes.EpsMode.inf_limit`); its gradient is 0. Input gradients beyond the
+dtype saturate at its largest value (:func:`l2norm.reference.saturate`).
 
 Batch invariance: a row's arithmetic depends on that row, ``L``, the dtype and the
 platform only; the reductions inside a row are exact (extraction) or error-free (TwoSum)
@@ -306,19 +309,36 @@ def _square_sum(xs: jax.Array, exact: bool) -> Pair:
 
 class _Eps(NamedTuple):
     """eps as ``mant 2**exp`` with ``mant`` a float32 pair in ``[1/2, 1)`` (exact enough:
-    ``2**-48``) and the largest row shift ``cap`` that keeps it below ``2**62``."""
+    ``2**-48``), the largest row shift ``cap`` that keeps it below ``2**62``, and the
+    slice size ``count`` (:class:`l2norm._modes.EpsMode`'s; only a mean reads it)."""
 
     hi: float
     lo: float
     exp: int
     cap: int
+    count: int
 
 
-def _eps_parts(mode: EpsMode, eps: float) -> _Eps:
+def _eps_parts(mode: EpsMode, eps: float, count: int) -> _Eps:
+    """eps for rows of ``count`` entries.
+
+    The cap bounds eps, not what it meets: with a mean, eps meets ``n**2 / N``, which is
+    at most ``1/4`` in the units of ``x'`` (``n'**2 <= N / 4``), so past the cap (eps at
+    ``2**62`` or more) eps dominates it by ``2**64`` or more and the data brought down
+    with ``d`` (exactly, or to where it no longer counts) changes nothing.
+
+    Examples:
+        >>> from l2norm._modes import get_mode
+        >>> parts = _eps_parts(get_mode("add_meansq"), 1e-6, 4)
+        >>> parts.exp, parts.cap  # at the largest shift eps is 2**(-19 + 2 * 40) or so
+        (-19, 40)
+        >>> abs((parts.hi + parts.lo) * 2.0**parts.exp - 1e-6) <= 1e-6 * 2.0**-48
+        True
+    """
     mant, exp = math.frexp(eps)
     hi = float(np.float32(mant))
     cap = (_EPS_HEADROOM - exp) // mode.power
-    return _Eps(hi, float(np.float32(mant - hi)), exp, min(cap, 160))
+    return _Eps(hi, float(np.float32(mant - hi)), exp, min(cap, 160), count)
 
 
 class _Terms(NamedTuple):
@@ -350,8 +370,11 @@ def _slice_terms(mode: EpsMode, eps: _Eps, sumsq: Pair, rows: _Rows) -> _Terms:
     scaled = jnp.where(rows.inf, 0.0, _ldexp(jnp.ones_like(a.hi), eps.exp + mode.power * low))
     e = pxp.pair(scaled * eps.hi, scaled * eps.lo)
     n = pxp.sqrt(at_low)
-    d = mode.denominator(pxp, at_low, n, e)
-    r, _ = mode.ratio(pxp, at_low, n, d, e)
+    # The slice size per row, exact in float32 (at most 4096); an array, which the pairs
+    # split by its bits (the Triton lowering bitcasts arrays only, not constants).
+    count = jnp.full_like(a.hi, eps.count)
+    d = mode.denominator(pxp, at_low, n, e, count)
+    r, _ = mode.ratio(pxp, at_low, n, d, e, count)
     inv = 1.0 / d
     # 1 / d = G 2**t with G in [1, 2): products with G keep their error terms normal.
     t = ((_bits(inv.hi) >> 23) & 0xFF) - 127
@@ -560,7 +583,7 @@ def _scale_row(static: _Static, w_ref: Any, cfg: BlockConfig) -> jax.Array:
 def _forward_kernel(static: _Static) -> Callable:
     cfg = block_config(static.length, static.platform)
     mode = get_mode(static.mode)
-    eps = _eps_parts(mode, static.eps)
+    eps = _eps_parts(mode, static.eps, static.length)
     load, store = _io(static, cfg)
 
     def body(*refs: Any) -> None:
@@ -575,7 +598,7 @@ def _forward_kernel(static: _Static) -> Callable:
 def _backward_kernel(static: _Static) -> Callable:
     cfg = block_config(static.length, static.platform)
     mode = get_mode(static.mode)
-    eps = _eps_parts(mode, static.eps)
+    eps = _eps_parts(mode, static.eps, static.length)
     load, store = _io(static, cfg)
     top = _top(static.dtype)
 
