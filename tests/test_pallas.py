@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import doctest
 import re
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -52,21 +53,7 @@ def _covering_subset() -> list[conformance.Case]:
 
 
 def _backend(platform: str) -> conformance.Backend:
-    built = pallas_backend.build("jax-pallas")
-
-    def forward(x, scale, options):
-        return pallas_backend.run(x, scale, np.zeros_like(x), options, platform)[0]
-
-    def vjp(x, scale, g, options):
-        return pallas_backend.run(x, scale, g, options, platform)[1:]
-
-    return conformance.Backend(
-        name=f"jax-pallas-{platform}",
-        forward=forward,
-        vjp=vjp,
-        flushes_subnormals=built.flushes_subnormals,
-        dtypes=built.dtypes,
-    )
+    return pallas_backend.build(f"jax-pallas-{platform}", platform)
 
 
 #: The covering cases and the default ones of ``l2norm check``.
@@ -93,6 +80,38 @@ def test_the_subset_meets_every_layout_mode_scale_and_dtype():
     assert {f[1] for f in covered if f[0] == "scale"} == set(conformance.SCALES)
     data = {f[1:] for f in covered if f[0] == "data"}
     assert data == {(d, k) for d in _pallas.DTYPES for k in ("random", "hostile")}
+
+
+@dataclass(frozen=True)
+class _MeanCase:
+    """Rows from subnormal to near float32's largest, one with ``k = 3`` infinities (its
+    limit ``+-s sqrt(N / k)``), for the mean placement (:func:`conformance.run_case`
+    takes any object with ``inputs()``, ``options`` and ``dtype``)."""
+
+    eps: float
+    dtype: str = "float32"
+
+    @property
+    def options(self) -> dict:
+        return {"axis": -1, "eps_mode": "add_meansq", "eps": self.eps}
+
+    def inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(11)
+        magnitudes = [1.0, 1e-40, 1e-25, 1e-6, 1.0, 1e19, 1e37, 0.0]
+        x = rng.standard_normal((len(magnitudes), 24)) * np.array(magnitudes)[:, None]
+        x[0, :3] = [np.inf, -np.inf, np.inf]
+        scale, g = rng.uniform(0.5, 20, 24), rng.standard_normal(x.shape)
+        return x.astype(self.dtype), scale.astype(self.dtype), g.astype(self.dtype)
+
+
+@pytest.mark.parametrize(("platform", "eps"), [("tpu", 1e-44), ("cuda", 3e38)])
+def test_mean_placement_where_eps_is_extreme(platform, eps):
+    """The mean of the squares against the reference where the kernel's bookkeeping of
+    eps bites (the conformance cases take the default eps): eps capped at the shift of
+    the subnormal row (1e-44), or at a shift below every row's but the largest two, one
+    of whose mean square meets eps (3e38 at 1e19); the Inf row at ``+-s sqrt(N / k)``."""
+    result = conformance.run_case(_backend(platform), _MeanCase(eps))
+    assert result.passed, result
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
@@ -126,9 +145,9 @@ def test_batch_invariance_bitwise(platform):
             assert a.tobytes() == b.tobytes()
 
 
-def _exported(platform: str, dtype: str, width: int) -> str:
+def _exported(platform: str, dtype: str, width: int, mode: str) -> str:
     def f(x, s, g):
-        options = {"channel": -1, "eps_mode": "add_sumsq", "eps": 1e-10}
+        options = {"channel": -1, "eps_mode": mode, "eps": 1e-10}
         y = _pallas.forward(x, s, **options)
         dx, ds = _pallas.vjp(x, s, g, **options)
         return y, dx, ds
@@ -142,12 +161,21 @@ def _exported(platform: str, dtype: str, width: int) -> str:
     return exported(x, s, x).mlir_module()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("width", [24, 512])
-def test_lowers_for_cuda_through_triton(dtype, width):
+#: Each dtype and width once with the sum of squares and once with its mean (RMSNorm),
+#: whose per-row terms divide by the row's size.
+EXPORTED = [
+    ("float32", 24, "add_sumsq"),
+    ("float32", 512, "add_meansq"),
+    ("bfloat16", 24, "add_meansq"),
+    ("bfloat16", 512, "add_sumsq"),
+]
+
+
+@pytest.mark.parametrize(("dtype", "width", "mode"), EXPORTED)
+def test_lowers_for_cuda_through_triton(dtype, width, mode):
     """Pallas' Triton backend turns both kernels into Triton IR in XLA's Triton custom
     call, with the grid and warps of the block configuration; no interpreter."""
-    text = _exported("cuda", dtype, width)
+    text = _exported("cuda", dtype, width, mode)
     assert re.findall(r"custom_call @([\w$.]+)", text) == [TRITON_CALL, TRITON_CALL]
     cfg = _pallas.block_config(width, "cuda")
     backward = _pallas.block_config(width, "cuda", heavy=dtype == "float32")
@@ -157,11 +185,10 @@ def test_lowers_for_cuda_through_triton(dtype, width):
     assert "stablehlo.while" not in text  # interpret mode would loop over the grid
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("width", [24, 512])
-def test_lowers_for_tpu_through_mosaic(dtype, width):
+@pytest.mark.parametrize(("dtype", "width", "mode"), EXPORTED)
+def test_lowers_for_tpu_through_mosaic(dtype, width, mode):
     """Pallas' Mosaic backend serializes both kernels into TPU custom calls."""
-    text = _exported("tpu", dtype, width)
+    text = _exported("tpu", dtype, width, mode)
     assert re.findall(r"custom_call @([\w$.]+)", text) == ["tpu_custom_call", "tpu_custom_call"]
     assert "stablehlo.while" not in text
 
@@ -202,12 +229,13 @@ def test_zero_size_and_platform_chosen_while_lowering():
     assert np.array_equal(np.asarray(y), np.array([[0.6, 0.8, 0.0, 0.0]], np.float32))
 
 
-def test_docstring_examples():
-    result = doctest.testmod(_pallas, optionflags=doctest.NORMALIZE_WHITESPACE)
+@pytest.mark.parametrize("module", [_pallas, pallas_backend], ids=lambda m: m.__name__)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
 
 
-def _triton_modules(monkeypatch, width: int, dtype: str) -> list[str]:
+def _triton_modules(monkeypatch, width: int, dtype: str, mode: str) -> list[str]:
     """The Triton IR Pallas generates for the forward and backward kernels (``cuda``)."""
     from jax._src.pallas.triton import pallas_call_registration as registration
 
@@ -222,7 +250,7 @@ def _triton_modules(monkeypatch, width: int, dtype: str) -> list[str]:
     monkeypatch.setattr(registration.lowering, "lower_jaxpr_to_triton_module", capture)
 
     def f(x, s, g):
-        options = {"channel": -1, "eps_mode": "add_norm", "eps": 1e-10, "platform": "cuda"}
+        options = {"channel": -1, "eps_mode": mode, "eps": 1e-10, "platform": "cuda"}
         return _pallas.forward(x, s, **options), _pallas.vjp(x, s, g, **options)
 
     x = jax.ShapeDtypeStruct((64, width), jnp.dtype(dtype))
@@ -232,9 +260,16 @@ def _triton_modules(monkeypatch, width: int, dtype: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("width", "dtype"), [(512, "float32"), (4096, "float32"), (512, "bfloat16")]
+    ("width", "dtype", "mode"),
+    [
+        (512, "float32", "add_norm"),
+        # The most registers: the widest rows, the float32 backward, and the mean's
+        # division by the row's size on top of the sum of squares' terms.
+        (4096, "float32", "add_meansq"),
+        (512, "bfloat16", "add_norm"),
+    ],
 )
-def test_gpu_kernels_compile_for_sm90_without_spills(monkeypatch, tmp_path, width, dtype):
+def test_gpu_kernels_compile_for_sm90_without_spills(monkeypatch, tmp_path, width, dtype, mode):
     """Triton compiles the IR Pallas generates ahead of time for an H100 (sm_90, ptxas
     from the triton wheel): at most 128 registers a thread and no local-memory spills,
     for the forward and the backward kernel."""
@@ -246,7 +281,7 @@ def test_gpu_kernels_compile_for_sm90_without_spills(monkeypatch, tmp_path, widt
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    for number, module in enumerate(_triton_modules(monkeypatch, width, dtype)):
+    for number, module in enumerate(_triton_modules(monkeypatch, width, dtype, mode)):
         source = tmp_path / f"kernel{number}.ttir"
         source.write_text(module)
         cfg = _pallas.block_config(width, "cuda", heavy=number == 1 and dtype == "float32")

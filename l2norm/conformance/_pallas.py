@@ -64,14 +64,20 @@ def run(x: np.ndarray, scale: np.ndarray | None, g: np.ndarray, options: dict, p
     return np.asarray(y), np.asarray(dx), np.asarray(ds).astype(scale.dtype).reshape(scale.shape)
 
 
-def build(name: str) -> Backend:
-    """The ``jax-pallas`` backend."""
+def build(name: str, platform: str = PLATFORM) -> Backend:
+    """The ``jax-pallas`` backend: ``platform``'s kernel interpreted (the registry's row
+    takes :data:`PLATFORM`; the tests build one for each kernel).
+
+    Examples:
+        >>> build("jax-pallas-cuda", "cuda").flushes_subnormals
+        True
+    """
 
     def forward(x: np.ndarray, scale: np.ndarray | None, options: dict) -> np.ndarray:
-        return run(x, scale, np.zeros_like(x), options, PLATFORM)[0]
+        return run(x, scale, np.zeros_like(x), options, platform)[0]
 
     def vjp(x, scale, g, options):
-        _, dx, ds = run(x, scale, g, options, PLATFORM)
+        _, dx, ds = run(x, scale, g, options, platform)
         return dx, ds
 
     return Backend(
