@@ -68,6 +68,7 @@ _PAIRS = _driver.bit_pairs(
     _driver.Bits(
         lambda v: (v.view(_INT_OF[v.dtype]), _ladder.FORMATS[_NAMES[v.dtype]]),
         lambda bits, like: bits.view(like.dtype),
+        lambda ints, like: ints.to(like.dtype),
     )
 )
 
