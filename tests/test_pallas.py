@@ -375,20 +375,46 @@ def test_the_op_on_pallas_keeps_a_batch_sharding_with_no_gather():
     assert not [c for c in collectives if c in backward]  # only the scale's all-reduce
 
 
+def test_rms_norm_on_pallas_matches_the_reference():
+    """RMSNorm through the JAX primitives on the Pallas kernels: the op hands them the
+    mean placement and the slice size (a sum-of-squares kernel would be off by
+    ``sqrt(N)``); forward within 1 ULP, gradients as the L2 op's above."""
+    from l2norm import reference
+    from l2norm.jax import lowering_for, rms_norm, use_lowering
+    from l2norm.testing import assert_matches_reference
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 4, 24)).astype(np.float32)
+    x[0, 1] = 0.0  # a zero slice: eps alone
+    w = rng.uniform(0.5, 2.0, 24).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    with use_lowering("pallas"):
+        assert lowering_for(x) == "pallas"
+        f = jax.jit(lambda x, w: rms_norm(x, w, eps=1e-6))
+        assert_matches_reference(f, x, w, forward_ulps=1, eps_mode="add_meansq", eps=1e-6)
+        dx, dw = jax.vjp(f, x, w)[1](g)
+    rdx, rdw = reference.l2_normalize_vjp(x, w, g, eps_mode="add_meansq", eps=1e-6)
+    bound = 2 * np.finfo(np.float32).eps
+    assert np.max(np.abs(dx - rdx)) <= bound * np.max(np.abs(rdx))
+    assert np.max(np.abs(dw - rdw)) <= bound * np.sum(np.abs(rdw))
+
+
 @pytest.mark.parametrize(("platform", "marker"), [("cuda", "triton"), ("tpu", "tpu_custom_call")])
 def test_the_op_on_pallas_exports_for_accelerators(platform, marker):
+    """The L2 op and RMSNorm (the mean placement) both lower to the kernels."""
     from jax import export
 
-    from l2norm.jax import l2_normalize, use_lowering
+    from l2norm.jax import l2_normalize, rms_norm, use_lowering
 
     x, w = jnp.ones((4, 8, 8, 64), jnp.bfloat16), jnp.full((64,), 20.0)
     with use_lowering("pallas"):
-        exported = export.export(
-            jax.jit(lambda x, w: l2_normalize(x, w)),
-            platforms=[platform],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-        )(x, w)
-    assert marker in exported.mlir_module()
+        for op in (l2_normalize, rms_norm):
+            exported = export.export(
+                jax.jit(lambda x, w, op=op: op(x, w)),
+                platforms=[platform],
+                disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+            )(x, w)
+            assert marker in exported.mlir_module(), op.__name__
 
 
 @pytest.mark.parametrize(
