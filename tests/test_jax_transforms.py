@@ -24,13 +24,18 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from l2norm import conformance, reference
-from l2norm._spec import Spec
-from l2norm.jax import LOWERINGS, l2_normalize, use_lowering
+from l2norm._spec import RMSSpec, Spec
+from l2norm.jax import LOWERINGS, l2_normalize, rms_norm, use_lowering
 from l2norm.nnx import L2Norm as NnxL2Norm
 
 #: The gradient measure's bound (eps of the dtype, relative to the terms summed).
 GRAD_EPS = 2.0
 F32 = np.dtype(np.float32)
+#: RMSNorm: the L2 op with the mean placement, ``d = sqrt(mean(x**2) + eps)``, as
+#: ``l2norm.jax.rms_norm`` computes it with eps 1e-6.
+RMS_EPS = 1e-6
+RMS = {"eps_mode": "add_meansq", "eps": RMS_EPS}
+RMS_SPEC = RMSSpec.create(eps=RMS_EPS).spec("float32")
 
 pytestmark = pytest.mark.parametrize("lowering", LOWERINGS)
 
@@ -52,17 +57,19 @@ def _data(shape=(4, 6, 5), axis=1, seed=0, zero_slice=True):
     return x, s, g
 
 
-def _assert_forward(got, x, s, axis, dtype=F32):
-    want = reference.forward(np.asarray(x), np.asarray(s), Spec.create(axis=axis))
+def _assert_forward(got, x, s, axis, dtype=F32, spec=None):
+    """Within 1 ULP of the reference (``spec``: the L2 op's default over ``axis``)."""
+    spec = spec or Spec.create(axis=axis)
+    want = reference.forward(np.asarray(x), np.asarray(s), spec)
     ulps = conformance.forward_error(np.asarray(got), want, dtype, True)
     assert ulps <= 1, f"{ulps} ULP"
 
 
-def _assert_vjp(dx, ds, x, s, g, axis, dtype=F32):
+def _assert_vjp(dx, ds, x, s, g, axis, dtype=F32, spec=None):
     """``(dx, ds)`` against the reference VJP, in the suite's gradient measure (``dx``
     None: the scale gradient alone)."""
     x, s, g = (np.asarray(a) for a in (x, s, g))
-    spec = Spec.create(axis=axis)
+    spec = spec or Spec.create(axis=axis)
     dx_ref, ds_ref = reference.vjp(x, s, g, spec)
     dx = dx_ref if dx is None else dx
     dx_mag, ds_mag = conformance.gradient_magnitudes(x, s, g, spec)
@@ -125,9 +132,9 @@ def test_vmap_over_input_scale_both_and_nested(lowering):
             _assert_forward(y if len(cases) == 1 else y[k], xk, sk, 1)
 
 
-def _loss(axis):
+def _loss(axis, **options):
     """``loss(x, s, c)``, whose cotangent is ``c``: the reference VJP's own input."""
-    return lambda x, s, c: jnp.sum(l2_normalize(x, s, axis=axis) * c)
+    return lambda x, s, c: jnp.sum(l2_normalize(x, s, axis=axis, **options) * c)
 
 
 def test_per_example_gradients_of_input_and_scale(lowering):
@@ -175,10 +182,10 @@ def test_half_precision_vmap_grad(lowering):
 # --------------------------------------------------------------------------- forward mode
 
 
-def _reference_jacobians(x, s, axis):
+def _reference_jacobians(x, s, axis, spec=None):
     """``dy/dx`` and ``dy/ds`` in float64, one row per output from the reference VJP
     (row ``i`` of a Jacobian is the VJP of the ``i``-th unit cotangent)."""
-    spec = Spec.create(axis=axis)
+    spec = spec or Spec.create(axis=axis)
     x64, s64 = np.asarray(x, np.float64), np.asarray(s, np.float64)
     rows_x, rows_s = [], []
     for i in range(x.size):
@@ -190,6 +197,17 @@ def _reference_jacobians(x, s, axis):
     return np.array(rows_x), np.array(rows_s)
 
 
+def _assert_tangent(ty, tx, ts, jacobians, dtype=jnp.float32):
+    """A forward-mode tangent against the reference Jacobians times ``(tx, ts)``, in eps
+    relative to the terms summed, as for a gradient."""
+    jac_x, jac_s = jacobians
+    t64, ts64 = np.asarray(tx, np.float64).reshape(-1), np.asarray(ts, np.float64)
+    want = jac_x @ t64 + jac_s @ ts64
+    terms = np.abs(jac_x) @ np.abs(t64) + np.abs(jac_s) @ np.abs(ts64)
+    error = np.max(np.abs(np.asarray(ty, np.float64).reshape(-1) - want) / terms)
+    assert error <= GRAD_EPS * float(jnp.finfo(dtype).eps), (dtype, error)
+
+
 def test_jvp_and_jacfwd_match_the_reference_vjp(lowering):
     # Small: the reference Jacobians take one VJP per output.
     x, s, _ = _data((3, 4, 2), axis=1)
@@ -199,18 +217,13 @@ def test_jvp_and_jacfwd_match_the_reference_vjp(lowering):
     smooth = _data((3, 4, 2), axis=1, zero_slice=False)[0]
     for dtype, data in ((jnp.float32, x), (jnp.float16, smooth), (jnp.bfloat16, smooth)):
         xd = data.astype(dtype)
-        jac_x, jac_s = _reference_jacobians(np.asarray(xd, np.float64), s, 1)
+        jacobians = _reference_jacobians(np.asarray(xd, np.float64), s, 1)
         tx = rng.standard_normal(x.shape).astype(dtype)
         ts = rng.standard_normal(s.shape).astype(np.float32)
         y, ty = jax.jit(lambda x, s, tx, ts: jax.jvp(f, (x, s), (tx, ts)))(xd, s, tx, ts)
         assert ty.dtype == dtype
         _assert_forward(y, np.asarray(xd), s, 1, np.dtype(dtype))
-        t64 = np.asarray(tx, np.float64).reshape(-1)
-        want = jac_x @ t64 + jac_s @ ts
-        # eps relative to the terms summed, as for a gradient
-        terms = np.abs(jac_x) @ np.abs(t64) + np.abs(jac_s) @ np.abs(ts)
-        error = np.max(np.abs(np.asarray(ty, np.float64).reshape(-1) - want) / terms)
-        assert error <= GRAD_EPS * float(jnp.finfo(dtype).eps), (dtype, error)
+        _assert_tangent(ty, tx, ts, jacobians, dtype)
     # jacfwd: row i is the VJP of the unit cotangent i
     got_x, got_s = jax.jacfwd(f, (0, 1))(x, s)
     got_x = np.asarray(got_x).reshape(x.size, x.size)
@@ -303,25 +316,28 @@ def _collectives(program: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "shape, axis", [((8, 4, 4, 32), -1), ((8, 32, 4, 4), 1)], ids=["NHWC", "NCHW"]
+    "shape, axis, options",
+    [((8, 4, 4, 32), -1, {}), ((8, 32, 4, 4), 1, {}), ((8, 16, 32), -1, RMS)],
+    ids=["NHWC", "NCHW", "RMSNorm"],
 )
-def test_batch_sharded_input_stays_sharded(lowering, shape, axis):
+def test_batch_sharded_input_stays_sharded(lowering, shape, axis, options):
     devices = jax.devices()
     assert len(devices) >= 4, "run with XLA_FLAGS=--xla_force_host_platform_device_count=4"
     mesh = Mesh(np.array(devices[:4]), ("data",))
     x, s, g = _data(shape, axis)
-    forward = jax.jit(lambda x, s: l2_normalize(x, s, axis=axis))
-    backward = jax.jit(jax.grad(_loss(axis), (0, 1)))
+    spec = Spec.create(axis=axis, **options)
+    forward = jax.jit(lambda x, s: l2_normalize(x, s, axis=axis, **options))
+    backward = jax.jit(jax.grad(_loss(axis, **options), (0, 1)))
     batch = NamedSharding(mesh, P("data"))
     xs, gs = jax.device_put(x, batch), jax.device_put(g, batch)
     ss = jax.device_put(s, NamedSharding(mesh, P()))
 
     y = forward(xs, ss)
     assert y.sharding.is_equivalent_to(batch, x.ndim)
-    _assert_forward(y, x, s, axis)
+    _assert_forward(y, x, s, axis, spec=spec)
     dx, ds = backward(xs, ss, gs)
     assert dx.sharding.is_equivalent_to(batch, x.ndim)
-    _assert_vjp(dx, ds, x, s, g, axis)
+    _assert_vjp(dx, ds, x, s, g, axis, spec=spec)
 
     assert _collectives(forward.lower(xs, ss).compile().as_text()) == []
     # the one collective: the data-parallel sum of the scale gradient (C numbers)
@@ -337,6 +353,61 @@ def test_sharded_normalized_axis_is_gathered_not_wrong(lowering):
     _assert_forward(y, x, s, -1)
     dx, ds = jax.jit(jax.grad(_loss(-1), (0, 1)))(xs, s, g)
     _assert_vjp(dx, ds, x, s, g, -1)
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+def test_rms_norm_under_vmap_per_example_grads_jvp_and_grad_of_grad(lowering):
+    """RMSNorm (``rms_norm`` over the last axis, a scale per channel) under a representative
+    subset of the matrix, in one program; sharding is in the test above."""
+    x, s, g = _data((3, 4, 8), axis=-1)  # with an all-zero row
+    smooth = _data((3, 4, 8), axis=-1, zero_slice=False)[0]  # for central differences
+    scales = np.stack([s, 2 * s, s[::-1].copy()])
+    rng = np.random.default_rng(3)
+    tx, ts = rng.standard_normal(x.shape, np.float32), rng.standard_normal(8, np.float32)
+    w = rng.standard_normal(x.size + s.size).astype(np.float32)
+
+    def rms(x, s):
+        return rms_norm(x, s, eps=RMS_EPS)
+
+    def loss(x, s, c):
+        return jnp.sum(rms(x, s) * c)
+
+    def inner(x, s):  # <grad(x, s), w>
+        dx, ds = jax.grad(loss, (0, 1))(x, s, g)
+        return jnp.sum(dx.reshape(-1) * w[: x.size]) + jnp.sum(ds * w[x.size :])
+
+    @jax.jit  # one program: compiling dominates
+    def run(x, s, g, scales, smooth):
+        return {
+            "per example": jax.vmap(rms, (0, None))(x, s),
+            "ensemble": jax.vmap(rms, (None, 0))(x, scales),
+            "grads": jax.vmap(jax.grad(loss, (0, 1)), (0, None, 0))(x, s, g),
+            "jvp": jax.jvp(rms, (x, s), (tx, ts)),
+            "grad of grad": jax.grad(inner, (0, 1))(smooth, s),
+        }
+
+    got = run(x, s, g, scales, smooth)
+    for i in range(3):
+        _assert_forward(got["per example"][i], x[i], s, -1, spec=RMS_SPEC)
+        _assert_forward(got["ensemble"][i], x, scales[i], -1, spec=RMS_SPEC)
+        dx, ds = (d[i] for d in got["grads"])
+        _assert_vjp(dx, ds, x[i], s, g[i], -1, spec=RMS_SPEC)
+    y, ty = got["jvp"]
+    _assert_forward(y, x, s, -1, spec=RMS_SPEC)
+    _assert_tangent(ty, tx, ts, _reference_jacobians(x, s, -1, RMS_SPEC))
+
+    # H w against float64 central differences of the reference gradient
+    def ref_grad(v):
+        xv = v[: x.size].reshape(x.shape)
+        dx, ds = reference.vjp(xv, v[x.size :], g.astype(np.float64), RMS_SPEC)
+        return np.concatenate([dx.reshape(-1), ds.reshape(-1)])
+
+    v0 = np.concatenate([smooth.reshape(-1), s]).astype(np.float64)
+    want = _finite_difference(ref_grad, v0, 1e-5) @ w
+    gx, gs = got["grad of grad"]
+    assert _relative(np.concatenate([np.ravel(gx), gs]), want) <= SECOND_ORDER
 
 
 # --------------------------------------------------------------------------- Flax, scan
