@@ -98,7 +98,7 @@ class Shape(ctypes.Structure):
 
 class Params(ctypes.Structure):
     """``kernel.h``'s ``Params``, field for field: everything a kernel call is told
-    besides its pointers and dtype (the capi library checks its size when loaded)."""
+    besides its pointers and dtype (:func:`capi` compares its size with the library's)."""
 
     _fields_ = (
         ("shape", Shape),
