@@ -1,7 +1,8 @@
 """The Triton kernels fit the hardware, checked without a GPU: every configuration the
 launcher can pick (every C from 1 to 65536, NCHW and rows, float32 / bfloat16 / float16,
 forward and backward) is compiled ahead of time for sm_90 (and sm_80, sm_89, sm_100 with
-``L2NORM_AOT_ARCHS``, see :data:`ARCHS`) with
+``L2NORM_AOT_ARCHS``, see :data:`ARCHS`; for the add_sumsq placement, and others with
+``L2NORM_AOT_MODES``, see :data:`MODES`) with
 ``triton.compile`` and read back with ``cuobjdump`` (shipped in the triton wheel):
 
 * no spills (no local memory) and at most 128 registers per thread;
@@ -31,12 +32,17 @@ from pathlib import Path
 import pytest
 import triton  # CI installs it with the torch extra: a missing triton fails here
 
+from l2norm._modes import get_mode
 from l2norm.torch import _triton
 
 #: The architectures every configuration compiles for (compute capability x 10): sm_90
 #: in every run; sm_80, sm_89 and sm_100 too where L2NORM_AOT_ARCHS=80,89,90,100
 #: (scripts/gpu_check sets it; each architecture adds about 70 s of CPU time).
 ARCHS = tuple(int(a) for a in os.environ.get("L2NORM_AOT_ARCHS", "90").split(","))
+#: The eps placements compiled: add_sumsq in every run (two square roots a slice, the
+#: costliest of the L2 placements); add_meansq too where L2NORM_AOT_MODES=add_sumsq,add_meansq
+#: (the same kernel plus a float64 load and product a slice; about 70 s of CPU time more).
+MODES = tuple(os.environ.get("L2NORM_AOT_MODES", "add_sumsq").split(","))
 #: The limits every configuration meets.
 MAX_REGISTERS = 128
 MAX_INSTRUCTIONS = {"forward": 40, "backward": 60}  # per tile entry, sm_90
@@ -94,9 +100,9 @@ def launcher_configs() -> list[Config]:
     ]
 
 
-def _signature(config: Config) -> tuple[dict, dict]:
+def _signature(config: Config, mode: str) -> tuple[dict, dict]:
     """The ``ASTSource`` signature and constants of a configuration: a per-channel scale
-    and the add_sumsq placement (two square roots a slice: the costliest)."""
+    and the eps placement ``mode``."""
     t = DTYPES[config.dtype]
     if config.kind == "forward":
         pointers = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "w_ptr": "*fp32"}
@@ -111,9 +117,11 @@ def _signature(config: Config) -> tuple[dict, dict]:
         }
         extra = {"NEED_DW": True, "OUT_MAX": 3.0e38}
     scalars = {"C": "i32", "stride_c": "i32", "count": "i32", "eps_ptr": "*fp64"}
+    is_add, power, mean = get_mode(mode).kernel_code
     constants = {
-        "IS_ADD": 1,
-        "POWER": 2,
+        "IS_ADD": is_add,
+        "POWER": power,
+        "MEAN": mean,
         "W_MODE": 2,
         "ROWS": config.rows,
         "BLOCK_C": config.block_c,
@@ -173,15 +181,16 @@ def _loops_and_count(sass: str) -> tuple[int, int, int]:
     return len(body) - inside, inside, len(loops)
 
 
-def compile_and_measure(config: Config, arch: int) -> Measure:
-    """Compile ``config`` for ``sm_<arch>`` and read its resources and SASS."""
+def compile_and_measure(config: Config, arch: int, mode: str = "add_sumsq") -> Measure:
+    """Compile ``config`` for ``sm_<arch>`` and the eps placement ``mode`` and read its
+    resources and SASS."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from l2norm.torch import _triton_kernels as kernels
 
     fn = kernels.forward_kernel if config.kind == "forward" else kernels.backward_kernel
-    signature, constants = _signature(config)
+    signature, constants = _signature(config, mode)
     compiled = triton.compile(
         ASTSource(fn, signature, constants, _attributes(signature)),
         target=GPUTarget("cuda", arch, 32),
@@ -209,7 +218,7 @@ def compile_and_measure(config: Config, arch: int) -> Measure:
     return Measure(registers, spills, instructions, loops)
 
 
-def _measure_all(arch: int, configs: list[Config]) -> list[Measure]:
+def _measure_all(arch: int, configs: list[Config], mode: str) -> list[Measure]:
     """Compile in fresh processes: the test session runs Triton's interpreter
     (tests/conftest.py), which Triton fixes when it is first imported; a fresh Triton
     cache directory, so nothing is reused across runs."""
@@ -220,7 +229,8 @@ def _measure_all(arch: int, configs: list[Config]) -> list[Measure]:
             workers = min(4, os.cpu_count() or 1)
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                return list(pool.map(compile_and_measure, configs, [arch] * len(configs)))
+                n = len(configs)
+                return list(pool.map(compile_and_measure, configs, [arch] * n, [mode] * n))
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -230,16 +240,17 @@ def _measure_all(arch: int, configs: list[Config]) -> list[Measure]:
 
 
 @functools.cache
-def measured(arch: int) -> tuple[tuple[Config, Measure], ...]:
+def measured(arch: int, mode: str = "add_sumsq") -> tuple[tuple[Config, Measure], ...]:
     configs = launcher_configs()
-    return tuple(zip(configs, _measure_all(arch, configs), strict=True))
+    return tuple(zip(configs, _measure_all(arch, configs, mode), strict=True))
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_launcher_configuration_fits(arch):
+def test_every_launcher_configuration_fits(arch, mode):
     bad = [
         f"{c.label}: {m.registers} registers, {m.spills} bytes spilled"
-        for c, m in measured(arch)
+        for c, m in measured(arch, mode)
         if m.spills or m.registers > MAX_REGISTERS
     ]
     assert not bad, "\n".join(bad)
@@ -262,9 +273,9 @@ def test_instructions_per_entry_within_budget_on_sm90():
 
 def main() -> None:
     archs = [int(a) for a in sys.argv[1:]] or list(ARCHS)
-    for arch in archs:
-        print(f"sm_{arch}")
-        for c, m in measured(arch):
+    for arch, mode in itertools.product(archs, MODES):
+        print(f"sm_{arch} {mode}")
+        for c, m in measured(arch, mode):
             print(
                 f"  {c.label:<58} regs {m.registers:>3} spill {m.spills:>5} "
                 f"instr/entry {m.instructions:6.1f} loops {m.loops}"

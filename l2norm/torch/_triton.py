@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 from typing import Any
 
@@ -112,10 +113,18 @@ def _kernels_interpreted() -> bool:
 
 
 @functools.cache
-def _eps_tensor(eps: float, device: torch.device) -> Tensor:
-    # eps reaches the kernel in float64 through memory: Triton passes a Python float as
-    # float32, which would change eps (1e-10 is not a float32).
-    return torch.tensor([eps], dtype=torch.float64, device=device)
+def _eps_tensor(eps: float, count: int, device: torch.device) -> Tensor:
+    """``[count * eps, sqrt(count)]`` in float64: what the kernels' ``_placement`` reads.
+    A mean placement passes its slice size (``sqrt(n**2 / N + eps)`` is
+    ``sqrt(n**2 + N eps) / sqrt(N)``, and ``sqrt(N)`` is its ``EpsMode.inf_limit``), the
+    others 1 (exact: their bits do not change).
+
+    >>> _eps_tensor(1e-6, 4, torch.device("cpu")).tolist()
+    [4e-06, 2.0]
+    """
+    # Through memory: Triton passes a Python float as float32, which would change eps
+    # (1e-10 is not a float32).
+    return torch.tensor([eps * count, math.sqrt(count)], dtype=torch.float64, device=device)
 
 
 def _config(
@@ -194,17 +203,18 @@ def _launch(kernel: Any, view: Layout, tensors: list, mode: EpsMode, eps: float,
     *arrays, weight = tensors
     w, w_mode = _scale_args(weight, arrays[0])
     is_add, power, mean = mode.kernel_code
-    if mean:  # until the kernel reads the mean placement
-        raise NotImplementedError(f"eps_mode={mode.name!r} is not in this kernel yet")
+    if mean and power != 2:  # the kernels' units: N eps meets the sum of squares
+        raise NotImplementedError(f"eps_mode={mode.name!r}: a mean of the norms")
     kernel[grid](
         *arrays,
         w,
         channels,
         stride_c,
         count,
-        _eps_tensor(eps, arrays[0].device),
+        _eps_tensor(eps, channels if mean else 1, arrays[0].device),
         IS_ADD=is_add,
         POWER=power,
+        MEAN=mean,
         W_MODE=w_mode,
         ROWS=rows,
         BLOCK_C=block_c,

@@ -10,10 +10,17 @@ later passes from cache, each pass adding entry by entry in registers and reduci
 across threads once.
 
 Every operation on an entry is a float32 operation; float64 appears once per slice (the
-eps placement of :mod:`l2norm._modes`, given as ``IS_ADD`` / ``POWER``, with reciprocal
-square roots refined by a Newton step). Why each output stays within 1 ULP of the exact
-result ``y*`` (``u = 2**-24``; a float32 result ``RN(y~)`` with ``|y~ - y*| < u |y*|`` is
-within 1 ULP of ``RN(y*)``, and so is any half result with ``|y~ - y*| < 2**-11 |y*|``):
+eps placement of :mod:`l2norm._modes`, given as ``IS_ADD`` / ``POWER`` / ``MEAN``, with
+reciprocal square roots refined by a Newton step). A mean placement (``sqrt(n**2 / N +
+eps)``, ``N`` the slice size C) is the sum's in other units, ``sqrt(n**2 + N eps) /
+sqrt(N)``: the launcher stores ``N eps`` and ``sqrt(N)`` in float64 (``sqrt(N)`` is
+``EpsMode.inf_limit``, the Inf slices' scale too), so ``1 / d`` takes one more float64
+rounding and ``r / n**2 = 1 / (N d**2) = 1 / (n**2 + N eps)`` none; the other placements
+compile without it.
+
+Why each output stays within 1 ULP of the exact result ``y*`` (``u = 2**-24``; a float32
+result ``RN(y~)`` with ``|y~ - y*| < u |y*|`` is within 1 ULP of ``RN(y*)``, and so is any
+half result with ``|y~ - y*| < 2**-11 |y*|``):
 
 * **Sum of squares.** Each slice is multiplied by ``2**s`` from its largest magnitude
   (``max |x 2**s|`` in ``[1/4, 1/2)``): exact, except entries below ``2**-126`` after
@@ -99,12 +106,13 @@ def _offsets(
 
 
 @triton.jit
-def _chunk(
-    offs, s_ok, c, c0, C, stride_c, ALIGN: tl.constexpr, ROWS: tl.constexpr, EVEN: tl.constexpr
-):
+def _chunk(tile, c0, ALIGN: tl.constexpr, ROWS: tl.constexpr, EVEN: tl.constexpr):
     """The offsets, mask and channel validity of the chunk of channels from ``c0`` (the
     shift written as a multiple of ``ALIGN``, so that vector accesses stay provable;
-    ``EVEN``: C is a multiple of the chunk, no channel mask)."""
+    ``EVEN``: C is a multiple of the chunk, no channel mask). ``tile``: ``(offs, s_ok, c,
+    C, stride_c)``, the tile's first-chunk offsets and existing slices (:func:`_offsets`),
+    its channels ``arange(BLOCK_C)``, the channel count and stride."""
+    offs, s_ok, c, C, stride_c = tile
     c_ok = (c0 + c) < C
     if EVEN:
         mask = s_ok[None, :] & (c >= 0)[:, None]
@@ -248,10 +256,12 @@ def _rsqrt(a):
 
 
 @triton.jit
-def _slice_terms(n2, eps, IS_ADD: tl.constexpr, POWER: tl.constexpr):
+def _slice_terms(n2, eps, root, IS_ADD: tl.constexpr, POWER: tl.constexpr):
     """``(1 / d, r / n**2, Inf slice)`` per slice in float64, with ``r = n d'(n) / d(n)``:
     :class:`l2norm._modes.EpsMode`'s ``denominator`` and ``ratio`` (the CPU kernel's
-    ``slice_terms``), written with reciprocal square roots only."""
+    ``slice_terms``), written with reciprocal square roots only. ``eps`` and ``root`` as
+    :func:`_placement` reads them (a mean: ``N eps`` and ``sqrt(N)``, ``1 / d`` times
+    ``root``, ``r / n**2`` as for the sum)."""
     positive = n2 > 0.0
     rs = _rsqrt(tl.where(n2 == 0.0, 1.0, n2))  # 1 / n; NaN for a NaN slice
     n = tl.where(positive, n2 * rs, n2)  # keeps 0 and NaN
@@ -273,7 +283,7 @@ def _slice_terms(n2, eps, IS_ADD: tl.constexpr, POWER: tl.constexpr):
         r_over_n2 = tl.where(below, 0.0, rs * rs)
     infinite = n2 == float("inf")
     r_over_n2 = tl.where(positive & ~infinite, r_over_n2, 0.0)
-    return tl.where(infinite, 0.0, inv_d), r_over_n2, infinite
+    return tl.where(infinite, 0.0, inv_d * root), r_over_n2, infinite
 
 
 @triton.jit
@@ -318,35 +328,74 @@ def _infinities(v):
 
 
 @triton.jit
-def _share(count):
-    """``1 / sqrt(count)`` of an Inf slice as a double-float (float64, once per slice)."""
-    return _split(_rsqrt(tl.maximum(count, 1.0).to(tl.float64)))
+def _share(
+    x_ptr,
+    v,
+    tile,
+    root,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    ALIGN: tl.constexpr,
+    ROWS: tl.constexpr,
+    EVEN: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
+    """Per slice, ``root / sqrt(k)`` with ``k`` its number of infinities (counted in the
+    kept tile ``v`` where ``SINGLE``, else over a walk of the chunks): an Inf slice's value
+    on each of them (``EpsMode.inf_limit`` over ``sqrt(k)``), as a double-float (float64,
+    once per slice)."""
+    if SINGLE:
+        infinities = _infinities(v)
+    else:
+        infinities = tl.zeros([BLOCK_S], tl.float32)
+        for c0 in range(0, tile[3], BLOCK_C):  # tile[3]: C
+            at, mask, c_ok = _chunk(tile, c0, ALIGN, ROWS, EVEN)
+            infinities += _infinities(_load(x_ptr, at, mask))
+    return _split(_rsqrt(tl.maximum(infinities, 1.0).to(tl.float64)) * root)
+
+
+@triton.jit
+def _placement(eps_ptr, MEAN: tl.constexpr):
+    """``(eps, root)`` in float64, as the launcher stores them: eps in the units of the sum
+    of squares' placement (``N eps`` for a ``MEAN``) and ``n / d``'s limit for an infinite
+    ``n`` (``sqrt(N)`` for a ``MEAN``, else 1: a product the compiler drops)."""
+    root = 1.0
+    if MEAN:
+        root = tl.load(eps_ptr + 1)
+    return tl.load(eps_ptr), root
 
 
 # --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _largest(
+def _first_pass(
+    v,
     x_ptr,
-    offs,
-    s_ok,
-    c,
-    C,
-    stride_c,
+    tile,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     ALIGN: tl.constexpr,
     ROWS: tl.constexpr,
     EVEN: tl.constexpr,
+    SINGLE: tl.constexpr,
+    SCALED: tl.constexpr,
 ):
-    """Per slice, ``max |x|`` over a walk of the channel chunks (NaN ignored: it flows
-    through the sums anyway)."""
-    acc = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
-        acc = tl.maximum(acc, tl.abs(_load(x_ptr, at, mask)))
-    return tl.max(acc, axis=0)
+    """Pass 1 of both kernels: ``(s, 2**s)`` per slice, the power of two of the slice's
+    sum, from its largest magnitude: in the tile ``v`` read once where ``SINGLE``, else over
+    a walk of the chunks (``s = 0`` unless ``SCALED``: a float16 square cannot overflow).
+    NaN is ignored there: it flows through the sums anyway."""
+    s = tl.zeros([BLOCK_S], tl.int32)
+    if SINGLE:
+        if SCALED:
+            s = _sum_scale(tl.max(tl.abs(v), axis=0))
+    elif SCALED:
+        largest = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        for c0 in range(0, tile[3], BLOCK_C):  # tile[3]: C
+            at, mask, _ = _chunk(tile, c0, ALIGN, ROWS, EVEN)
+            largest = tl.maximum(largest, tl.abs(_load(x_ptr, at, mask)))
+        s = _sum_scale(tl.max(largest, axis=0))
+    return s, _pow2(s)[None, :]
 
 
 @triton.jit
@@ -360,6 +409,7 @@ def forward_kernel(
     eps_ptr,
     IS_ADD: tl.constexpr,
     POWER: tl.constexpr,
+    MEAN: tl.constexpr,
     W_MODE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -380,18 +430,12 @@ def forward_kernel(
     y_ptr += base
     c = tl.arange(0, BLOCK_C)
     offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S, ALIGN)
-    # Pass 1: the power of two of each slice's sum, from its largest magnitude.
-    s = tl.zeros([BLOCK_S], tl.int32)
+    tile = (offs, s_ok, c, C, stride_c)
+    v = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)  # the tile, where it is read once
     if SINGLE:
-        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c, ALIGN, ROWS, EVEN)
+        at, mask, c_ok = _chunk(tile, 0, ALIGN, ROWS, EVEN)
         v = _load(x_ptr, at, mask)
-        if SCALED:
-            s = _sum_scale(tl.max(tl.abs(v), axis=0))
-    elif SCALED:
-        s = _sum_scale(
-            _largest(x_ptr, offs, s_ok, c, C, stride_c, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN)
-        )
-    up = _pow2(s)[None, :]
+    s, up = _first_pass(v, x_ptr, tile, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN, SINGLE, SCALED)
     # Pass 2: the scaled sum of squares.
     zero = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     if SINGLE:
@@ -400,23 +444,19 @@ def forward_kernel(
     else:
         acc_hi, acc_lo = zero, zero
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
+            at, mask, c_ok = _chunk(tile, c0, ALIGN, ROWS, EVEN)
             xs = _load(x_ptr, at, mask) * up
             acc_hi, acc_lo = _add_products(acc_hi, acc_lo, xs, xs, EXACT)
         hi, lo = _slice_sum(acc_hi, acc_lo, EXACT)
     n2 = _wide(hi, lo) * _pow2_64(-2 * s)
-    inv_d, _, infinite = _slice_terms(n2, tl.load(eps_ptr), IS_ADD, POWER)
+    eps, root = _placement(eps_ptr, MEAN)
+    inv_d, _, infinite = _slice_terms(n2, eps, root, IS_ADD, POWER)
     scale_t, g_hi, g_lo = _output_factor(inv_d)
     any_inf = tl.max(infinite.to(tl.int32), axis=0) > 0
-    if any_inf:  # Inf slices: the limit direction 1 / sqrt(count) on their infinities
-        if SINGLE:
-            infinities = _infinities(v)
-        else:
-            infinities = tl.zeros([BLOCK_S], tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
-                infinities += _infinities(_load(x_ptr, at, mask))
-        share_hi, share_lo = _share(infinities)
+    if any_inf:  # Inf slices: the limit direction root / sqrt(count) on their infinities
+        share_hi, share_lo = _share(
+            x_ptr, v, tile, root, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN, SINGLE
+        )
         g_hi = tl.where(infinite, share_hi, g_hi)
         g_lo = tl.where(infinite, share_lo, g_lo)
     # Pass 3: the outputs.
@@ -425,7 +465,7 @@ def forward_kernel(
         _forward_chunk(v, w_ptr, y_ptr, at, mask, c, c_ok, terms, W_MODE, EXACT, BF16_BITS)
     else:
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
+            at, mask, c_ok = _chunk(tile, c0, ALIGN, ROWS, EVEN)
             v = _load(x_ptr, at, mask)
             _forward_chunk(v, w_ptr, y_ptr, at, mask, c0 + c, c_ok, terms, W_MODE, EXACT, BF16_BITS)
 
@@ -454,11 +494,11 @@ def _forward_chunk(
 
 
 @triton.jit
-def _backward_factors(n2, ip, s, eps, IS_ADD: tl.constexpr, POWER: tl.constexpr):
+def _backward_factors(n2, ip, s, eps, root, IS_ADD: tl.constexpr, POWER: tl.constexpr):
     """Per slice: ``K' = r <w g, x'> / n'**2`` (scale-free: ``K' x' = k x``), ``1 / d`` as
     ``I' 2**v`` (``I'`` near 1; ``2**v`` subnormal where it must be), ``F = 2**-s / d``
     (``u = x' F``) and the Inf flag."""
-    inv_d, r_over_n2, infinite = _slice_terms(n2, eps, IS_ADD, POWER)
+    inv_d, r_over_n2, infinite = _slice_terms(n2, eps, root, IS_ADD, POWER)
     k = (r_over_n2 * _pow2_64(-2 * s) * ip).to(tl.float32)
     v = tl.minimum(tl.maximum(_exponent_64(inv_d), -149), 127)
     inv_i = (inv_d * _pow2_64(-v)).to(tl.float32)
@@ -487,6 +527,7 @@ def backward_kernel(
     eps_ptr,
     IS_ADD: tl.constexpr,
     POWER: tl.constexpr,
+    MEAN: tl.constexpr,
     W_MODE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -511,19 +552,14 @@ def backward_kernel(
     dx_ptr += base
     c = tl.arange(0, BLOCK_C)
     offs, s_ok = _offsets(pid_a, pid_b, C, stride_c, count, c, ROWS, BLOCK_S, ALIGN)
-    s = tl.zeros([BLOCK_S], tl.int32)
+    tile = (offs, s_ok, c, C, stride_c)
+    v = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)  # the tile, where it is read once
     if SINGLE:
-        at, mask, c_ok = _chunk(offs, s_ok, c, 0, C, stride_c, ALIGN, ROWS, EVEN)
+        at, mask, c_ok = _chunk(tile, 0, ALIGN, ROWS, EVEN)
         v = _load(x_ptr, at, mask)
         gv = _load(g_ptr, at, mask)
         w = _scale_of(w_ptr, c, c_ok, W_MODE)
-        if SCALED:
-            s = _sum_scale(tl.max(tl.abs(v), axis=0))
-    elif SCALED:
-        s = _sum_scale(
-            _largest(x_ptr, offs, s_ok, c, C, stride_c, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN)
-        )
-    up = _pow2(s)[None, :]
+    s, up = _first_pass(v, x_ptr, tile, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN, SINGLE, SCALED)
     zero = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     if SINGLE:
         xs = v * up
@@ -534,7 +570,7 @@ def backward_kernel(
     else:
         acc_hi, acc_lo, ip_acc_hi, ip_acc_lo = zero, zero, zero, zero
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
+            at, mask, c_ok = _chunk(tile, c0, ALIGN, ROWS, EVEN)
             xs = _load(x_ptr, at, mask) * up
             sigma = _sigma(_load(g_ptr, at, mask), _scale_of(w_ptr, c0 + c, c_ok, W_MODE), W_MODE)
             acc_hi, acc_lo = _add_products(acc_hi, acc_lo, xs, xs, EXACT)
@@ -542,20 +578,14 @@ def backward_kernel(
         hi, lo = _slice_sum(acc_hi, acc_lo, EXACT)
         ip_hi, ip_lo = _slice_sum(ip_acc_hi, ip_acc_lo, EXACT)
     n2 = _wide(hi, lo) * _pow2_64(-2 * s)
+    eps, root = _placement(eps_ptr, MEAN)
     k, inv_i, scale_v, f, infinite = _backward_factors(
-        n2, _wide(ip_hi, ip_lo), s, tl.load(eps_ptr), IS_ADD, POWER
+        n2, _wide(ip_hi, ip_lo), s, eps, root, IS_ADD, POWER
     )
     any_inf = tl.max(infinite.to(tl.int32), axis=0) > 0
     share_hi = tl.zeros([BLOCK_S], tl.float32)
     if any_inf:  # the scale's gradient of an Inf slice: g times its limit direction
-        if SINGLE:
-            infinities = _infinities(v)
-        else:
-            infinities = tl.zeros([BLOCK_S], tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
-                infinities += _infinities(_load(x_ptr, at, mask))
-        share_hi = _share(infinities)[0]
+        share_hi = _share(x_ptr, v, tile, root, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN, SINGLE)[0]
     row = pid_a.to(tl.int64) * tl.num_programs(1) + pid_b
     terms = (up, k, inv_i, scale_v, f, infinite, share_hi, any_inf)
     if SINGLE:
@@ -579,7 +609,7 @@ def backward_kernel(
         )
     else:
         for c0 in range(0, C, BLOCK_C):
-            at, mask, c_ok = _chunk(offs, s_ok, c, c0, C, stride_c, ALIGN, ROWS, EVEN)
+            at, mask, c_ok = _chunk(tile, c0, ALIGN, ROWS, EVEN)
             v = _load(x_ptr, at, mask)
             gv = _load(g_ptr, at, mask)
             w = _scale_of(w_ptr, c0 + c, c_ok, W_MODE)
