@@ -1,13 +1,11 @@
 """The one forward / VJP driver of the ladder (:mod:`l2norm._ladder`), for every framework.
 
-Each ladder lowering (torch ops, JAX ops, TensorFlow) was the same pipeline assembled by
-hand: widen, sum the rungs, choose a rung, sum it again as a pair where the data is as
-wide as the accumulator, write ``y``; backward: ``xhat``, ``sigma = scale * g``,
-``<sigma, xhat>``, the input gradient saturated at the dtype's largest finite value and
-the scale gradient. It is written here once; a framework supplies :class:`Hooks` only:
-its array namespace, its reductions, an exact ``x * 2**s`` where its CPU flushes
-subnormals, how it reads a float's bits (:class:`Bits`, for the pairs' split and
-power-of-two floor) and where the scale joins the output.
+Sum the rungs, choose a rung per slice, sum it again as a pair where the data is as wide
+as the accumulator, write ``y``; backward: ``xhat``, ``sigma = scale * g``, the input
+gradient saturated at the dtype's largest finite value and the scale gradient. A
+framework supplies :class:`Hooks` only: its array namespace and reductions, an exact
+``x * 2**s`` where its CPU flushes subnormals, how it reads a float's bits
+(:class:`Bits`) and where the scale joins the output.
 
 Example (NumPy as the framework):
     >>> import numpy as np
@@ -32,21 +30,8 @@ from l2norm import _faithful, _ladder
 from l2norm._compensated import Pair
 from l2norm._ladder import FORMATS, FloatFormat, Ladder, SliceFactors, Upscale
 
-__all__ = [
-    "Bits",
-    "Forward",
-    "Hooks",
-    "bit_pairs",
-    "exact_upscale",
-    "factors",
-    "forward",
-    "largest",
-    "saturate",
-    "subnormal",
-    "sums",
-    "upscaled_from_bits",
-    "vjp",
-]
+__all__ = ["Bits", "Forward", "Hooks", "bit_pairs", "exact_upscale", "factors", "forward"]
+__all__ += ["output", "saturate", "sums", "vjp"]
 
 
 @dataclass(frozen=True)
@@ -150,9 +135,13 @@ class Hooks:
             with ``reduce``.
         stop_gradient: where autodiff runs through the pairs (JAX's higher orders): the
             pair is then differentiated as the plain sum.
-        scale_inside: the scale joins ``1 / d`` (and ``xhat`` joins ``n / d``) before the
-            full-size products, for CPUs that flush subnormals: ``x / d`` may be
-            subnormal where ``scale * x / d`` is not.
+        infinite: where ``x`` is +-Inf, where the framework reads it otherwise than by a
+            float compare (JAX: from the bits).
+        scale_order: where the scale joins ``y = scale x / d`` (each order is some
+            framework's rounding, kept bitwise): ``"last"`` after ``x / d``;
+            ``"inside"`` into ``1 / d`` (and ``dscale``'s ``n / d`` into ``xhat``),
+            ``"first"`` before ``1 / d`` on the rungs ``s >= 0``: the flushing CPUs'
+            orders, where ``x / d`` may be subnormal and ``scale * x / d`` is not.
     """
 
     xp: Any
@@ -163,8 +152,9 @@ class Hooks:
     upscale: Upscale = _ladder.plain_upscale
     pairs: _faithful.PairSums | None = None
     sums: Callable[[Any, Ladder], tuple[list[Any], Any]] | None = None
-    scale_inside: bool = False
     stop_gradient: Callable[[Any], Any] | None = None
+    infinite: Callable[[Any], Any] | None = None
+    scale_order: str = "last"
 
 
 class Forward(NamedTuple):
@@ -175,17 +165,6 @@ class Forward(NamedTuple):
     rung_sums: list[Any]
     n_inf: Any
     pair: Pair | None
-
-
-def largest(dtype: str) -> float:
-    """The largest finite value of a float format, from its exponent range.
-
-    Example:
-        >>> largest("float16"), largest("bfloat16") == 3.3895313892515355e38
-        (65504.0, True)
-    """
-    fmt = FORMATS[dtype]
-    return math.ldexp(2.0 - 2.0**-fmt.mant, fmt.max_exp - 1)
 
 
 def sums(h: Hooks, x: Any, ladder: Ladder) -> tuple[list[Any], Any]:
@@ -205,7 +184,8 @@ def saturate(xp: Any, v: Any, data: str) -> Any:
         >>> saturate(np, np.array([1e6, -np.inf, np.nan, 2.0]), "float16").tolist()
         [65504.0, -65504.0, nan, 2.0]
     """
-    top = largest(data)
+    fmt = FORMATS[data]
+    top = math.ldexp(2.0 - 2.0**-fmt.mant, fmt.max_exp - 1)  # the largest finite value
     return xp.clip(v, -top, top)
 
 
@@ -216,11 +196,11 @@ def factors(
     (:func:`l2norm._faithful.refined_pair`, a second pass over ``x``), or from ``pair``
     where a forward saved it."""
     xp = h.xp
-    if h.pairs is None:
-        return _ladder.slice_factors(xp, ladder, rung_sums, n_inf), None
     chosen = _ladder.choose_rung(xp, ladder, rung_sums)
+    if h.pairs is None:
+        return _ladder.factors(xp, ladder, chosen, rung_sums[-1], n_inf), None
     if pair is None:
-        xs = _faithful.rung_values(xp, x, chosen, ladder, h.upscale)
+        xs = _faithful.rung_values(xp, x, chosen, ladder, h.upscale, h.infinite)
         plain, stop = chosen.sumsq, h.stop_gradient
         if stop is None:
             pair = _faithful.refined_pair(xp, xs, plain, h.reduce2, h.pairs)
@@ -234,20 +214,34 @@ def factors(
 def forward(h: Hooks, x: Any, scale: Any, ladder: Ladder) -> Forward:
     """``y = scale * x / d`` for ``x`` in the accumulator dtype (``scale`` None means 1,
     else broadcastable), with the slice factors and sums."""
-    xp = h.xp
     rung_sums, n_inf = sums(h, x, ladder)
     f, pair = factors(h, x, ladder, rung_sums, n_inf)
+    return Forward(output(h, x, scale, f, ladder), f, rung_sums, n_inf, pair)
+
+
+def output(h: Hooks, x: Any, scale: Any, f: SliceFactors, ladder: Ladder) -> Any:
+    """``y = scale * x / d`` from the slice factors, the power of two on the side that
+    keeps it in range, Inf slices at their limit direction; each output rounded once
+    from pair factors (:func:`l2norm._faithful.faithful_output`)."""
+    xp = h.xp
+    xin, infinite = _ladder.rung_input(xp, x, f.pre, f.top, ladder, h.upscale, h.infinite)
+    limit = xp.sign(x) * f.rinf
+    if f.inv_d_lo is None and (scale is None or h.scale_order == "last"):
+        y = xin * f.inv_d if ladder.single else (xin * f.inv_d) * f.post
+        y = xp.where(infinite, limit, y)
+        return y if scale is None else y * scale
+    below = None if ladder.single else f.post < xp.ones_like(f.post)  # the rungs s < 0
     if f.inv_d_lo is not None:
-        fmt = FORMATS[h.acc]
-        y = _faithful.faithful_normalized(xp, x, scale, f, ladder, h.upscale, h.pairs, fmt)
-    elif scale is None:
-        y = _ladder.normalized(xp, x, f, ladder, h.upscale)
-    elif h.scale_inside:
-        fy = f._replace(inv_d=f.inv_d * scale, rinf=f.rinf * scale)
-        y = _ladder.normalized(xp, x, fy, ladder, h.upscale)
+        y = _faithful.faithful_output(xp, xin, scale, f, h.pairs, FORMATS[h.acc], below)
+    elif h.scale_order == "inside":
+        y = xin * (f.inv_d * scale)
+        y = y if ladder.single else y * f.post
+    elif ladder.single:  # "first"
+        y = (xin * scale) * f.inv_d
     else:
-        y = _ladder.normalized(xp, x, f, ladder, h.upscale) * scale
-    return Forward(y, f, rung_sums, n_inf, pair)
+        ones = xp.ones_like(f.inv_d)
+        y = ((xin * xp.where(below, f.inv_d, ones)) * scale) * xp.where(below, f.post, f.inv_d)
+    return xp.where(infinite, limit if scale is None else limit * scale, y)
 
 
 def vjp(
@@ -263,5 +257,5 @@ def vjp(
     dx = saturate(xp, _ladder.input_grad(sigma, xhat, h.reduce(sigma * xhat), f), data)
     if scale is None:
         return dx, None
-    gu = g * (xhat * f.ratio) if h.scale_inside else g * xhat * f.ratio
+    gu = g * (xhat * f.ratio) if h.scale_order == "inside" else g * xhat * f.ratio
     return dx, h.scale_sum(gu)

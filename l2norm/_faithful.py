@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from l2norm._compensated import Pair, Split, fast_two_sum, two_prod, two_sum
 from l2norm._ladder import Chosen, FloatFormat, Ladder, SliceFactors, Upscale, rung_input
 
-__all__ = ["PairSums", "faithful_normalized", "faithful_output", "refined_pair", "rung_values"]
+__all__ = ["PairSums", "faithful_output", "refined_pair", "rung_values"]
 
 
 class PairSums(NamedTuple):
@@ -57,31 +57,14 @@ def refined_pair(
     return Pair(*two_sum(hi, lo), pairs.split)
 
 
-def rung_values(xp: Any, x: Any, chosen: Chosen, ladder: Ladder, upscale: Upscale) -> Any:
-    """``x 2**s`` in each slice's chosen rung (what that rung summed), 0 at infinities:
-    the input of :func:`refined_pair`."""
-    top = chosen.top > xp.zeros_like(chosen.top) if ladder.exact_top else None
-    xin, _ = rung_input(xp, x, chosen.pre, top, ladder, upscale)
-    return xin if ladder.single else xin * chosen.post
-
-
-def faithful_normalized(
-    xp: Any,
-    x: Any,
-    scale: Any,
-    f: SliceFactors,
-    ladder: Ladder,
-    upscale: Upscale,
-    pairs: PairSums,
-    fmt: FloatFormat,
+def rung_values(
+    xp: Any, x: Any, chosen: Chosen, ladder: Ladder, upscale: Upscale, infinite: Any = None
 ) -> Any:
-    """``y = scale * x / d`` elementwise from pair factors (:class:`PairSums`), each
-    output rounded once (:func:`faithful_output`); ``scale`` None means 1."""
-    xin, infinite = rung_input(xp, x, f.pre, f.top, ladder, upscale)
-    below = None if ladder.single else f.post < xp.ones_like(f.post)
-    y = faithful_output(xp, xin, scale, f, pairs, fmt, below)
-    limit = xp.sign(x) * f.rinf
-    return xp.where(infinite, limit if scale is None else limit * scale, y)
+    """``x 2**s`` in each slice's chosen rung (what that rung summed), 0 at infinities
+    (``infinite``: :func:`l2norm._ladder.rung_input`'s): the input of :func:`refined_pair`."""
+    top = chosen.top > xp.zeros_like(chosen.top) if ladder.exact_top else None
+    xin, _ = rung_input(xp, x, chosen.pre, top, ladder, upscale, infinite)
+    return xin if ladder.single else xin * chosen.post
 
 
 def faithful_output(

@@ -20,6 +20,7 @@ __all__ = [
     "PAIRS",
     "bf16_to_f32",
     "exact",
+    "infinite",
     "magnitude_bits",
     "subnormal",
     "subnormal_upscaled",
@@ -64,6 +65,13 @@ PAIRS = _driver.bit_pairs(BITS)
 def magnitude_bits(x: jax.Array) -> tuple[jax.Array, FloatFormat]:
     bits, fmt = _ints(x)
     return bits & jnp.iinfo(bits.dtype).max, fmt
+
+
+def infinite(x: jax.Array) -> jax.Array:
+    """Where ``x`` is +-Inf, from the bits: a float compare would be shared with the sums'
+    ``|x|`` and make XLA write ``|x|`` out in full."""
+    magnitude, fmt = magnitude_bits(x)
+    return magnitude == ((2 * fmt.max_exp - 1) << fmt.mant)  # the bits of +Inf
 
 
 def subnormal(x: jax.Array) -> jax.Array:

@@ -3,18 +3,10 @@ TensorFlow ops, compiled with XLA, with the exact gradient attached by
 ``tf.custom_gradient``.
 
 Keras delegates to :mod:`l2norm.jax` and :mod:`l2norm.torch` on those backends;
-TensorFlow has no adapter of its own, so this module is it. The maths is the one of
-every fast lowering (:mod:`l2norm._ladder`, :mod:`l2norm._modes`):
-
-* forward (one XLA program): the sums of squares of each slice at the ladder's fixed
-  power-of-two scales and the count of infinities, as one multi-output reduction (one
-  pass over ``x``, in stages of 8 terms: :func:`sum_plan`); per slice the factors of
-  the finest rung that stayed finite; ``y = scale * x / d`` in a second pass. The slice
-  factors are the residuals of the backward.
-* backward (one XLA program): ``xhat = x / n``, ``sigma = scale * g``,
-  ``inner = <sigma, xhat>`` per slice, ``dx = (sigma - r inner xhat) / d`` (saturated
-  at the dtype's largest finite value, as the reference) and ``dscale = sum g xhat n / d``
-  over the non-channel axes.
+TensorFlow has no adapter of its own, so this module is it: the hooks of the one ladder
+driver (:mod:`l2norm._driver`) in TensorFlow ops, the forward and the backward each one
+XLA program, the rungs' sums and the count of infinities one multi-output reduction in
+stages of 8 terms (:func:`sum_plan`); the slice factors are the backward's residuals.
 
 Every slice goes through the same selects whatever its neighbours hold: there is no
 ``tf.cond`` and no Python branch on data, so a sample's output and input gradient do not
@@ -22,9 +14,7 @@ depend on the rest of the batch, and the same code runs eagerly, inside ``tf.fun
 graphs (``model.fit``) and inside an outer ``jit_compile=True`` function.
 
 float16 and bfloat16 inputs are summed in float32, float32 and float64 in float64 (every
-float32 square is exact there: one rung, each output rounded once); float64 in
-a pair (:func:`l2norm._faithful.refined_pair`: the chosen rung summed again, split
-exactly around a power of two above the sum, two plain sums), each output rounded once.
+float32 square is exact there); float64 in a pair (:func:`l2norm._faithful.refined_pair`).
 The output has the input's dtype, the scale's gradient the scale's dtype.
 
 TensorFlow's and XLA's CPU kernels read subnormal operands as zero, so the ladder's top
@@ -52,7 +42,7 @@ except ImportError:  # pragma: no cover - a TensorFlow without them: plain reduc
 from tensorflow.python.eager import record as _record
 from tensorflow.python.ops import control_flow_util as _control_flow
 
-from l2norm import _faithful, _ladder, _portable
+from l2norm import _driver, _ladder, _portable
 from l2norm._ladder import FORMATS, Ladder, SliceFactors
 from l2norm._modes import get_mode
 from l2norm._spec import Axes, Spec
@@ -76,6 +66,7 @@ class _TFNamespace:
     isfinite = staticmethod(tf.math.is_finite)
     isnan = staticmethod(tf.math.is_nan)
     sign = staticmethod(tf.sign)
+    clip = staticmethod(tf.clip_by_value)
 
     @staticmethod
     def full_like(t: tf.Tensor, value: float) -> tf.Tensor:
@@ -95,16 +86,17 @@ XP = _TFNamespace()
 _INT_OF = {tf.float32: tf.int32, tf.float64: tf.int64}
 
 
-def _pow2(dtype: tf.DType, exponent: int) -> tf.Tensor:
-    return tf.constant(2.0**exponent, dtype)
+#: How TensorFlow reads and writes a float's bits (:class:`l2norm._driver.Bits`).
+_BITS = _driver.Bits(
+    lambda v: (tf.bitcast(v, _INT_OF[v.dtype]), FORMATS[v.dtype.name]),
+    lambda bits, like: tf.bitcast(bits, like.dtype),
+    lambda ints, like: tf.cast(ints, like.dtype),
+)
 
 
 def exact_upscale(x: tf.Tensor, shift: int) -> tf.Tensor:
-    """``x * 2**shift``, exact also where ``x`` is subnormal and ``shift > 0``.
-
-    A subnormal float32 is ``mant * 2**-149`` (float64: ``mant * 2**-1074``); its integer
-    mantissa is read from the bits and scaled by normal factors, so no floating operand
-    is ever subnormal. Normal entries are multiplied directly. The sign is kept.
+    """``x * 2**shift``, exact also where ``x`` is subnormal and ``shift > 0``
+    (:func:`l2norm._driver.exact_upscale`: TensorFlow's CPU kernels flush subnormals).
 
     Example:
         >>> import numpy as np
@@ -112,25 +104,7 @@ def exact_upscale(x: tf.Tensor, shift: int) -> tf.Tensor:
         >>> exact_upscale(x, 100).numpy() / np.float32([2.0**100]) == x.numpy()
         array([ True,  True,  True])
     """
-    if shift <= 0:
-        # Subnormal x then maps below the normal range anyway: a multiplication does.
-        return x * _pow2(x.dtype, shift) if shift else x
-    fmt = FORMATS[x.dtype.name]
-    int_dtype = _INT_OF[x.dtype]
-    bits = tf.bitcast(x, int_dtype)
-    exponent_mask = ((1 << (x.dtype.size * 8 - 1 - fmt.mant)) - 1) << fmt.mant
-    exp_bits = tf.bitwise.bitwise_and(bits, tf.constant(exponent_mask, int_dtype))
-    mant_bits = tf.bitwise.bitwise_and(bits, tf.constant((1 << fmt.mant) - 1, int_dtype))
-    mant = tf.cast(mant_bits, x.dtype)  # exact: fewer bits than the mantissa holds
-    # mant * 2**(shift + subnormal_exp) in two steps whose factors are normal numbers:
-    # the first keeps mant * 2**e1 >= 2**min_exp (mant >= 1), the second finishes.
-    exponent = shift + fmt.subnormal_exp
-    first = max(exponent, fmt.min_exp)
-    rebuilt = mant * _pow2(x.dtype, first)
-    if exponent != first:
-        rebuilt = rebuilt * _pow2(x.dtype, exponent - first)
-    rebuilt = tf.where(bits < 0, -rebuilt, rebuilt)
-    return tf.where(tf.equal(exp_bits, 0), rebuilt, x * _pow2(x.dtype, shift))
+    return _driver.exact_upscale(XP, _BITS, x, shift)
 
 
 def _widen(x: tf.Tensor, acc: tf.DType) -> tf.Tensor:
@@ -149,14 +123,6 @@ def _widen(x: tf.Tensor, acc: tf.DType) -> tf.Tensor:
         rebuilt = tf.where(bits < 0, -rebuilt, rebuilt)
         return tf.where(magnitude < (1 << 23), rebuilt, tf.cast(x, tf.float64))
     return tf.cast(x, acc)
-
-
-def _saturate(v: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
-    """``v`` in ``dtype``, at most its largest finite magnitude, NaN kept (as
-    :func:`l2norm.reference.saturate`): the input gradient of an all-zero float16 pixel,
-    ``scale * g / eps``, must stay finite, or a loss scaler skips every step."""
-    top = tf.constant(dtype.max, v.dtype)
-    return tf.cast(tf.where(v > top, top, tf.where(v < -top, -top, v)), dtype)
 
 
 def _acc_dtype(dtype: tf.DType) -> tf.DType:
@@ -253,26 +219,8 @@ def staged_sums(terms: list[tf.Tensor], plan: Plan) -> list[tf.Tensor]:
     return terms
 
 
-def _split(v: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """``v = hi + lo`` exactly (float64), each with half the significand: the bits
-    rounded at the middle (half away from zero), so that products of halves are exact."""
-    bits = tf.bitcast(v, tf.int64)
-    rounded = tf.bitwise.bitwise_and(
-        bits + tf.constant(1 << 26, tf.int64), tf.constant(~((1 << 27) - 1), tf.int64)
-    )
-    hi = tf.bitcast(rounded, tf.float64)
-    return hi, v - hi
-
-
-def _pow2_floor(v: tf.Tensor) -> tf.Tensor:
-    """The power of two at or below each positive normal float64 entry: its exponent."""
-    bits = tf.bitcast(v, tf.int64)
-    exponent = tf.bitwise.bitwise_and(bits, tf.constant(~((1 << 52) - 1), tf.int64))
-    return tf.bitcast(exponent, tf.float64)
-
-
 #: float64 data: the chosen rung summed again as a pair (l2norm._faithful.refined_pair).
-_PAIRS = _faithful.PairSums(_split, _pow2_floor)
+_PAIRS = _driver.bit_pairs(_BITS)
 
 
 def _sum_to_scale(v: tf.Tensor, scale_axes: tuple[int, ...]) -> tf.Tensor:
@@ -282,33 +230,37 @@ def _sum_to_scale(v: tf.Tensor, scale_axes: tuple[int, ...]) -> tf.Tensor:
     return tf.reduce_sum(v, axis=scale_axes[:-1]) if len(scale_axes) > 1 else v
 
 
+def _hooks(x: tf.Tensor, plan: Plan, scale_axes: tuple[int, ...] | None) -> _driver.Hooks:
+    """The driver's hooks: staged reductions, the exact upscale, the scale inside."""
+
+    def sums(xw: tf.Tensor, ladder: Ladder) -> tuple[list, tf.Tensor]:
+        # The ladder's full-size terms (``reduce`` left as the identity), summed together.
+        terms, infinite = _ladder.sums(XP, xw, ladder, lambda v: v, exact_upscale)
+        *rung_sums, n_inf = staged_sums([*terms, infinite], plan)
+        return rung_sums, n_inf
+
+    return _driver.Hooks(
+        XP,
+        _acc_dtype(x.dtype).name,
+        lambda v: staged_sums([v], plan)[0],
+        lambda a, b: tuple(staged_sums([a, b], plan)),  # the pair's two sums in one pass
+        lambda v: _sum_to_scale(v, scale_axes),
+        exact_upscale,
+        _PAIRS if x.dtype == tf.float64 else None,  # as wide as the accumulator
+        sums,
+        # y = ((x 2**s) (scale / d_s)) 2**-s...: ``u = x / d`` itself may be subnormal (a
+        # subnormal slice with a large eps), which the CPU flushes to zero although
+        # ``scale * u`` is normal. (It costs range only for a scale above ~2**60 in float32.)
+        scale_order="inside",
+    )
+
+
 def _forward_program(
     x: tf.Tensor, s: tf.Tensor | None, ladder: Ladder, plan: Plan
 ) -> tuple[tf.Tensor, SliceFactors]:
     """``(y, factors)``: the output in ``x``'s dtype and the per-slice residuals."""
-    xw = _widen(x, _acc_dtype(x.dtype))
-
-    # The ladder's full-size terms (``reduce`` left as the identity), summed together.
-    terms, infinite = _ladder.sums(XP, xw, ladder, lambda v: v, exact_upscale)
-    *rung_sums, n_inf = staged_sums([*terms, infinite], plan)
-    if x.dtype == tf.float64:  # as wide as the accumulator: a pair, each output rounded once
-        chosen = _ladder.choose_rung(XP, ladder, rung_sums)
-        xs = _faithful.rung_values(XP, xw, chosen, ladder, exact_upscale)
-        # The pair's two sums in one multi-output reduction.
-        reduce2 = lambda a, b: tuple(staged_sums([a, b], plan))  # noqa: E731
-        pair = _faithful.refined_pair(XP, xs, chosen.sumsq, reduce2, _PAIRS)
-        f = _ladder.factors(XP, ladder, chosen._replace(sumsq=pair), rung_sums[-1], n_inf)
-        fmt = FORMATS["float64"]
-        return _faithful.faithful_normalized(XP, xw, s, f, ladder, exact_upscale, _PAIRS, fmt), f
-    f = _ladder.slice_factors(XP, ladder, rung_sums, n_inf)
-    if s is None:
-        return tf.cast(_ladder.normalized(XP, xw, f, ladder, exact_upscale), x.dtype), f
-    # y = ((x 2**s) (scale / d_s)) 2**-s...: the scale joins 1 / d before the slice's
-    # power of two is undone. ``u = x / d`` itself may be subnormal (a subnormal slice
-    # with a large eps), which the CPU flushes to zero although ``scale * u`` is normal.
-    # (It costs range only for a scale above ~2**60 in float32.)
-    fy = f._replace(inv_d=f.inv_d * s, rinf=f.rinf * s)
-    return tf.cast(_ladder.normalized(XP, xw, fy, ladder, exact_upscale), x.dtype), f
+    out = _driver.forward(_hooks(x, plan, None), _widen(x, _acc_dtype(x.dtype)), s, ladder)
+    return tf.cast(out.y, x.dtype), out.factors
 
 
 def _backward_program(
@@ -323,15 +275,9 @@ def _backward_program(
     """``(dx, dscale)`` for the cotangent ``g``; ``dscale`` summed over ``scale_axes``
     (None: no scale)."""
     acc = _acc_dtype(x.dtype)
-    xw, gw = _widen(x, acc), _widen(g, acc)
-    xhat = _ladder.direction(XP, xw, f, ladder, exact_upscale)
-    sigma = gw if s is None else gw * s
-    (inner,) = staged_sums([sigma * xhat], plan)
-    dx = _saturate(_ladder.input_grad(sigma, xhat, inner, f), x.dtype)
-    if scale_axes is None:
-        return dx, None
-    # dscale = sum g u with u = x / d = xhat * (n / d): bounded terms, no 1 / d blow-up.
-    return dx, _sum_to_scale(gw * (xhat * f.ratio), scale_axes)
+    hooks = _hooks(x, plan, scale_axes)
+    dx, dscale = _driver.vjp(hooks, _widen(x, acc), s, _widen(g, acc), f, ladder, x.dtype.name)
+    return tf.cast(dx, x.dtype), dscale
 
 
 #: Compiled programs kept alive (each holds one XLA executable per input shape): enough

@@ -37,7 +37,7 @@ A lowering passes its own ``upscale(x, s)`` (``x 2**s``, exactly) where a plain
 multiplication would not do: backends whose CPU kernels read subnormal operands as zero
 (XLA, TensorFlow) build it from the bits for subnormal ``x`` (the top rung serves the
 slices made of subnormals), and torch multiplies by a tensor constant (see
-:func:`slice_factors` on the TorchScript tracer).
+:func:`choose_rung` on the TorchScript tracer).
 
 Where the accumulator is the data's own dtype (float64 everywhere, float32 in JAX), a
 plain sum, square root and division leave up to 3 ULP; :mod:`l2norm._faithful` then sums
@@ -282,18 +282,6 @@ def choose_rung(xp: Any, ladder: Ladder, rung_sums: list[Any]) -> Chosen:
     return chosen
 
 
-def slice_factors(xp: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any) -> SliceFactors:
-    """Choose each slice's rung (the first finite one, by decreasing shift) and return
-    the factors of the full-size passes. Slice-sized work only.
-
-    The rung is chosen first and the slice's quantities computed once, from the chosen
-    sum: autodiff through this function (traced and exported torch modules, double
-    backward, JAX's higher-order gradients) then meets no ``0 * Inf`` from a rung that
-    overflowed, and NaN and Inf slices get their factors by explicit selects.
-    """
-    return factors(xp, ladder, choose_rung(xp, ladder, rung_sums), rung_sums[-1], n_inf)
-
-
 def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) -> SliceFactors:
     """The factors of the full-size passes from each slice's rung; ``bottom`` is the
     bottom rung's plain sum (NaN exactly in NaN slices). With a pair sum
@@ -341,12 +329,19 @@ def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) ->
 
 
 def rung_input(
-    xp: Any, x: Any, pre: Any, top: Any, ladder: Ladder, upscale: Upscale
+    xp: Any,
+    x: Any,
+    pre: Any,
+    top: Any,
+    ladder: Ladder,
+    upscale: Upscale,
+    infinite: Callable[[Any], Any] | None = None,
 ) -> tuple[Any, Any]:
     """``(x 2**s for s > 0, where infinite)``: ``x`` read into its slice's rung, ``pre``
     applied (from the bits on the top rung where ``top``, None if the ladder needs no
-    exact scaling), 0 at the infinities (no ``Inf * 0`` for autodiff to meet)."""
-    infinite = _infinite(xp, x)
+    exact scaling), 0 at the infinities (no ``Inf * 0`` for autodiff to meet);
+    ``infinite``: the lowering's own test for +-Inf, if any."""
+    infinite = _infinite(xp, x) if infinite is None else infinite(x)
     xin = xp.where(infinite, xp.zeros_like(x), x)
     if ladder.single:
         return xin, infinite
@@ -357,26 +352,15 @@ def rung_input(
     return xin, infinite
 
 
-def _through(xp: Any, x: Any, factor: Any, f: SliceFactors, ladder: Ladder, upscale: Upscale):
-    """``x * factor * 2**s`` with the power of two on the side that keeps it in range,
-    Inf slices at their limit direction (NaN slices NaN through ``rinf``)."""
-    xin, infinite = rung_input(xp, x, f.pre, f.top, ladder, upscale)
-    v = xin * factor if ladder.single else (xin * factor) * f.post
-    return xp.where(infinite, xp.sign(x) * f.rinf, v)
-
-
-def normalized(
-    xp: Any, x: Any, f: SliceFactors, ladder: Ladder, upscale: Upscale = plain_upscale
-) -> Any:
-    """``u = x / d`` elementwise (``x`` in the accumulator dtype)."""
-    return _through(xp, x, f.inv_d, f, ladder, upscale)
-
-
 def direction(
     xp: Any, x: Any, f: SliceFactors, ladder: Ladder, upscale: Upscale = plain_upscale
 ) -> Any:
-    """``xhat = x / n`` elementwise (0 in zero slices): what the backward reads."""
-    return _through(xp, x, f.inv_n, f, ladder, upscale)
+    """``xhat = x / n`` elementwise (0 in zero slices), with the power of two on the side
+    that keeps it in range, Inf slices at their limit direction (NaN slices NaN through
+    ``rinf``): what the backward reads."""
+    xin, infinite = rung_input(xp, x, f.pre, f.top, ladder, upscale)
+    v = xin * f.inv_n if ladder.single else (xin * f.inv_n) * f.post
+    return xp.where(infinite, xp.sign(x) * f.rinf, v)
 
 
 def input_grad(sigma: Any, xhat: Any, inner: Any, f: SliceFactors) -> Any:

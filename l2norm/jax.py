@@ -50,10 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from l2norm import _driver, _faithful, _jax_kernel, _ladder
+from l2norm import _driver, _jax_kernel, _ladder
 from l2norm import _jax_bits as _bits
 from l2norm._jax_kernel import LOWERINGS, use_lowering
-from l2norm._ladder import FORMATS, Ladder, SliceFactors
+from l2norm._ladder import FORMATS, Ladder
 from l2norm._spec import (
     ArrayOps,
     Axes,
@@ -304,65 +304,30 @@ def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:
     return rung_sums, _sum(infinite, axes.norm)
 
 
-def _rung_input(
-    x: jax.Array, f: SliceFactors, ladder: Ladder, pre: Any
-) -> tuple[jax.Array, jax.Array]:
-    """``(x pre, infinite)``: ``x`` read into its slice's rung (``pre = 2**s`` for
-    ``s > 0``), from the bits on the top rung; 0 at the infinities (no ``Inf * 0`` for
-    autodiff to meet)."""
-    magnitude, fmt = _bits.magnitude_bits(x)
-    # From the bits: a float compare here would be shared with the sums' |x| and make
-    # XLA write |x| out in full.
-    infinite = magnitude == ((2 * fmt.max_exp - 1) << fmt.mant)  # the bits of +Inf
-    xin = jnp.where(infinite, 0.0, x)
-    if pre is not None:
-        xin = xin * pre
-    if f.top is not None:
-        top = f.top & (magnitude < (1 << fmt.mant))
-        xin = jnp.where(top, _bits.subnormal_upscaled(x, ladder.shifts[0]), xin)
-    return xin, infinite
-
-
-def _output(x: jax.Array, s: jax.Array, f: SliceFactors, ladder: Ladder) -> jax.Array:
-    """``y = s x / d``. On rungs ``s >= 0`` the scale multiplies before ``1 / d``, so a
-    slice of subnormals (top rung) whose ``x / d`` is below the normal range but whose
-    ``y`` is not keeps its value on a flushing CPU; on the rung ``s < 0`` (huge slices,
-    where ``x s`` could overflow) after it, then ``2**s``."""
-    xin, infinite = _rung_input(x, f, ladder, f.pre)
-    if f.inv_d_lo is not None:
-        below = None if ladder.single else f.post < 1
-        y = _faithful.faithful_output(jnp, xin, s, f, _bits.PAIRS, FORMATS[s.dtype.name], below)
-    elif ladder.single:
-        y = (xin * s) * f.inv_d
-    else:
-        below = f.post < 1
-        y = ((xin * jnp.where(below, f.inv_d, 1.0)) * s) * jnp.where(below, f.post, f.inv_d)
-    return jnp.where(infinite, jnp.sign(x) * f.rinf * s, y)
-
-
 # --------------------------------------------------------------------------- forward, VJP
 
 
-def _factors(plan: _Plan, x: jax.Array, acc: Any) -> SliceFactors:
-    """The reduction pass and the slice-sized choice of rung; where the data is as wide
-    as the accumulator, a second pass sums the chosen rung again as a pair
-    (:func:`l2norm._faithful.refined_pair`), from which the factors are computed."""
-    rung_sums, n_inf = _sums(x, acc, plan)
-    hooks = _driver.Hooks(
+def _hooks(plan: _Plan, x: jax.Array, acc: Any) -> _driver.Hooks:
+    """The driver's hooks: the sums above, the bits for Inf and subnormals, the pairs
+    where the data is as wide as the accumulator (differentiated as the plain sum), the
+    scale before ``1 / d`` (a flushing CPU)."""
+    return _driver.Hooks(
         jnp,
         jnp.dtype(acc).name,
         lambda v: _sum(v, plan.axes.norm),
         _bits.sum_two(plan.axes.norm),
         upscale=_bits.upscaled,
         pairs=_bits.PAIRS if _compensated(acc, x) else None,
+        sums=lambda xw, ladder: _sums(x, acc, plan),
         stop_gradient=lax.stop_gradient,
+        infinite=_bits.infinite,
+        scale_order="first",
     )
-    return _driver.factors(hooks, _bits.exact(x, acc), plan.ladder, rung_sums, n_inf)[0]
 
 
 def _forward(plan: _Plan, x: jax.Array, s: jax.Array):
-    f = _factors(plan, x, s.dtype)
-    return _output(_bits.exact(x, s.dtype), s, f, plan.ladder), (x, s, f)
+    out = _driver.forward(_hooks(plan, x, s.dtype), _bits.exact(x, s.dtype), s, plan.ladder)
+    return out.y, (x, s, out.factors)
 
 
 def _reduce_like(v: jax.Array, s: jax.Array, axes: Axes) -> jax.Array:
@@ -387,7 +352,8 @@ def _backward(plan: _Plan, residuals: tuple, g: jax.Array):
     x, s, f = residuals
     inf_slice = f.rinf > 0
     keep = None if ladder.single else jnp.where(inf_slice, 0.0, f.pre)
-    xin, infinite = _rung_input(_bits.exact(x, s.dtype), f, ladder, keep)
+    xw = _bits.exact(x, s.dtype)
+    xin, infinite = _ladder.rung_input(jnp, xw, keep, f.top, ladder, _bits.upscaled, _bits.infinite)
     if ladder.single:
         xin = jnp.where(inf_slice, 0.0, xin)
     v = jnp.where(infinite, jnp.sign(x) * f.rinf, xin)

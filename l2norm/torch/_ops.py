@@ -1,16 +1,13 @@
-"""The pure-torch lowering: the ladder of :mod:`l2norm._ladder` in plain, differentiable ops.
+"""The pure-torch lowering: the hooks of the one ladder driver (:mod:`l2norm._driver`) in
+plain, differentiable ops.
 
-Accumulates in float64 where the device has it: every float32 or half square is exact
-there, so the ladder has one rung (the plain sum of squares) for those inputs and three
-for float64 inputs; elsewhere (MPS) in float32. Where the data is as wide as the
-accumulator (float64), the chosen rung's sum is taken again as a double-word pair
-(:func:`l2norm._faithful.refined_pair`: squares split by their bits, cut at a power of two
-above the sum, two plain sums) and each output is rounded once. The forward returns the
-per-slice sums for the backward (slice-sized), and every op is differentiable without
-``0 * Inf``, so the same functions serve ``torch.compile``, double backward and the
-traced forms (``torch.jit.trace``, ``torch.export``, ONNX), differentiated by autograd:
-those (``differentiable=True``) use plain sums, since autograd cannot go through a
-float's bits.
+Accumulates in float64 where the device has it (every float32 or half square is exact
+there), elsewhere (MPS) in float32; float64 data in a pair
+(:func:`l2norm._faithful.refined_pair`). The forward returns the per-slice sums for the
+backward, and every op is differentiable without ``0 * Inf``, so the same functions serve
+``torch.compile``, double backward and the traced forms (``torch.jit.trace``,
+``torch.export``, ONNX), differentiated by autograd: those (``differentiable=True``) use
+plain sums, since autograd cannot go through a float's bits.
 """
 
 from __future__ import annotations
