@@ -580,11 +580,16 @@ def _scale_row(static: _Static, w_ref: Any, cfg: BlockConfig) -> jax.Array:
     return pltriton.load(w_ref.at[pl.ds(0, 1), pl.ds(0, cfg.width)])
 
 
-def _forward_kernel(static: _Static) -> Callable:
+def _kernel_setup(static: _Static) -> tuple[BlockConfig, EpsMode, _Eps, Callable, Callable]:
+    """What both kernels take from ``static``: the tile, the placement and its eps for
+    rows of ``L`` entries (a mean's ``N``), the loads and the stores."""
     cfg = block_config(static.length, static.platform)
     mode = get_mode(static.mode)
-    eps = _eps_parts(mode, static.eps, static.length)
-    load, store = _io(static, cfg)
+    return cfg, mode, _eps_parts(mode, static.eps, static.length), *_io(static, cfg)
+
+
+def _forward_kernel(static: _Static) -> Callable:
+    cfg, mode, eps, load, store = _kernel_setup(static)
 
     def body(*refs: Any) -> None:
         x_ref, *w_refs, y_ref = refs
@@ -596,10 +601,7 @@ def _forward_kernel(static: _Static) -> Callable:
 
 
 def _backward_kernel(static: _Static) -> Callable:
-    cfg = block_config(static.length, static.platform)
-    mode = get_mode(static.mode)
-    eps = _eps_parts(mode, static.eps, static.length)
-    load, store = _io(static, cfg)
+    cfg, mode, eps, load, store = _kernel_setup(static)
     top = _top(static.dtype)
 
     def body(*refs: Any) -> None:
