@@ -221,6 +221,7 @@ def staged_sums(terms: list[tf.Tensor], plan: Plan) -> list[tf.Tensor]:
 
 #: float64 data: the chosen rung summed again as a pair (l2norm._faithful.refined_pair).
 _PAIRS = _driver.bit_pairs(_BITS)
+_split = _PAIRS.split  # the split alone (tests/test_compensated.py)
 
 
 def _sum_to_scale(v: tf.Tensor, scale_axes: tuple[int, ...]) -> tf.Tensor:

@@ -69,6 +69,8 @@ _PAIRS = _driver.bit_pairs(
     )
 )
 
+_split = _PAIRS.split  # the split alone (tests/test_compensated.py)
+
 
 def _pairs(x: Tensor, acc: torch.dtype, differentiable: bool) -> _faithful.PairSums | None:
     """The double-word hooks where the data is as wide as the accumulator, unless autograd
