@@ -14,9 +14,9 @@ eps placement of :mod:`l2norm._modes`, given as ``IS_ADD`` / ``POWER`` / ``MEAN`
 reciprocal square roots refined by a Newton step). A mean placement (``sqrt(n**2 / N +
 eps)``, ``N`` the slice size C) is the sum's in other units, ``sqrt(n**2 + N eps) /
 sqrt(N)``: the launcher stores ``N eps`` and ``sqrt(N)`` in float64 (``sqrt(N)`` is
-``EpsMode.inf_limit``, the Inf slices' scale too), so ``1 / d`` takes one more float64
-rounding and ``r / n**2 = 1 / (N d**2) = 1 / (n**2 + N eps)`` none; the other placements
-compile without it.
+``EpsMode.inf_limit``; an Inf slice's ``sqrt(N / k)`` is ``N / sqrt(N k)``), so ``1 / d``
+takes one more float64 rounding and ``r / n**2 = 1 / (N d**2) = 1 / (n**2 + N eps)`` none;
+the other placements compile without it.
 
 Why each output stays within 1 ULP of the exact result ``y*`` (``u = 2**-24``; a float32
 result ``RN(y~)`` with ``|y~ - y*| < u |y*|`` is within 1 ULP of ``RN(y*)``, and so is any
@@ -332,26 +332,32 @@ def _share(
     x_ptr,
     v,
     tile,
-    root,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     ALIGN: tl.constexpr,
     ROWS: tl.constexpr,
     EVEN: tl.constexpr,
     SINGLE: tl.constexpr,
+    MEAN: tl.constexpr,
 ):
-    """Per slice, ``root / sqrt(k)`` with ``k`` its number of infinities (counted in the
-    kept tile ``v`` where ``SINGLE``, else over a walk of the chunks): an Inf slice's value
-    on each of them (``EpsMode.inf_limit`` over ``sqrt(k)``), as a double-float (float64,
-    once per slice)."""
+    """Per slice, ``EpsMode.inf_limit / sqrt(k)`` (``sqrt(N / k)`` for a ``MEAN``, N = C,
+    else ``1 / sqrt(k)``) with ``k`` its number of infinities (counted in the kept tile
+    ``v`` where ``SINGLE``, else over a walk of the chunks): an Inf slice's value on each
+    of them, as a double-float (float64, once per slice). ``N`` comes from C here rather
+    than from :func:`_placement`: a value held into this branch costs registers (sm_90,
+    tests/test_triton_aot.py)."""
     if SINGLE:
         infinities = _infinities(v)
     else:
         infinities = tl.zeros([BLOCK_S], tl.float32)
         for c0 in range(0, tile[3], BLOCK_C):  # tile[3]: C
-            at, mask, c_ok = _chunk(tile, c0, ALIGN, ROWS, EVEN)
+            at, mask, _ = _chunk(tile, c0, ALIGN, ROWS, EVEN)
             infinities += _infinities(_load(x_ptr, at, mask))
-    return _split(_rsqrt(tl.maximum(infinities, 1.0).to(tl.float64)) * root)
+    k = tl.maximum(infinities, 1.0).to(tl.float64)
+    if MEAN:  # sqrt(N / k) = N / sqrt(N k) (N k exact), N = C
+        size = tl.cast(tile[3], tl.float64)
+        return _split(size * _rsqrt(k * size))
+    return _split(_rsqrt(k))
 
 
 @triton.jit
@@ -453,9 +459,9 @@ def forward_kernel(
     inv_d, _, infinite = _slice_terms(n2, eps, root, IS_ADD, POWER)
     scale_t, g_hi, g_lo = _output_factor(inv_d)
     any_inf = tl.max(infinite.to(tl.int32), axis=0) > 0
-    if any_inf:  # Inf slices: the limit direction root / sqrt(count) on their infinities
+    if any_inf:  # Inf slices: the limit direction on their infinities
         share_hi, share_lo = _share(
-            x_ptr, v, tile, root, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN, SINGLE
+            x_ptr, v, tile, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN, SINGLE, MEAN
         )
         g_hi = tl.where(infinite, share_hi, g_hi)
         g_lo = tl.where(infinite, share_lo, g_lo)
@@ -585,7 +591,7 @@ def backward_kernel(
     any_inf = tl.max(infinite.to(tl.int32), axis=0) > 0
     share_hi = tl.zeros([BLOCK_S], tl.float32)
     if any_inf:  # the scale's gradient of an Inf slice: g times its limit direction
-        share_hi = _share(x_ptr, v, tile, root, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN, SINGLE)[0]
+        share_hi = _share(x_ptr, v, tile, BLOCK_C, BLOCK_S, ALIGN, ROWS, EVEN, SINGLE, MEAN)[0]
     row = pid_a.to(tl.int64) * tl.num_programs(1) + pid_b
     terms = (up, k, inv_i, scale_v, f, infinite, share_hi, any_inf)
     if SINGLE:
