@@ -93,6 +93,13 @@ def test_cli_prints_the_reference_table_and_json():
     assert {row["dtype"] for row in payload["rows"]} == set(FLOAT_DTYPES)
     assert sum(row["cases"] for row in payload["rows"]) == len(conformance.DEFAULT_CASE_IDS)
     assert payload["batch_invariance"][0]["passed"] is True
+    # RMSNorm (the mean placement) has rows and a cross-framework section of its own.
+    rms = [row for row in payload["rows"] if row["op"] == "RMSNorm"]
+    assert rms and {row["op"] for row in payload["rows"]} == {"L2Norm", "RMSNorm"}
+    assert sum(row["cases"] for row in rms) == sum(
+        "mode=add_meansq" in case for case in conformance.DEFAULT_CASE_IDS
+    )
+    assert "RMSNorm (eps_mode=" in table.stdout
 
 
 def test_cli_full_runs_the_whole_matrix_and_quick_is_the_default():
@@ -201,20 +208,22 @@ def test_cli_cross_framework_section_compares_every_adapter_pairwise():
     result = run_cli("--cross-only", "--backends", ",".join(names), "--json")
     payload = json.loads(result.stdout)
     assert result.returncode == 0 and payload["passed"], result.stdout[-2000:] + result.stderr
-    cross = payload["cross"]
-    assert sorted(cross["backends"]) == sorted(names) and cross["passed"]
-    for i, a in enumerate(cross["backends"]):
-        for j, b in enumerate(cross["backends"]):
-            fwd, grad = cross["forward_ulps"][i][j], cross["grad_eps"][i][j]
-            assert fwd == cross["forward_ulps"][j][i] and grad == cross["grad_eps"][j][i]
-            # Each backend rounds faithfully (within 1 ULP of the exact result), so any
-            # two are at most 1 ULP apart; gradients within 2 eps of the reference each.
-            assert fwd <= 1 and grad <= 4, f"{a} vs {b}: {fwd} ULP, {grad} eps"
-            assert i != j or fwd == grad == 0
+    for cross in (payload["cross"], payload["cross_rms"]):  # L2Norm, then RMSNorm
+        assert sorted(cross["backends"]) == sorted(names) and cross["passed"]
+        for i, a in enumerate(cross["backends"]):
+            for j, b in enumerate(cross["backends"]):
+                fwd, grad = cross["forward_ulps"][i][j], cross["grad_eps"][i][j]
+                assert fwd == cross["forward_ulps"][j][i] and grad == cross["grad_eps"][j][i]
+                # Each backend rounds faithfully (within 1 ULP of the exact result), so any
+                # two are at most 1 ULP apart; gradients within 2 eps of the reference each.
+                assert fwd <= 1 and grad <= 4, f"{a} vs {b}: {fwd} ULP, {grad} eps"
+                assert i != j or fwd == grad == 0
+    assert payload["cross_rms"]["options"]["eps_mode"] == "add_meansq"
     table = run_cli("--cross-only", "--backends", "numpy,torch")
     assert table.returncode == 0, table.stdout + table.stderr
     assert "[1] numpy" in table.stdout and "[2] torch" in table.stdout
-    assert "cross-framework: PASS" in table.stdout
+    assert "cross-framework, L2Norm: PASS" in table.stdout
+    assert "cross-framework, RMSNorm: PASS" in table.stdout
 
 
 def test_cross_framework_section_fails_a_backend_that_disagrees():
