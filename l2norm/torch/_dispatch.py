@@ -124,6 +124,8 @@ def choose(x: Tensor, plan: Plan) -> Route:
     if torch.jit.is_tracing() or torch.compiler.is_exporting():
         return TRACED
     if torch.compiler.is_compiling():  # a kernel is one registered op in the graph
+        if _forced_while_compiling() == "ops":
+            return OPS
         if x.device.type == "cpu":
             view = _cpu.layout(x, plan.norm, plan.channel)
             return Route("cpu-kernel", view) if view is not None and _cpu.ready() else OPS
@@ -153,6 +155,13 @@ _MAX_ROUTES = 4096
 
 def _forced() -> str | None:
     return _lowering.forced("torch")
+
+
+@_cpu.constant_to_compile
+def _forced_while_compiling() -> str | None:
+    """:func:`use_lowering`'s choice as ``torch.compile`` traces: read once per compiled
+    graph (a graph compiled inside the block keeps the lowering it was traced with)."""
+    return _forced()
 
 
 def _choose_eager(x: Tensor, plan: Plan) -> Route:
