@@ -13,7 +13,7 @@ Peers (../shared/peers.md): ``tf.math.l2_normalize(x, -1) * g`` and
 and UnitNormalization; on torch ``F.normalize(x, dim=-1) * g`` and UnitNormalization.
 The copy bound is one elementwise pass ``x * 1``. Timings: ``benchmarks/harness.py``.
 
-What the l2norm rows run: on TensorFlow the layer's own lowering (``l2norm._keras_tf``:
+What the l2norm rows run: on TensorFlow the layer's own lowering (``l2norm.tensorflow._ops``:
 an XLA-compiled forward and backward, also in the eager rows, where each pass is one
 compiled program call); on JAX and torch, Keras hands the call to ``l2norm.jax`` and
 ``l2norm.torch``, so those rows measure those adapters behind the Keras layer API.

@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.run import vector_extensions
 from l2norm import _native
-from l2norm._modes import get_mode
+from l2norm.core.modes import get_mode
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

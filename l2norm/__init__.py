@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from l2norm import reference
-from l2norm._spec import (
+from l2norm.core.spec import (
     DEFAULT_EPS,
     DEFAULT_EPS_MODE,
     DEFAULT_RMS_EPS,

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from l2norm._spec import Spec
+from l2norm.core.spec import Spec
 
 __all__ = [
     "L2NormParams",
@@ -65,7 +65,7 @@ __all__ = [
     "to_torch",
 ]
 
-from l2norm._convert_frameworks import (
+from l2norm.interop.frameworks import (
     from_keras,
     from_linen,
     from_nnx,
@@ -75,7 +75,7 @@ from l2norm._convert_frameworks import (
     to_nnx,
     to_torch,
 )
-from l2norm._params import _BFLOAT16, L2NormParams, _as_numpy, _from_spec
+from l2norm.interop.params import _BFLOAT16, L2NormParams, _as_numpy, _from_spec
 
 # ------------------------------------------------------------------ peers
 

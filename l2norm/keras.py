@@ -8,15 +8,15 @@ the exact backward formula of the reference as the gradient.
 
 This module validates the options and the input, owns the Keras layer (weights,
 mixed precision, masking, serialization) and hands the computation to the framework's
-own lowering, each built on the branch-free ladder of :mod:`l2norm._ladder`, so that a
+own lowering, each built on the branch-free ladder of :mod:`l2norm.core.ladder`, so that a
 sample's result never depends on the rest of its batch:
 
 * JAX backend: :func:`l2norm.jax.normalize` (a ``jax.custom_vjp``);
 * torch backend: :func:`l2norm.torch.l2_normalize` (an autograd function);
-* TensorFlow backend: :mod:`l2norm._keras_tf` (XLA-compiled forward and backward
+* TensorFlow backend: :mod:`l2norm.tensorflow._ops` (XLA-compiled forward and backward
   attached with ``tf.custom_gradient``; eager, ``tf.function`` and ``model.fit``); in a
   graph traced to leave XLA (``model.export``, the TFLite converter) the exported formula
-  of :mod:`l2norm._portable` in plain TensorFlow operations, TFLite builtins only.
+  of :mod:`l2norm.core.portable` in plain TensorFlow operations, TFLite builtins only.
 
 float16 and bfloat16 inputs are computed in float32, float64 in float64; the output has
 the input's dtype.
@@ -28,14 +28,14 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from l2norm import _preload  # noqa: F401  (before Keras loads TensorFlow: see there)
+from l2norm.tensorflow import _preload  # noqa: F401  (before Keras loads TensorFlow: see there)
 
 # isort: split
 import keras
 import numpy as np
 from keras import ops
 
-from l2norm._spec import (
+from l2norm.core.spec import (
     ArrayOps,
     Axes,
     RMSSpec,
@@ -58,12 +58,12 @@ def _normalize(x: Any, scale: Any | None, spec: Spec, axes: Axes) -> Any:
 
     ``x`` and ``scale`` are validated tensors of the backend. JAX and torch have adapters
     of their own, each with its exact custom gradient; TensorFlow's lowering is
-    :mod:`l2norm._keras_tf`. The imports are deferred so that only the backend in use
+    :mod:`l2norm.tensorflow._ops`. The imports are deferred so that only the backend in use
     is imported.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
-        from l2norm import _keras_tf
+        from l2norm.tensorflow import _ops as _keras_tf
 
         return _keras_tf.normalize(x, scale, spec, axes)
     if backend == "jax":
@@ -347,7 +347,7 @@ class L2Norm(keras.layers.Layer):
 
 # --------------------------------------------------------------------------- RMSNorm
 
-#: The current backend's tensors for :meth:`l2norm._spec.RMSSpec.apply`.
+#: The current backend's tensors for :meth:`l2norm.core.spec.RMSSpec.apply`.
 KERAS_OPS = ArrayOps(
     normalize=_checked_normalize,
     cast=ops.cast,

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from l2norm import _flax
-from l2norm._spec import RMSSpec, Spec
+from l2norm.core.spec import RMSSpec, Spec
+from l2norm.jax import _flax
 from l2norm.nnx import rms_layer_apply
 
 __all__ = ["L2Norm", "RMSNorm"]

@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from l2norm import _flax
-from l2norm._spec import RMSSpec, Spec
-from l2norm.jax import JAX_OPS
+from l2norm.core.spec import RMSSpec, Spec
+from l2norm.jax import JAX_OPS, _flax
 
 __all__ = ["L2Norm", "Constant", "RMSNorm"]
 

@@ -21,7 +21,7 @@ Backward (vector-Jacobian product) for a cotangent ``g``. Write ``\hat x = x / n
 which is ``(s g)/d - x <s g, x> d'(n) / (n d**2)`` rearranged so that every factor is
 bounded: ``\hat x`` is a unit vector and ``r`` lies in ``[0, 1]``:
 
-The placements come from the table in :mod:`l2norm._modes` (``d**power = n**power + eps``
+The placements come from the table in :mod:`l2norm.core.modes` (``d**power = n**power + eps``
 or ``max(n**power, eps)``):
 
 =============== ================== ===============================
@@ -61,8 +61,8 @@ from typing import Any
 import ml_dtypes  # registers bfloat16 with NumPy
 import numpy as np
 
-from l2norm._modes import get_mode
-from l2norm._spec import Axes, Spec, check_float_dtype, check_scale_shape
+from l2norm.core.modes import get_mode
+from l2norm.core.spec import Axes, Spec, check_float_dtype, check_scale_shape
 
 __all__ = ["l2_normalize", "l2_normalize_vjp", "forward", "vjp"]
 
@@ -178,7 +178,7 @@ def denominator(x: np.ndarray, spec: Spec) -> np.ndarray:
 
 
 def forward(x: np.ndarray, scale: np.ndarray | None, spec: Spec) -> np.ndarray:
-    """Forward pass from a validated :class:`~l2norm._spec.Spec` (see :func:`l2_normalize`)."""
+    """Forward pass from a validated :class:`~l2norm.core.spec.Spec` (see :func:`l2_normalize`)."""
     x = _check_input(x)
     axes = spec.resolve(x.ndim)
     scale = _scale_array(scale, x, axes)

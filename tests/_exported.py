@@ -1,6 +1,6 @@
 """What tests of exported graphs share (tests/test_export.py for torch and ONNX,
 tests/test_keras.py for TFLite and SavedModel): hostile inputs and the measure of the
-exported formula's guarantee, :func:`l2norm._portable.forward_ulps` against the oracle."""
+exported formula's guarantee, :func:`l2norm.core.portable.forward_ulps` against the oracle."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import zlib
 import ml_dtypes
 import numpy as np
 
-from l2norm import _oracle
-from l2norm._portable import forward_ulps
-from l2norm._spec import Spec
 from l2norm.conformance._cases import Case, numpy_dtype
 from l2norm.conformance._measures import forward_error, nonfinite_mismatches, round_to
+from l2norm.core import oracle as _oracle
+from l2norm.core.portable import forward_ulps
+from l2norm.core.spec import Spec
 
 
 def hostile_inputs(case_id: str) -> tuple[np.ndarray, np.ndarray | None, dict]:

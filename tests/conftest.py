@@ -1,6 +1,6 @@
 """Shared test configuration: hypothesis profiles; without a GPU, Triton's interpreter
 switched on (the Triton lowering's tests run on CPU tensors), then Triton loaded before any
-test imports TensorFlow (:mod:`l2norm._preload` says why).
+test imports TensorFlow (:mod:`l2norm.tensorflow._preload` says why).
 
 ``HYPOTHESIS_PROFILE=thorough`` for a long local run; CI uses the bounded, deterministic
 default ("ci"). Every test starts from generators seeded by its own id (:func:`_seeded`), so
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, settings
 from l2norm.testing.frameworks import triton_interpreter_without_gpu
 
 triton_interpreter_without_gpu()
-import l2norm._preload  # noqa: E402, F401  (after the interpreter switch: it imports triton)
+import l2norm.tensorflow._preload  # noqa: E402, F401  (after the interpreter switch: it imports triton)
 
 settings.register_profile(
     "ci",

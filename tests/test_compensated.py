@@ -1,4 +1,4 @@
-"""Double-word arithmetic (:mod:`l2norm._compensated`) and the lowerings' exact splits.
+"""Double-word arithmetic (:mod:`l2norm.core.pairs`) and the lowerings' exact splits.
 
 The error-free transformations are checked exactly (in float64 or with Python's exact
 fractions), the pair operations against 60-digit mpmath, and each framework's split for
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from l2norm._compensated import Pair, PairNamespace, two_prod, two_sum
-from l2norm._modes import MODES
+from l2norm.core.modes import MODES
+from l2norm.core.pairs import Pair, PairNamespace, two_prod, two_sum
 
 mpmath.mp.dps = 60
 
@@ -87,7 +87,7 @@ class _MP:
 
 
 def test_the_mode_table_runs_on_pairs():
-    # Each placement's d(n), written once in l2norm._modes, gives on pairs what it gives
+    # Each placement's d(n), written once in l2norm.core.modes, gives on pairs what it gives
     # in 60 digits: the table needs no double-word copy.
     ns = PairNamespace(np, _split32)
     rng = np.random.default_rng(0)
@@ -149,7 +149,7 @@ def test_jax_split_is_exact_and_halves_are_short():
     # float32 (float64 arrays need jax_enable_x64; l2norm check's float64 rows cover it).
     import jax.numpy as jnp
 
-    from l2norm._jax_bits import PAIRS
+    from l2norm.jax._bits import PAIRS
 
     values = _values("float32")
     hi, lo = PAIRS.split(jnp.asarray(values))
@@ -161,7 +161,7 @@ def test_jax_split_is_exact_and_halves_are_short():
 def test_tensorflow_split_is_exact_and_halves_are_short():
     import tensorflow as tf
 
-    from l2norm._keras_tf import _split
+    from l2norm.tensorflow._ops import _split
 
     values = _values("float64")
     hi, lo = _split(tf.constant(values))

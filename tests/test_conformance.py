@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from l2norm import conformance
-from l2norm._spec import EPS_MODES, FLOAT_DTYPES, Spec
 from l2norm.conformance._report import BackendReport, run_backend
 from l2norm.conformance._runner import Progress, _parse_child
+from l2norm.core.spec import EPS_MODES, FLOAT_DTYPES, Spec
 
 NUMPY = conformance.get_backend("numpy")
 NAMES = (

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from l2norm import conformance, convert
-from l2norm._spec import Spec
+from l2norm.core.spec import Spec
 
 F32 = np.dtype(np.float32)
 DTYPES = ["float16", "bfloat16", "float32", "float64"]

@@ -20,8 +20,8 @@ KERAS_PAGES = {"keras.md"}
 FRAMEWORK_FREE_MODULES = [
     "l2norm",
     "l2norm.reference",
-    "l2norm._portable",
-    "l2norm._spec",
+    "l2norm.core.portable",
+    "l2norm.core.spec",
     "l2norm.conformance",
     "l2norm.testing",
 ]

@@ -1,7 +1,7 @@
 """Exported graphs (issue 21, item 3): :func:`l2norm.torch._export.forward`, the formula of
-:mod:`l2norm._portable` in plain aten ops, recorded by ``torch.export`` and by both ONNX
+:mod:`l2norm.core.portable` in plain aten ops, recorded by ``torch.export`` and by both ONNX
 exporters with dynamic batch / H / W, run at other shapes (in onnxruntime for ONNX) on
-hostile data, within :func:`l2norm._portable.forward_ulps` of the 60-digit oracle; the
+hostile data, within :func:`l2norm.core.portable.forward_ulps` of the 60-digit oracle; the
 ONNX graph small and made of standard operators only.
 """
 
@@ -19,9 +19,9 @@ import torch
 from _exported import exported_error, hostile_inputs  # tests/_exported.py
 
 from l2norm import reference
-from l2norm._spec import EPS_MODES, Spec
 from l2norm.conformance._cases import cases, numpy_dtype
 from l2norm.conformance._measures import gradient_error, gradient_magnitudes
+from l2norm.core.spec import EPS_MODES, Spec
 from l2norm.testing.frameworks import numpy_to_torch, torch_to_numpy
 from l2norm.torch import L2Norm
 from l2norm.torch._export import forward

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.test_util import check_grads
 
 from l2norm import EPS_MODES, conformance, reference
-from l2norm._spec import Spec
+from l2norm.core.spec import Spec
 from l2norm.jax import l2_normalize, use_lowering
 from l2norm.linen import L2Norm as LinenL2Norm
 from l2norm.nnx import Constant

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from l2norm import conformance, reference
-from l2norm._spec import RMSSpec, Spec
+from l2norm.core.spec import RMSSpec, Spec
 from l2norm.jax import LOWERINGS, l2_normalize, rms_norm, use_lowering
 from l2norm.nnx import L2Norm as NnxL2Norm
 

@@ -24,7 +24,7 @@ from keras import ops
 
 import l2norm
 from l2norm import conformance, reference
-from l2norm._spec import FLOAT_DTYPES, Spec
+from l2norm.core.spec import FLOAT_DTYPES, Spec
 from l2norm.keras import L2Norm, l2_normalize
 from l2norm.testing.frameworks import keras_to_numpy, keras_vjp, numpy_to_keras
 
@@ -310,8 +310,8 @@ def test_saved_model_export(tmp_path):
 
 # --------------------------------------------------------------------------- export
 # A graph traced to leave TensorFlow (model.export, the TFLite converter, which traces a
-# Keras 3 model into a SavedModel) holds the exported formula of l2norm._portable: plain
-# ops, TFLite builtins, within l2norm._portable.forward_ulps of the oracle.
+# Keras 3 model into a SavedModel) holds the exported formula of l2norm.core.portable: plain
+# ops, TFLite builtins, within l2norm.core.portable.forward_ulps of the oracle.
 
 #: The TFLite builtin operators the converted layer may use.
 TFLITE_OPS = {
@@ -402,7 +402,7 @@ def test_only_graphs_that_leave_xla_get_the_exported_formula():
     # (export, conversion, plain inference) records the exported formula.
     import tensorflow as tf
 
-    from l2norm import _keras_tf
+    from l2norm.tensorflow import _ops as _keras_tf
 
     def probe():
         return tf.constant(_keras_tf.exporting())

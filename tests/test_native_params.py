@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from l2norm import _native, conformance, reference
-from l2norm._modes import get_mode
-from l2norm._spec import Spec
+from l2norm.core.modes import get_mode
+from l2norm.core.spec import Spec
 
 NATIVE = Path(_native.__file__).parent
 KERNEL_H = (NATIVE / "kernel.h").read_text()

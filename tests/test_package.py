@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from l2norm import conformance
-from l2norm._spec import FLOAT_DTYPES
+from l2norm.core.spec import FLOAT_DTYPES
 
 FRAMEWORKS = ("torch", "tensorflow", "keras", "jax", "flax")
 #: Hidden in a child process to play a machine where no framework is installed.

@@ -1,4 +1,4 @@
-"""The Pallas kernels (:mod:`l2norm._pallas`) without an accelerator: both kernels (the
+"""The Pallas kernels (:mod:`l2norm.jax._pallas`) without an accelerator: both kernels (the
 GPU's Triton form and the TPU's Mosaic form) in Pallas' interpret mode on conformance
 cases against the reference, bitwise batch invariance, the exported lowerings for
 ``cuda`` and ``tpu``, and the errors.
@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from l2norm import _pallas, conformance
-from l2norm._spec import Spec
+from l2norm import conformance
 from l2norm.conformance import _pallas as pallas_backend
+from l2norm.core.spec import Spec
+from l2norm.jax import _pallas
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -423,7 +424,7 @@ def test_the_op_on_pallas_exports_for_accelerators(platform, marker):
 def test_pallas_is_the_default_on_cuda_gpus(monkeypatch, backend, want):
     """CUDA GPUs take the Pallas kernels by default (their Triton lowering is compiled
     ahead of time above); TPUs keep the ladder until the Mosaic kernels have run on one."""
-    from l2norm import _jax_kernel
+    from l2norm.jax import _primitives as _jax_kernel
 
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     axes = Spec.create(axis=-1).resolve(2)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from l2norm import PRESETS, Spec, conformance, l2_normalize, l2_normalize_vjp, reference
-from l2norm import _oracle as oracle
+from l2norm.core import oracle
 
 DTYPES = {
     "float16": np.dtype(np.float16),
@@ -69,7 +69,7 @@ def mp_denominator(mode: str, n: mpmath.mpf, eps: mpmath.mpf) -> mpmath.mpf:
 
 
 def mp_forward(x: np.ndarray, spec: Spec) -> np.ndarray:
-    """An mpmath oracle written independently of l2norm._oracle (80 digits)."""
+    """An mpmath oracle written independently of l2norm.core.oracle (80 digits)."""
     with mpmath.workdps(80):
         axes = spec.resolve(x.ndim)
         moved = np.moveaxis(x.astype(np.float64), axes.norm[0], -1)

@@ -27,9 +27,10 @@ import l2norm
 import l2norm.jax
 import l2norm.linen
 import l2norm.nnx
-from l2norm import _oracle, conformance, reference
-from l2norm._spec import FLOAT_DTYPES, RMSSpec, machine_eps, promote_float
+from l2norm import conformance, reference
 from l2norm.conformance import forward_error, gradient_error, gradient_magnitudes
+from l2norm.core import oracle as _oracle
+from l2norm.core.spec import FLOAT_DTYPES, RMSSpec, machine_eps, promote_float
 from l2norm.testing import assert_matches_reference
 from l2norm.testing.frameworks import (
     keras_to_numpy,

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 
 from l2norm import l2_normalize
-from l2norm._spec import FLOAT_DTYPES
 from l2norm.conformance import numpy_dtype
+from l2norm.core.spec import FLOAT_DTYPES
 from l2norm.testing import assert_matches_reference
 from l2norm.testing.strategies import hostile_arrays, options
 

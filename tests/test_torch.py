@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import l2norm.torch as l2t
-from l2norm import EPS_MODES, _portable, conformance, reference
-from l2norm._spec import Spec
+from l2norm import EPS_MODES, conformance, reference
+from l2norm.core import portable as _portable
+from l2norm.core.spec import Spec
 from l2norm.testing.strategies import hostile_arrays, options
 from l2norm.torch import L2Norm, l2_normalize, lowering_for, use_lowering
 
@@ -394,7 +395,7 @@ def test_without_a_compiler_the_layer_warns_once_and_computes_with_ops(tmp_path)
 import warnings, numpy as np, torch
 import l2norm.torch as t
 from l2norm import reference
-from l2norm._spec import Spec
+from l2norm.core.spec import Spec
 x = torch.randn(2, 16, 4, 4)
 x[0, :, 0, 0] = 0
 with warnings.catch_warnings(record=True) as caught:
@@ -774,10 +775,10 @@ def test_cpu_kernel_with_a_broadcast_cotangent():
 
 
 def test_kernel_placement_codes_come_from_the_mode_table():
-    # The kernel is told each placement as (is_add, power, mean) from l2norm._modes, three
+    # The kernel is told each placement as (is_add, power, mean) from l2norm.core.modes, three
     # fields of its Params: a new mode of the same family needs no kernel change.
     from l2norm import _native
-    from l2norm._modes import MODES as TABLE
+    from l2norm.core.modes import MODES as TABLE
 
     fields = [name for name, _ in _native.Params._fields_]
     assert fields[fields.index("is_add") :][:3] == ["is_add", "power", "mean"]

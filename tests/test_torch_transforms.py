@@ -21,7 +21,7 @@ functional_call ensemble   a loop over the models (forward bitwise, gradients)
 torch.compile fullgraph    eager (bitwise for the kernel); no graph break, no
                            recompilation per image size (3 sizes), dynamic=True too
 torch.export dynamic dims  the reference at other batch / H / W, in the exported
-                           formula's bound (``l2norm._portable.forward_ulps``)
+                           formula's bound (``l2norm.core.portable.forward_ulps``)
 fx.symbolic_trace          eager, bitwise; the layer one node
 checkpoint                 eager gradients, bitwise
 zero-size inputs           empty results and gradients of the right shapes
@@ -42,8 +42,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from l2norm import _portable, conformance, reference
-from l2norm._spec import RMSSpec, Spec
+from l2norm import conformance, reference
+from l2norm.core import portable as _portable
+from l2norm.core.spec import RMSSpec, Spec
 from l2norm.torch import L2Norm, RMSNorm, l2_normalize, lowering_for, rms_norm, use_lowering
 
 #: The lowerings of the matrix: the default dispatch (the CPU kernel here), the ops.

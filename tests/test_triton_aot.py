@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import triton  # CI installs it with the torch extra: a missing triton fails here
 
-from l2norm._modes import get_mode
+from l2norm.core.modes import get_mode
 from l2norm.torch import _triton
 
 #: The architectures every configuration compiles for (compute capability x 10): sm_90

@@ -26,7 +26,7 @@ compiler works, the callers fall back to their framework's ops after one warning
 
 Examples:
     >>> from l2norm import _native
-    >>> from l2norm._modes import get_mode
+    >>> from l2norm.core.modes import get_mode
     >>> rms = get_mode("add_meansq")
     >>> p = _native.params((8, 512, 1444), _native.ScaleKind.PER_CHANNEL, rms, 1e-6, 2)
     >>> (p.shape.C, p.is_add, p.power, p.mean)
@@ -56,7 +56,7 @@ from l2norm._native import build as _build
 from l2norm._native.build import BuildError
 
 if TYPE_CHECKING:
-    from l2norm._modes import EpsMode
+    from l2norm.core.modes import EpsMode
 
 __all__ = [
     "ABI_VERSION",
@@ -135,7 +135,7 @@ def params(
     kernel reads it only, and so must its callers (shared between calls).
 
     Example:
-        >>> from l2norm._modes import get_mode
+        >>> from l2norm.core.modes import get_mode
         >>> params((2, 3, 4), ScaleKind.NONE, get_mode("clamp_norm"), 1e-12, 1).power
         1
     """
@@ -148,7 +148,7 @@ def xla_attributes(p: Params) -> dict[str, np.generic]:
     ``outer``, which the handler takes from the operand (``xla_ffi.cpp``, ReadCall).
 
     Example:
-        >>> from l2norm._modes import get_mode
+        >>> from l2norm.core.modes import get_mode
         >>> attributes = xla_attributes(params((0, 3, 4), 2, get_mode("add_meansq"), 1e-6, 1))
         >>> sorted(attributes)
         ['C', 'eps', 'inner', 'is_add', 'mean', 'power', 'scale', 'threads']

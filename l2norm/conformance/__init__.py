@@ -60,7 +60,6 @@ Examples:
     True
 """
 
-from l2norm._spec import EPS_MODES, FLOAT_DTYPES, PRESETS
 from l2norm.conformance._cases import (
     DEFAULT_CASE_IDS,
     FULL_LAYOUTS,
@@ -119,6 +118,7 @@ from l2norm.conformance._registry import (
     unregister,
 )
 from l2norm.conformance._runner import use_jax_compilation_cache
+from l2norm.core.spec import EPS_MODES, FLOAT_DTYPES, PRESETS
 
 __all__ = [
     "BATCH_SIZES",

@@ -15,9 +15,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from l2norm import _oracle
-from l2norm._modes import get_mode
-from l2norm._spec import EPS_MODES, FLOAT_DTYPES, PRESETS, Axes, Spec
+from l2norm.core import oracle as _oracle
+from l2norm.core.modes import get_mode
+from l2norm.core.spec import EPS_MODES, FLOAT_DTYPES, PRESETS, Axes, Spec
 
 #: (shape, axis, across_spatial): the layouts every option set is run on.
 LAYOUTS: tuple[tuple[tuple[int, ...], Any, bool], ...] = (
@@ -56,12 +56,12 @@ HOSTILE = {
 }
 
 #: What ``l2norm check`` runs by default: a fixed subset of :func:`cases`, one hostile and
-#: one random case per dtype (and one more hostile: RMSNorm's), that still meets every eps
-#: placement on hostile data (and again on random data, add_norm aside), every layout (the
-#: 2048-channel one included), every scale kind, a preset and a tiny eps. Fixed rather than
-#: sampled so that two runs compare; each case costs a compilation in the frameworks that
-#: compile per shape and option set, so it is small. The whole matrix is ``l2norm check
-#: --full`` and the test suite.
+#: one random case per dtype (and one more of each: RMSNorm's hostile one, add_norm's
+#: random one), that meets every eps placement on hostile data and again on random data,
+#: every layout (the 2048-channel one included), every scale kind, a preset and a tiny
+#: eps. Fixed rather than sampled so that two runs compare; each case costs a compilation
+#: in the frameworks that compile per shape and option set, so it is small. The whole
+#: matrix is ``l2norm check --full`` and the test suite.
 DEFAULT_CASE_IDS: tuple[str, ...] = (
     "1:preset=ssd.pytorch:per_channel:float16:hostile",  # add_norm, eps 1e-10
     "2:mode=add_sumsq:per_channel:bfloat16:hostile",
@@ -72,6 +72,7 @@ DEFAULT_CASE_IDS: tuple[str, ...] = (
     "6:mode=add_sumsq:per_channel:float32:random",
     "0:default:none:float64:random",  # clamp_norm, eps 1e-12
     "2:mode=add_meansq:per_channel:float32:hostile",  # RMSNorm over the channels, NHWC
+    "0:mode=add_norm:per_channel:float16:random",  # a batch of rows
 )
 
 #: The op a mean placement makes of the L2 op: RMSNorm (``d = sqrt(mean(x**2) + eps)``).

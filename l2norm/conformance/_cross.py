@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from l2norm._spec import Spec
 from l2norm.conformance._measures import forward_error, gradient_error, gradient_magnitudes
 from l2norm.conformance._registry import DEFAULT_FORWARD_ULPS, DEFAULT_GRAD_EPS
+from l2norm.core.spec import Spec
 
 if TYPE_CHECKING:
     from l2norm.conformance._registry import Backend

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from l2norm._spec import Spec
 from l2norm.conformance._measures import gradient_error, gradient_magnitudes
+from l2norm.core.spec import Spec
 
 if TYPE_CHECKING:
     from l2norm.conformance._registry import Backend

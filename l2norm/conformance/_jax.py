@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2norm._spec import Spec
 from l2norm.conformance._registry import Backend
+from l2norm.core.spec import Spec
 from l2norm.jax import l2_normalize, use_lowering
 
 _Run = Callable[..., tuple]

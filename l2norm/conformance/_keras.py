@@ -15,9 +15,9 @@ import sys
 
 import numpy as np
 
-from l2norm._preload import triton_before_tensorflow
-from l2norm._spec import FLOAT_DTYPES
 from l2norm.conformance._registry import Backend, BackendUnavailable
+from l2norm.core.spec import FLOAT_DTYPES
+from l2norm.tensorflow._preload import triton_before_tensorflow
 
 
 def _select(name: str, wanted: str) -> None:

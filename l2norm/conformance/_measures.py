@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 import ml_dtypes
 import numpy as np
 
-from l2norm import _oracle, reference
-from l2norm._spec import Spec
+from l2norm import reference
 from l2norm.conformance._cases import Case, numpy_dtype
+from l2norm.core import oracle as _oracle
+from l2norm.core.spec import Spec
 
 if TYPE_CHECKING:
     from l2norm.conformance._registry import Backend

@@ -1,4 +1,4 @@
-"""The ``jax-pallas`` backend: the Pallas kernels of :mod:`l2norm._pallas` (what JAX runs
+"""The ``jax-pallas`` backend: the Pallas kernels of :mod:`l2norm.jax._pallas` (what JAX runs
 on GPUs and TPUs) in Pallas' interpret mode on this machine's CPU.
 
 Forward and VJP are one jitted program per option set, shape, dtype and scale kind, as
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2norm import _pallas
-from l2norm._spec import Spec
 from l2norm.conformance._registry import Backend
+from l2norm.core.spec import Spec
+from l2norm.jax import _pallas
 
 #: The kernel interpreted by the backend (``"tpu"`` or ``"cuda"``).
 PLATFORM = "tpu"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from l2norm import reference
-from l2norm._spec import FLOAT_DTYPES, Spec
+from l2norm.core.spec import FLOAT_DTYPES, Spec
 
 Forward = Callable[[np.ndarray, "np.ndarray | None", dict], np.ndarray]
 Vjp = Callable[[np.ndarray, "np.ndarray | None", np.ndarray, dict], tuple]

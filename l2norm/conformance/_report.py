@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from l2norm._spec import FLOAT_DTYPES
 from l2norm.conformance._cases import L2_NORM, RMS_NORM, Case, op_of
 from l2norm.conformance._cross import (
     CROSS_OPTIONS,
@@ -24,6 +23,7 @@ from l2norm.conformance._cross import (
 from l2norm.conformance._invariance import InvarianceResult, check_batch_invariance
 from l2norm.conformance._measures import run_case
 from l2norm.conformance._registry import Backend, get_backend
+from l2norm.core.spec import FLOAT_DTYPES
 
 
 @dataclass

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from l2norm import conformance, reference
-from l2norm._spec import Spec
+from l2norm.core.spec import Spec
 
 __all__ = ["assert_matches_reference"]
 

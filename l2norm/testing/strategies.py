@@ -22,8 +22,8 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from l2norm._spec import EPS_MODES, FLOAT_DTYPES, PRESETS
 from l2norm.conformance import HOSTILE, numpy_dtype
+from l2norm.core.spec import EPS_MODES, FLOAT_DTYPES, PRESETS
 
 __all__ = ["dtypes", "hostile_arrays", "options", "shapes"]
 

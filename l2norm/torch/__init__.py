@@ -4,7 +4,7 @@ r"""PyTorch adapter: :class:`L2Norm` and :func:`l2_normalize`; :class:`RMSNorm` 
 The maths, the options and the rules for NaN, Inf, zeros and extreme magnitudes are those
 of :mod:`l2norm.reference`. How a call is computed (:mod:`l2norm.torch._dispatch`): the
 native CPU kernel for CPU calls it applies to (built once on first use), plain torch ops
-on the branch-free ladder of :mod:`l2norm._ladder` everywhere else (CUDA without Triton,
+on the branch-free ladder of :mod:`l2norm.core.ladder` everywhere else (CUDA without Triton,
 float64, several normalized axes, double backward), and plain aten ops of the max-scaled
 formula (:mod:`l2norm.torch._export`) for ``torch.jit.trace``, ``torch.export`` and ONNX.
 The kernels are registered ops (:mod:`l2norm.torch._function`) on every path, eager

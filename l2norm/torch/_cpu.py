@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from l2norm import _native
-from l2norm._modes import EpsMode
+from l2norm.core.modes import EpsMode
 from l2norm.torch._layout import KERNEL_DTYPES, Layout, dense_layout
 
 __all__ = [

@@ -11,7 +11,7 @@ route:
   same dtypes and layouts, the same arithmetic (sums in float64); a registered op too.
   Without a GPU it runs on CPU tensors in Triton's interpreter when forced (tests).
 * ``ops`` (:mod:`l2norm.torch._ops`): plain torch ops on the ladder of
-  :mod:`l2norm._ladder`, any device, dtype, axes and layout; what double backward
+  :mod:`l2norm.core.ladder`, any device, dtype, axes and layout; what double backward
   differentiates, and the fallback wherever no kernel applies (float64, several axes,
   strided views, no compiler, no Triton).
 * ``traced``: :func:`l2norm.torch._export.forward`, the max-scaled formula in plain aten
@@ -33,9 +33,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from l2norm import _lowering
-from l2norm._modes import EpsMode, get_mode
-from l2norm._spec import Axes, Spec
+from l2norm.core import lowering as _lowering
+from l2norm.core.modes import EpsMode, get_mode
+from l2norm.core.spec import Axes, Spec
 from l2norm.torch import _cpu, _triton
 from l2norm.torch._layout import Layout
 

@@ -2,7 +2,7 @@
 
 ``torch.jit.trace``, ``torch.export`` and both ONNX exporters record the operations a
 call runs; a kernel or an ``autograd.Function`` is not something a deployment runtime
-can run. :func:`forward` computes the max-scaled formula of :mod:`l2norm._portable`
+can run. :func:`forward` computes the max-scaled formula of :mod:`l2norm.core.portable`
 (overflow-safe in every dtype, half precision in float32) with no Python branch on
 values, no read back to the host and no shape arithmetic (so ``torch.export`` keeps
 batch / H / W dynamic), and autograd differentiates it (finite at all-zero slices).
@@ -10,7 +10,7 @@ batch / H / W dynamic), and autograd differentiates it (finite at all-zero slice
 Exported to ONNX it is 14 to 16 standard operators by the eps placement (``Abs``,
 ``ReduceMax``, ``Clip``, ``Equal``, ``Sign``, ``Div``, ``Where``, ``Mul``, ``ReduceSum``,
 ``Sqrt``, ``Reciprocal``, and ``Add`` or ``Greater`` + ``Where``), one ``Mul`` more for a
-scale and two ``Cast`` for half precision, within :func:`l2norm._portable.forward_ulps`
+scale and two ``Cast`` for half precision, within :func:`l2norm.core.portable.forward_ulps`
 of the reference.
 """
 
@@ -22,8 +22,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from l2norm import _portable
-from l2norm._modes import get_mode
+from l2norm.core import portable as _portable
+from l2norm.core.modes import get_mode
 
 __all__ = ["forward"]
 
@@ -31,7 +31,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 class _Namespace:
-    """The array namespace of :func:`l2norm._portable.normalized` in torch."""
+    """The array namespace of :func:`l2norm.core.portable.normalized` in torch."""
 
     abs = staticmethod(torch.abs)
     where = staticmethod(torch.where)
@@ -61,7 +61,7 @@ def forward(
         weight: None, or a validated scale of one element or one per entry of ``x``'s
             ``channel`` axis (any float dtype; applied in the working precision).
         norm: the normalized axes; ``channel`` the axis the scale runs along.
-        eps_mode, eps: the eps placement (:mod:`l2norm._modes`).
+        eps_mode, eps: the eps placement (:mod:`l2norm.core.modes`).
 
     Returns:
         A tensor of ``x``'s shape and dtype.

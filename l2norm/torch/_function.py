@@ -39,8 +39,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from l2norm._modes import get_mode
-from l2norm._spec import Spec
+from l2norm.core.modes import get_mode
+from l2norm.core.spec import Spec
 from l2norm.torch import _cpu, _ops, _triton
 from l2norm.torch._dispatch import Plan, choose
 from l2norm.torch._export import forward as exported_forward

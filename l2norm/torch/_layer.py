@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from l2norm._spec import Axes, Spec, check_scale_shape, scale_init_values
+from l2norm.core.spec import Axes, Spec, check_scale_shape, scale_init_values
 from l2norm.torch._dispatch import Plan, choose
 from l2norm.torch._function import apply
 

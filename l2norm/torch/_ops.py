@@ -1,9 +1,9 @@
-"""The pure-torch lowering: the hooks of the one ladder driver (:mod:`l2norm._driver`) in
+"""The pure-torch lowering: the hooks of the one ladder driver (:mod:`l2norm.core.driver`) in
 plain, differentiable ops.
 
 Accumulates in float64 where the device has it (every float32 or half square is exact
 there), elsewhere (MPS) in float32; float64 data in a pair
-(:func:`l2norm._faithful.refined_pair`). The forward returns the per-slice sums for the
+(:func:`l2norm.core.faithful.refined_pair`). The forward returns the per-slice sums for the
 backward, and every op is differentiable without ``0 * Inf``, so the same functions serve
 ``torch.compile``, double backward and the traced forms (``torch.jit.trace``,
 ``torch.export``, ONNX), differentiated by autograd: those (``differentiable=True``) use
@@ -15,8 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from l2norm import _driver, _faithful, _ladder
-from l2norm._compensated import Pair
+from l2norm.core import driver as _driver
+from l2norm.core import faithful as _faithful
+from l2norm.core import ladder as _ladder
+from l2norm.core.pairs import Pair
 from l2norm.torch._dispatch import Plan
 
 __all__ = ["accumulator", "forward", "vjp", "weight_view"]

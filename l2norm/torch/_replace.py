@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from l2norm._spec import PRESETS
+from l2norm.core.spec import PRESETS
 from l2norm.torch._layer import L2Norm
 from l2norm.torch._peer_layers import DEFAULT_SCALE, L2NormSSDFeatureExtractorVGG, layer_sharing
 

@@ -1,7 +1,7 @@
 """RMSNorm for PyTorch: :func:`rms_norm` and :class:`RMSNorm`, the L2 op of
 :mod:`l2norm.torch._layer` with the mean placement (``eps_mode="add_meansq"``).
 
-The options and the peers' conventions (presets) are :class:`l2norm._spec.RMSSpec`'s; this
+The options and the peers' conventions (presets) are :class:`l2norm.core.spec.RMSSpec`'s; this
 module gives them torch's arrays and the layer its parameter.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from l2norm._spec import ArrayOps, RMSSpec
+from l2norm.core.spec import ArrayOps, RMSSpec
 from l2norm.torch._layer import _apply, _check_layer_args
 
 __all__ = ["RMSNorm", "rms_norm"]

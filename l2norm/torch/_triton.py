@@ -6,7 +6,7 @@ per-channel sums per program, summed in a fixed order afterwards). No value is r
 to the host and no second launch handles special slices, so the lowering runs inside CUDA
 graphs and under ``torch.cuda.set_sync_debug_mode("error")``. The kernels
 (:mod:`l2norm.torch._triton_kernels`) compute each entry in float32 (compensated sums,
-float64 once per slice, the per-mode terms of :mod:`l2norm._modes`): within 1 ULP like
+float64 once per slice, the per-mode terms of :mod:`l2norm.core.modes`): within 1 ULP like
 the CPU kernel, not always its bits.
 
 Triton is an optional dependency (the ``torch`` extra brings it on Linux; CUDA builds of
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from l2norm._modes import EpsMode
+from l2norm.core.modes import EpsMode
 from l2norm.torch._layout import Layout, dense_layout
 
 __all__ = ["available", "backward", "forward", "layout", "require"]

@@ -10,7 +10,7 @@ later passes from cache, each pass adding entry by entry in registers and reduci
 across threads once.
 
 Every operation on an entry is a float32 operation; float64 appears once per slice (the
-eps placement of :mod:`l2norm._modes`, given as ``IS_ADD`` / ``POWER`` / ``MEAN``, with
+eps placement of :mod:`l2norm.core.modes`, given as ``IS_ADD`` / ``POWER`` / ``MEAN``, with
 reciprocal square roots refined by a Newton step). A mean placement (``sqrt(n**2 / N +
 eps)``, ``N`` the slice size C) is the sum's in other units, ``sqrt(n**2 + N eps) /
 sqrt(N)``: the launcher stores ``N eps`` and ``sqrt(N)`` in float64 (``sqrt(N)`` is
@@ -258,7 +258,7 @@ def _rsqrt(a):
 @triton.jit
 def _slice_terms(n2, eps, root, IS_ADD: tl.constexpr, POWER: tl.constexpr):
     """``(1 / d, r / n**2, Inf slice)`` per slice in float64, with ``r = n d'(n) / d(n)``:
-    :class:`l2norm._modes.EpsMode`'s ``denominator`` and ``ratio`` (the CPU kernel's
+    :class:`l2norm.core.modes.EpsMode`'s ``denominator`` and ``ratio`` (the CPU kernel's
     ``slice_terms``), written with reciprocal square roots only. ``eps`` and ``root`` as
     :func:`_placement` reads them (a mean: ``N eps`` and ``sqrt(N)``, ``1 / d`` times
     ``root``, ``r / n**2`` as for the sum)."""

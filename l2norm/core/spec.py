@@ -7,7 +7,7 @@ input, so they live here too, as small functions each adapter calls with plain
 Python values (:meth:`Spec.resolve`, :func:`check_scale_shape`, :func:`check_float_dtype`).
 
 ``y = scale * x / d(n)`` with ``n = ||x||`` over the normalized axes and ``d`` the
-denominator chosen by ``eps_mode``: the table of placements is :mod:`l2norm._modes`.
+denominator chosen by ``eps_mode``: the table of placements is :mod:`l2norm.core.modes`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from l2norm._modes import MODES
+from l2norm.core.modes import MODES
 
 __all__ = [
     "DEFAULT_EPS",
@@ -43,7 +43,7 @@ __all__ = [
     "promote_float",
 ]
 
-#: The eps placements, from the table in :mod:`l2norm._modes` (the one place they live).
+#: The eps placements, from the table in :mod:`l2norm.core.modes` (the one place they live).
 EPS_MODES: tuple[str, ...] = tuple(MODES)
 
 # clamp_norm with eps=1e-12 is what torch.nn.functional.normalize and Keras 3 compute:

@@ -1,10 +1,10 @@
-r"""The TensorFlow lowering of :mod:`l2norm.keras`: the ladder of :mod:`l2norm._ladder` in
+r"""The TensorFlow lowering of :mod:`l2norm.keras`: the ladder of :mod:`l2norm.core.ladder` in
 TensorFlow ops, compiled with XLA, with the exact gradient attached by
 ``tf.custom_gradient``.
 
 Keras delegates to :mod:`l2norm.jax` and :mod:`l2norm.torch` on those backends;
 TensorFlow has no adapter of its own, so this module is it: the hooks of the one ladder
-driver (:mod:`l2norm._driver`) in TensorFlow ops, the forward and the backward each one
+driver (:mod:`l2norm.core.driver`) in TensorFlow ops, the forward and the backward each one
 XLA program, the rungs' sums and the count of infinities one multi-output reduction in
 stages of 8 terms (:func:`sum_plan`); the slice factors are the backward's residuals.
 
@@ -14,7 +14,7 @@ depend on the rest of the batch, and the same code runs eagerly, inside ``tf.fun
 graphs (``model.fit``) and inside an outer ``jit_compile=True`` function.
 
 float16 and bfloat16 inputs are summed in float32, float32 and float64 in float64 (every
-float32 square is exact there); float64 in a pair (:func:`l2norm._faithful.refined_pair`).
+float32 square is exact there); float64 in a pair (:func:`l2norm.core.faithful.refined_pair`).
 The output has the input's dtype, the scale's gradient the scale's dtype.
 
 TensorFlow's and XLA's CPU kernels read subnormal operands as zero, so the ladder's top
@@ -28,7 +28,7 @@ import functools
 import math
 from typing import Any
 
-from l2norm import _preload  # noqa: F401  (before TensorFlow: see there)
+from l2norm.tensorflow import _preload  # noqa: F401  (before TensorFlow: see there)
 
 # isort: split
 import tensorflow as tf
@@ -42,10 +42,12 @@ except ImportError:  # pragma: no cover - a TensorFlow without them: plain reduc
 from tensorflow.python.eager import record as _record
 from tensorflow.python.ops import control_flow_util as _control_flow
 
-from l2norm import _driver, _ladder, _portable
-from l2norm._ladder import FORMATS, Ladder, SliceFactors
-from l2norm._modes import get_mode
-from l2norm._spec import Axes, Spec
+from l2norm.core import driver as _driver
+from l2norm.core import ladder as _ladder
+from l2norm.core import portable as _portable
+from l2norm.core.ladder import FORMATS, Ladder, SliceFactors
+from l2norm.core.modes import get_mode
+from l2norm.core.spec import Axes, Spec
 
 __all__ = ["normalize", "exact_upscale", "exporting", "portable"]
 
@@ -55,7 +57,7 @@ UNKNOWN_SIZE = 2**31 - 1
 
 
 class _TFNamespace:
-    """The array namespace :mod:`l2norm._ladder` and :mod:`l2norm._modes` compute with:
+    """The array namespace :mod:`l2norm.core.ladder` and :mod:`l2norm.core.modes` compute with:
     NumPy's names for TensorFlow's ops."""
 
     sqrt = staticmethod(tf.sqrt)
@@ -86,7 +88,7 @@ XP = _TFNamespace()
 _INT_OF = {tf.float32: tf.int32, tf.float64: tf.int64}
 
 
-#: How TensorFlow reads and writes a float's bits (:class:`l2norm._driver.Bits`).
+#: How TensorFlow reads and writes a float's bits (:class:`l2norm.core.driver.Bits`).
 _BITS = _driver.Bits(
     lambda v: (tf.bitcast(v, _INT_OF[v.dtype]), FORMATS[v.dtype.name]),
     lambda bits, like: tf.bitcast(bits, like.dtype),
@@ -96,7 +98,7 @@ _BITS = _driver.Bits(
 
 def exact_upscale(x: tf.Tensor, shift: int) -> tf.Tensor:
     """``x * 2**shift``, exact also where ``x`` is subnormal and ``shift > 0``
-    (:func:`l2norm._driver.exact_upscale`: TensorFlow's CPU kernels flush subnormals).
+    (:func:`l2norm.core.driver.exact_upscale`: TensorFlow's CPU kernels flush subnormals).
 
     Example:
         >>> import numpy as np
@@ -219,7 +221,7 @@ def staged_sums(terms: list[tf.Tensor], plan: Plan) -> list[tf.Tensor]:
     return terms
 
 
-#: float64 data: the chosen rung summed again as a pair (l2norm._faithful.refined_pair).
+#: float64 data: the chosen rung summed again as a pair (l2norm.core.faithful.refined_pair).
 _PAIRS = _driver.bit_pairs(_BITS)
 _split = _PAIRS.split  # the split alone (tests/test_compensated.py)
 
@@ -328,13 +330,13 @@ def exporting() -> bool:
 
 
 def portable(x: tf.Tensor, scale: tf.Tensor | None, spec: Spec, axes: Axes) -> tf.Tensor:
-    """The exported formula (:mod:`l2norm._portable`) in TensorFlow ops that the TFLite
+    """The exported formula (:mod:`l2norm.core.portable`) in TensorFlow ops that the TFLite
     converter maps to builtin operators (``ABS``, ``REDUCE_MAX``, ``MAXIMUM``, ``EQUAL``,
     ``SIGN``, ``DIV``, ``SELECT_V2``, ``MUL``, ``SUM``, ``SQRT``, ``ADD`` or ``GREATER``,
     and ``CAST`` for half precision); differentiated, if at all, by TensorFlow's autodiff.
 
     Example:
-        >>> from l2norm._spec import Spec
+        >>> from l2norm.core.spec import Spec
         >>> spec = Spec.create(axis=-1)
         >>> x = tf.constant([[3e38, 2e38], [0.0, 0.0]])  # the sum of squares overflows
         >>> portable(x, None, spec, spec.resolve(2)).numpy().round(4)
@@ -370,7 +372,7 @@ def normalize(x: tf.Tensor, scale: tf.Tensor | None, spec: Spec, axes: Axes) -> 
     under mixed precision). Works eagerly and in ``tf.function`` graphs.
 
     Example:
-        >>> from l2norm._spec import Spec
+        >>> from l2norm.core.spec import Spec
         >>> spec = Spec.create(axis=-1)
         >>> x = tf.constant([[3.0, 4.0], [0.0, 0.0]])
         >>> normalize(x, tf.constant([20.0, 10.0]), spec, spec.resolve(2)).numpy()

@@ -1,4 +1,4 @@
-"""The one forward / VJP driver of the ladder (:mod:`l2norm._ladder`), for every framework.
+"""The one forward / VJP driver of the ladder (:mod:`l2norm.core.ladder`), for every framework.
 
 Sum the rungs, choose a rung per slice, sum it again as a pair where the data is as wide
 as the accumulator, write ``y``; backward: ``xhat``, ``sigma = scale * g``, the input
@@ -9,7 +9,7 @@ framework supplies :class:`Hooks` only: its array namespace and reductions, an e
 
 Example (NumPy as the framework):
     >>> import numpy as np
-    >>> from l2norm import _ladder
+    >>> from l2norm.core import ladder as _ladder
     >>> x = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32).astype(np.float64)
     >>> sum_ = lambda v: v.sum(-1, keepdims=True)
     >>> hooks = Hooks(np, "float64", sum_, lambda a, b: (sum_(a), sum_(b)), np.sum)
@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from l2norm import _faithful, _ladder
-from l2norm._compensated import Pair
-from l2norm._ladder import FORMATS, FloatFormat, Ladder, SliceFactors, Upscale
+from l2norm.core import faithful as _faithful
+from l2norm.core import ladder as _ladder
+from l2norm.core.ladder import FORMATS, FloatFormat, Ladder, SliceFactors, Upscale
+from l2norm.core.pairs import Pair
 
 __all__ = ["Bits", "Forward", "Hooks", "bit_pairs", "exact_upscale", "factors", "forward"]
 __all__ += ["output", "saturate", "sums", "vjp"]
@@ -45,14 +46,14 @@ class Bits:
 
 
 def bit_pairs(bits: Bits) -> _faithful.PairSums:
-    """The hooks of :func:`l2norm._faithful.refined_pair` from a framework's bit access:
+    """The hooks of :func:`l2norm.core.faithful.refined_pair` from a framework's bit access:
     Dekker's split (the significand rounded at its middle bit, half away from zero, so
     that products of halves are exact) and the power of two at or below a positive
     normal value (its exponent bits).
 
     Example:
         >>> import numpy as np
-        >>> from l2norm._ladder import FORMATS
+        >>> from l2norm.core.ladder import FORMATS
         >>> np_bits = Bits(lambda v: (v.view(np.int64), FORMATS["float64"]),
         ...                lambda b, like: b.view(like.dtype), None)
         >>> split, floor = bit_pairs(np_bits)
@@ -131,7 +132,7 @@ class Hooks:
             the accumulator and the result is not to be differentiated by autodiff, else
             None (plain sums).
         sums: the rungs' sums and the count of infinities of ``x`` in one pass, where the
-            framework sums several terms together; default: :func:`l2norm._ladder.sums`
+            framework sums several terms together; default: :func:`l2norm.core.ladder.sums`
             with ``reduce``.
         stop_gradient: where autodiff runs through the pairs (JAX's higher orders): the
             pair is then differentiated as the plain sum.
@@ -193,7 +194,7 @@ def factors(
     h: Hooks, x: Any, ladder: Ladder, rung_sums: list[Any], n_inf: Any, pair: Pair | None = None
 ) -> tuple[SliceFactors, Pair | None]:
     """The slice factors; with ``h.pairs``, from the chosen rung summed again as a pair
-    (:func:`l2norm._faithful.refined_pair`, a second pass over ``x``), or from ``pair``
+    (:func:`l2norm.core.faithful.refined_pair`, a second pass over ``x``), or from ``pair``
     where a forward saved it."""
     xp = h.xp
     chosen = _ladder.choose_rung(xp, ladder, rung_sums)
@@ -222,7 +223,7 @@ def forward(h: Hooks, x: Any, scale: Any, ladder: Ladder) -> Forward:
 def output(h: Hooks, x: Any, scale: Any, f: SliceFactors, ladder: Ladder) -> Any:
     """``y = scale * x / d`` from the slice factors, the power of two on the side that
     keeps it in range, Inf slices at their limit direction; each output rounded once
-    from pair factors (:func:`l2norm._faithful.faithful_output`)."""
+    from pair factors (:func:`l2norm.core.faithful.faithful_output`)."""
     xp = h.xp
     xin, infinite = _ladder.rung_input(xp, x, f.pre, f.top, ladder, h.upscale, h.infinite)
     limit = xp.sign(x) * f.rinf
@@ -249,7 +250,7 @@ def vjp(
 ) -> tuple[Any, Any]:
     """``(dx, dscale)`` in the accumulator dtype (``dscale`` None without a scale) for the
     cotangent ``g``: ``dx = (sigma - r <sigma, xhat> xhat) / d`` with ``sigma = scale g``
-    (:func:`l2norm._ladder.input_grad`) saturated to the ``data`` dtype (:func:`saturate`),
+    (:func:`l2norm.core.ladder.input_grad`) saturated to the ``data`` dtype (:func:`saturate`),
     ``dscale = sum g u`` with ``u = xhat n / d``: bounded terms, no ``1 / d`` blow-up."""
     xp = h.xp
     xhat = _ladder.direction(xp, x, f, ladder, h.upscale)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from l2norm._spec import Spec, check_float_dtype, scale_init_values
+from l2norm.core.spec import Spec, check_float_dtype, scale_init_values
 from l2norm.jax import normalize
 
 __all__ = ["layer_apply", "layer_check_dtype", "layer_initial_scale", "layer_scale_shape"]

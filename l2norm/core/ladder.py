@@ -20,13 +20,13 @@ mantissa bits + 8. Where the accumulator is wide enough for every square of the 
 ``s = 0``, and the scheme is the plain sum of squares.
 
 Per slice the chosen rung gives ``d`` in its units (``d_s = d 2**s``, eps scaled along,
-:meth:`~l2norm._modes.EpsMode.scaled_eps`), and the full-size passes are
+:meth:`~l2norm.core.modes.EpsMode.scaled_eps`), and the full-size passes are
 
 * forward ``u = x / d = ((x 2**s) / d_s)`` with the power of two applied before the
   division for ``s > 0`` and after it for ``s < 0`` (so no intermediate leaves the range),
   then ``y = scale * u``;
 * backward ``dx = ((sigma - c <sigma, u> u) / d_s) 2**s`` with ``sigma = scale * g`` and
-  ``c`` the coupling of :mod:`l2norm._modes`; ``dscale = sum g u``.
+  ``c`` the coupling of :mod:`l2norm.core.modes`; ``dscale = sum g u``.
 
 NaN and Inf need no branch either: a NaN reaches every rung (NaN slice, NaN out); a slice
 holding ±Inf (and no NaN) overflows every rung and has a non-zero count of infinities,
@@ -40,12 +40,12 @@ slices made of subnormals), and torch multiplies by a tensor constant (see
 :func:`choose_rung` on the TorchScript tracer).
 
 Where the accumulator is the data's own dtype (float64 everywhere, float32 in JAX), a
-plain sum, square root and division leave up to 3 ULP; :mod:`l2norm._faithful` then sums
+plain sum, square root and division leave up to 3 ULP; :mod:`l2norm.core.faithful` then sums
 the chosen rung again as a double-word pair, from which :func:`factors` computes in
 double-word arithmetic, and rounds each output once.
 
 This module is framework-free: it takes an array namespace ``xp`` (NumPy, torch,
-jax.numpy, TensorFlow) and the lowering's own reduction; :mod:`l2norm._modes` supplies
+jax.numpy, TensorFlow) and the lowering's own reduction; :mod:`l2norm.core.modes` supplies
 the per-placement formulas.
 """
 
@@ -57,8 +57,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from l2norm._compensated import Pair, pair_slice_terms
-from l2norm._modes import EpsMode, get_mode
+from l2norm.core.modes import EpsMode, get_mode
+from l2norm.core.pairs import Pair, pair_slice_terms
 
 __all__ = ["FORMATS", "Chosen", "FloatFormat", "Ladder", "SliceFactors", "make_ladder"]
 
@@ -194,7 +194,7 @@ class SliceFactors(NamedTuple):
 
     inv_d: Any  # 1 / d in the chosen rung's units; 0 in Inf slices, NaN in NaN slices
     inv_n: Any  # 1 / n in the same units; 0 where n = 0 and in Inf slices
-    r: Any  # n d'(n) / d(n) (l2norm._modes), 0 in Inf slices
+    r: Any  # n d'(n) / d(n) (l2norm.core.modes), 0 in Inf slices
     ratio: Any  # n / d: u = ratio * xhat; 1 in Inf slices (the limit)
     rinf: Any  # 1 / sqrt(number of infinities), for the Inf slices' infinite entries
     pre: Any  # 2**s for s > 0, else 1
@@ -237,7 +237,7 @@ def _infinite(xp: Any, x: Any) -> Any:
 
 class Chosen(NamedTuple):
     """Each slice's rung (slice-shaped, in the accumulator dtype): its sum of squares (a
-    :class:`~l2norm._compensated.Pair` after :func:`l2norm._faithful.refined_pair`), eps
+    :class:`~l2norm.core.pairs.Pair` after :func:`l2norm.core.faithful.refined_pair`), eps
     in its units, ``2**s`` split in ``pre`` / ``post``, ``2**s``, and 1 on the top rung."""
 
     sumsq: Any
@@ -285,7 +285,7 @@ def choose_rung(xp: Any, ladder: Ladder, rung_sums: list[Any]) -> Chosen:
 def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) -> SliceFactors:
     """The factors of the full-size passes from each slice's rung; ``bottom`` is the
     bottom rung's plain sum (NaN exactly in NaN slices). With a pair sum
-    (:func:`l2norm._faithful.refined_pair`) they are computed in double-word arithmetic
+    (:func:`l2norm.core.faithful.refined_pair`) they are computed in double-word arithmetic
     and carry the low word of ``1 / d``."""
     mode = ladder.mode
     ones, zeros = xp.ones_like(bottom), xp.zeros_like(bottom)

@@ -9,7 +9,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from l2norm._spec import Spec
+from l2norm.core.spec import Spec
 
 __all__ = ["L2NormParams"]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from l2norm._params import _BFLOAT16, L2NormParams, _as_numpy, _check_stored, _from_spec
+from l2norm.interop.params import _BFLOAT16, L2NormParams, _as_numpy, _check_stored, _from_spec
 
 __all__ = [
     "from_keras",

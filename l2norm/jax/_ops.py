@@ -1,15 +1,6 @@
-r"""L2 normalization for plain JAX: :func:`l2_normalize` with an exact custom gradient.
+"""The ladder in ``jax.numpy``: the JAX plug-in's hooks for :mod:`l2norm.core.driver`.
 
-The Flax layers (:mod:`l2norm.nnx`, :mod:`l2norm.linen`) are thin wrappers over this
-module; optax or Equinox code can call :func:`l2_normalize` directly.
-
-The maths is the reference's (:mod:`l2norm.reference`): ``y = scale * x / d(||x||)``
-with ``d`` set by ``eps_mode``, and the backward pass is the formula in that module's
-docstring. The op is a set of JAX primitives (:mod:`l2norm._jax_kernel`: forward, its
-tangent and its VJP, with batching, transposition and sharding rules), lowered by the
-native CPU kernel or by the ladder below.
-
-How it is computed: one program with no branch, the ladder of :mod:`l2norm._ladder`.
+How it is computed: one program with no branch, the ladder of :mod:`l2norm.core.ladder`.
 Each slice's squares are summed at a few fixed power-of-two scales (float32 data: three,
 e.g. ``2**106``, ``1`` and ``2**-70`` for 512 channels; float16 data: one, the plain
 sum) and its infinities counted; per slice the most finely scaled sum that stayed finite
@@ -29,8 +20,8 @@ them, which would make XLA write it out in full.
 float16, bfloat16 and float32 are computed in float32 and float64 in float64, whatever
 ``jax_enable_x64`` says. float32 and float64 data, summed in their own dtype, have the
 chosen rung summed again as a double-word pair (a second pass:
-:func:`l2norm._faithful.refined_pair`, two plain sums) and each output is rounded once from
-pair factors (:func:`l2norm._faithful.faithful_output`): within 1 ULP of the exact result.
+:func:`l2norm.core.faithful.refined_pair`, two plain sums) and each output is rounded once from
+pair factors (:func:`l2norm.core.faithful.faithful_output`): within 1 ULP of the exact result.
 
 XLA on CPU runs with flush-to-zero and denormals-are-zero: every float operation reads
 a subnormal input as 0. The elementwise passes read the top rung's slices from the bits
@@ -47,179 +38,15 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from l2norm import _driver, _jax_kernel, _ladder
-from l2norm import _jax_bits as _bits
-from l2norm._jax_kernel import LOWERINGS, use_lowering
-from l2norm._ladder import FORMATS, Ladder
-from l2norm._spec import (
-    ArrayOps,
-    Axes,
-    RMSSpec,
-    Spec,
-    check_float_dtype,
-    check_scale_shape,
-)
+from l2norm.core import driver as _driver
+from l2norm.core import ladder as _ladder
+from l2norm.core.ladder import FORMATS, Ladder
+from l2norm.core.spec import Axes
+from l2norm.jax import _bits
 
-__all__ = ["LOWERINGS", "l2_normalize", "lowering_for", "normalize", "rms_norm", "use_lowering"]
-
-
-def l2_normalize(
-    x: Any,
-    scale: Any = None,
-    *,
-    axis: int | tuple[int, ...] = -1,
-    across_spatial: bool = False,
-    eps: float | None = None,
-    eps_mode: str | None = None,
-    preset: str | None = None,
-) -> jax.Array:
-    """L2-normalize ``x`` along ``axis`` and multiply by ``scale`` (ParseNet / SSD).
-
-    Works under ``jit``, ``vmap`` (any ``in_axes``, nested), ``grad``, ``jvp``,
-    ``jacfwd`` / ``jacrev`` / ``hessian`` (any order), ``jax.checkpoint``, ``scan`` and
-    sharded ``jit`` (a sharded batch stays sharded); the gradient is exact and finite
-    for every finite input. The program has no branch:
-    each slice's result depends on that slice alone.
-
-    Args:
-        x: float16, bfloat16, float32 or float64 array, rank >= 1. float16 and bfloat16
-            are computed in float32; the result has ``x``'s dtype.
-        scale: None; a scalar or shape ``(1,)`` array (one shared value); or one value
-            per channel of the channel axis. No other shape is broadcast.
-        axis: the normalized axis, or a tuple of axes whose first entry is the channel
-            axis the scale runs along.
-        across_spatial: normalize over every axis but the first (one norm per sample,
-            Caffe's ``across_spatial``); ``axis`` then names the channel axis only.
-        eps: positive finite epsilon; default ``1e-12`` (or the preset's).
-        eps_mode: ``"add_sumsq"``, ``"add_norm"``, ``"clamp_sumsq"`` or
-            ``"clamp_norm"`` (default, as ``torch.nn.functional.normalize``).
-        preset: ``"caffe"``, ``"ssd.pytorch"``, ``"mmdet"``, ``"torchvision"``,
-            ``"tensorflow"``, ``"ssd_keras"`` or ``"keras"``: that peer's eps placement.
-
-    Returns:
-        An array of ``x``'s shape and dtype.
-
-    Raises:
-        TypeError / ValueError: at trace time, naming the value received (a non-float
-            input, an axis out of range, a scale whose length is not the channel count).
-
-    Example:
-        >>> import jax, jax.numpy as jnp
-        >>> from l2norm.jax import l2_normalize
-        >>> x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
-        >>> l2_normalize(x, jnp.array([20.0, 10.0]))
-        Array([[12.,  8.],
-               [ 0.,  0.]], dtype=float32)
-        >>> jax.grad(lambda x: l2_normalize(x, eps_mode="add_norm").sum())(x)[1]
-        Array([1.e+12, 1.e+12], dtype=float32)
-    """
-    spec = Spec.create(
-        axis=axis, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
-    )
-    return normalize(x, scale, spec)
-
-
-def rms_norm(
-    x: Any,
-    scale: Any = None,
-    *,
-    axis: int | tuple[int, ...] = -1,
-    eps: float | None = None,
-    preset: str | None = None,
-) -> jax.Array:
-    """RMSNorm: ``y = scale * x / sqrt(mean(x**2) + eps)`` over ``axis``.
-
-    :func:`l2_normalize` with ``eps_mode="add_meansq"``, so with its guarantees and
-    transformations; the options and the presets are :func:`l2norm.rms_norm`'s (eps
-    default 1e-6; ``preset`` one of ``"torch"``, ``"keras"``, ``"flax"``, ``"llama"``,
-    ``"gemma"``, ``"t5"``).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from l2norm.jax import rms_norm
-        >>> rms_norm(jnp.array([[1.0, -1.0], [0.0, 0.0]]), jnp.array([2.0, 3.0]), eps=1e-30)
-        Array([[ 2., -3.],
-               [ 0.,  0.]], dtype=float32)
-    """
-    x = jnp.asarray(x)
-    scale = None if scale is None else jnp.asarray(scale)
-    return RMSSpec.create(axis=axis, eps=eps, preset=preset).apply(x, scale, JAX_OPS)
-
-
-#: jax.numpy's arrays for :meth:`l2norm._spec.RMSSpec.apply`.
-JAX_OPS = ArrayOps(
-    normalize=lambda x, scale, spec: normalize(x, scale, spec),
-    cast=lambda t, name: t.astype(name),
-    dtype=lambda t: jnp.dtype(t.dtype).name,
-    multiply=jnp.multiply,
-    reshape=jnp.reshape,
-)
-
-
-def lowering_for(x: Any, *, axis: int | tuple[int, ...] = -1, across_spatial: bool = False) -> str:
-    """Which lowering :func:`l2_normalize` takes for ``x`` here and now: ``"cpu-kernel"``
-    (the native kernel, as XLA custom calls), ``"pallas"`` (the Pallas kernels) or
-    ``"ops"`` (the ladder in ``jax.numpy``).
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from l2norm.jax import lowering_for, use_lowering
-        >>> with use_lowering("ops"):
-        ...     lowering_for(jnp.ones((2, 8)))
-        'ops'
-    """
-    spec = Spec.create(axis=axis, across_spatial=across_spatial)
-    dtype = jnp.dtype(jnp.asarray(x).dtype).name
-    axes = spec.resolve(jnp.ndim(x))
-    return _jax_kernel.choose(dtype, axes, math.prod(jnp.shape(x)[a] for a in axes.norm))
-
-
-def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
-    """:func:`l2_normalize` from an already validated :class:`~l2norm._spec.Spec`.
-
-    The Flax layers build their spec once and call this.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from l2norm._spec import Spec
-        >>> normalize(jnp.array([[0.0, 1e-45]]), None, Spec.create(eps=1e-50))  # subnormals
-        Array([[0., 1.]], dtype=float32)
-    """
-    x = jnp.asarray(x)
-    dtype = jnp.dtype(x.dtype).name
-    check_float_dtype(dtype, what="x")
-    axes = spec.resolve(x.ndim)
-    # The accumulator follows the data, never jax_enable_x64.
-    acc = "float64" if dtype == "float64" else "float32"
-    if scale is None:
-        kind, s = 0, jnp.ones((1,), acc)
-    else:
-        scale = jnp.asarray(scale)
-        if not jnp.issubdtype(scale.dtype, jnp.floating) and not jnp.issubdtype(
-            scale.dtype, jnp.integer
-        ):
-            raise TypeError(f"scale must hold real numbers, got dtype {scale.dtype}")
-        check_scale_shape(scale.shape, x.shape[axes.channel], axes)
-        kind, s = (1 if scale.size == 1 else 2), scale.astype(acc).reshape(-1)
-    if x.size == 0:  # nothing to normalize: an empty result (and a zero scale gradient)
-        shape = [1] * x.ndim
-        shape[axes.channel] = s.size if kind == 2 else 1
-        return (x.astype(acc) * s.reshape(shape)).astype(x.dtype)
-    size = int(np.prod([x.shape[a] for a in axes.norm]))
-    ladder = _ladder.make_ladder(dtype, acc, size, spec.eps_mode, spec.eps)
-    plan = _plan(ladder, axes, size, spec.eps, acc)
-    # The CPU: the native kernel, one pass; CUDA GPUs: the Pallas kernels; elsewhere the
-    # ladder below.
-    lowering = _jax_kernel.choose(dtype, axes, size)
-    op = _jax_kernel.plan_for(x, kind, spec, axes, plan, lowering)
-    return _jax_kernel.normalize(op, x, s)
-
-
-# --------------------------------------------------------------------------- the passes
-
+__all__ = ["Plan", "backward", "forward", "plan"]
 
 #: XLA:CPU hands a reduction with at least this many elements to YNNPACK and a smaller
 #: one to its own loops, which add in another order. Smaller operands are padded with
@@ -245,7 +72,7 @@ def _compensated(acc: Any, x: jax.Array) -> bool:
     return jnp.dtype(x.dtype) == jnp.dtype(acc)
 
 
-class _Plan(NamedTuple):
+class Plan(NamedTuple):
     """Everything static about one call of the ladder (part of the primitives' plan).
 
     ``bits_in_sums``: whether the top rung's *sum* must read subnormal entries from their
@@ -260,14 +87,14 @@ class _Plan(NamedTuple):
     bits_in_sums: bool
 
 
-def _plan(ladder: Ladder, axes: Axes, size: int, eps: float, acc: str) -> _Plan:
+def plan(ladder: Ladder, axes: Axes, size: int, eps: float, acc: str) -> Plan:
     fmt = FORMATS[acc]
     matters = math.sqrt(size) * 2.0 ** (fmt.min_exp + fmt.mant + 8)  # delta 2**m
-    return _Plan(ladder, axes, ladder.exact_top and ladder.mode.threshold(eps, size) < matters)
+    return Plan(ladder, axes, ladder.exact_top and ladder.mode.threshold(eps, size) < matters)
 
 
-def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:
-    """:func:`l2norm._ladder.sums`, written for XLA:CPU's reductions (YNNPACK), which fuse
+def _sums(x: jax.Array, acc: Any, plan: Plan) -> tuple[list, jax.Array]:
+    """:func:`l2norm.core.ladder.sums`, written for XLA:CPU's reductions (YNNPACK), which fuse
     arithmetic producers only: the rungs read ``x`` through a float conversion (which
     may flush subnormals) and multiplications, the top one clipped to ``c`` with
     ``(c 2**s)**2 = Inf`` (it overflows where it should, and autodiff of its square
@@ -307,7 +134,7 @@ def _sums(x: jax.Array, acc: Any, plan: _Plan) -> tuple[list, jax.Array]:
 # --------------------------------------------------------------------------- forward, VJP
 
 
-def _hooks(plan: _Plan, x: jax.Array, acc: Any) -> _driver.Hooks:
+def _hooks(plan: Plan, x: jax.Array, acc: Any) -> _driver.Hooks:
     """The driver's hooks: the sums above, the bits for Inf and subnormals, the pairs
     where the data is as wide as the accumulator (differentiated as the plain sum), the
     scale before ``1 / d`` (a flushing CPU)."""
@@ -325,7 +152,7 @@ def _hooks(plan: _Plan, x: jax.Array, acc: Any) -> _driver.Hooks:
     )
 
 
-def _forward(plan: _Plan, x: jax.Array, s: jax.Array):
+def forward(plan: Plan, x: jax.Array, s: jax.Array):
     out = _driver.forward(_hooks(plan, x, s.dtype), _bits.exact(x, s.dtype), s, plan.ladder)
     return out.y, (x, s, out.factors)
 
@@ -337,8 +164,8 @@ def _reduce_like(v: jax.Array, s: jax.Array, axes: Axes) -> jax.Array:
     return jnp.sum(v, axis=axes.reduced, keepdims=True)
 
 
-def _backward(plan: _Plan, residuals: tuple, g: jax.Array):
-    r"""``dx = (sigma - r <sigma, xhat> xhat) / d`` (:func:`l2norm._ladder.input_grad`)
+def backward(plan: Plan, residuals: tuple, g: jax.Array):
+    r"""``dx = (sigma - r <sigma, xhat> xhat) / d`` (:func:`l2norm.core.ladder.input_grad`)
     with ``sigma = scale * g`` and ``xhat = x / n``; ``dscale = sum g u``, ``u = x / d``.
 
     One elementwise pass writes ``v``, ``x`` in its slice's rung read from the bits (the

@@ -1,7 +1,7 @@
 r"""Double-word arithmetic: a value carried as an unevaluated sum ``hi + lo`` of two floats.
 
 Where a lowering has no wider accumulator than its data (float64 everywhere; float32 in
-JAX, which has no float64 without ``jax_enable_x64``), the ladder (:mod:`l2norm._ladder`)
+JAX, which has no float64 without ``jax_enable_x64``), the ladder (:mod:`l2norm.core.ladder`)
 sums each slice's squares as such pairs and computes its per-slice factors in them, so
 that ``d(n)`` and ``1 / d`` carry about twice the working precision and each output is
 rounded once: faithful rounding (within 1 ULP of the exact result), where a plain sum,
@@ -16,7 +16,7 @@ functions only, so they run on NumPy, torch, jax.numpy and TensorFlow arrays ali
   whose products are exact: built from those products only, so that a compiler fusing a
   multiplication into the next addition (XLA does) changes no result.
 
-:class:`Pair` and :class:`PairNamespace` let :mod:`l2norm._modes`' formulas (written
+:class:`Pair` and :class:`PairNamespace` let :mod:`l2norm.core.modes`' formulas (written
 with ``+``, ``*``, ``/``, comparisons, ``xp.sqrt`` and ``xp.where``) run unchanged in
 this arithmetic: each eps placement stays written once.
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from l2norm._modes import EpsMode
+    from l2norm.core.modes import EpsMode
 
 __all__ = [
     "Pair",
@@ -159,7 +159,7 @@ class Pair:
 
 @dataclass(frozen=True)
 class PairNamespace:
-    """The few ``xp`` functions :mod:`l2norm._modes` calls, on :class:`Pair` values.
+    """The few ``xp`` functions :mod:`l2norm.core.modes` calls, on :class:`Pair` values.
 
     Args:
         xp: the array namespace of the pairs' halves.
@@ -204,7 +204,7 @@ def pair_slice_terms(
     xp: Any, mode: EpsMode, sumsq: Pair, eps: Any, count: int = 1
 ) -> tuple[Any, ...]:
     """``(1 / d, 1 / n, r, n / d, the low word of 1 / d)`` from a pair sum, computed in
-    double-word arithmetic (the table of :mod:`l2norm._modes` run on pairs); NaN and Inf
+    double-word arithmetic (the table of :mod:`l2norm.core.modes` run on pairs); NaN and Inf
     slices are left to the caller (their pair is replaced by 1 here)."""
     pxp = PairNamespace(xp, sumsq.split)
     ones, zeros = xp.ones_like(sumsq.hi), xp.zeros_like(sumsq.hi)

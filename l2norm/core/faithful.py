@@ -2,7 +2,7 @@
 everywhere, float32 in JAX): the chosen rung summed again as a double-word pair, and each
 output rounded once. ``docs/maths.md`` ("Pairs") explains the scheme and what it costs.
 
-Framework-free like :mod:`l2norm._ladder`, on which it builds: a lowering passes its
+Framework-free like :mod:`l2norm.core.ladder`, on which it builds: a lowering passes its
 array namespace, its reductions and a :class:`PairSums` of bit-level hooks.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from l2norm._compensated import Pair, Split, fast_two_sum, two_prod, two_sum
-from l2norm._ladder import Chosen, FloatFormat, Ladder, SliceFactors, Upscale, rung_input
+from l2norm.core.ladder import Chosen, FloatFormat, Ladder, SliceFactors, Upscale, rung_input
+from l2norm.core.pairs import Pair, Split, fast_two_sum, two_prod, two_sum
 
 __all__ = ["PairSums", "faithful_output", "refined_pair", "rung_values"]
 
@@ -21,7 +21,7 @@ class PairSums(NamedTuple):
     """The hooks of a lowering that sums in double-word pairs (:func:`refined_pair`).
 
     Attributes:
-        split: :data:`l2norm._compensated.Split` for the accumulator dtype.
+        split: :data:`l2norm.core.pairs.Split` for the accumulator dtype.
         pow2_floor: the power of two at or below each (positive, normal) entry, from
             its bits.
     """
@@ -34,7 +34,7 @@ def refined_pair(
     xp: Any, xs: Any, plain: Any, reduce2: Callable[[Any, Any], tuple[Any, Any]], pairs: PairSums
 ) -> Pair:
     """Each slice's sum of squares of ``xs`` (its entries in its chosen rung, finite) as
-    a :class:`~l2norm._compensated.Pair`, from two plain sums: a second pass over the
+    a :class:`~l2norm.core.pairs.Pair`, from two plain sums: a second pass over the
     slice; ``reduce2`` sums two arrays over the normalized axes (kept), in one pass where
     the framework can.
 
@@ -61,7 +61,7 @@ def rung_values(
     xp: Any, x: Any, chosen: Chosen, ladder: Ladder, upscale: Upscale, infinite: Any = None
 ) -> Any:
     """``x 2**s`` in each slice's chosen rung (what that rung summed), 0 at infinities
-    (``infinite``: :func:`l2norm._ladder.rung_input`'s): the input of :func:`refined_pair`."""
+    (``infinite``: :func:`l2norm.core.ladder.rung_input`'s): the input of :func:`refined_pair`."""
     top = chosen.top > xp.zeros_like(chosen.top) if ladder.exact_top else None
     xin, _ = rung_input(xp, x, chosen.pre, top, ladder, upscale, infinite)
     return xin if ladder.single else xin * chosen.post

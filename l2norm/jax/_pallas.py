@@ -26,7 +26,7 @@ and JAX's float64 would hang on the global ``jax_enable_x64`` flag):
   hardware reduces in. Half data: the squares are exact in float32 and extraction alone
   is far inside their precision.
 * **Per row**, ``n``, ``d(n)``, ``1 / d`` and ``r`` are computed in double-word
-  arithmetic by :mod:`l2norm._compensated` running the table of :mod:`l2norm._modes`
+  arithmetic by :mod:`l2norm.core.pairs` running the table of :mod:`l2norm.core.modes`
   (each placement written once; the mean placement divides ``n'**2`` by the row's size
   ``N = L`` as a pair), eps carried as a pair from its float64 value and scaled along;
   where eps would pass ``2**62`` in the units of ``x'`` (it then dominates what it meets
@@ -49,7 +49,7 @@ NaN and Inf rows are handled by selects (no branch): a row holding NaN is NaN; a
 holding +-Inf is read as its limit direction (+-1 on its ``k`` infinities, 0 elsewhere,
 norm ``sqrt(k)``, no eps), so the same arithmetic gives the reference's limit
 ``+-w / sqrt(k)`` (``+-w sqrt(N / k)`` for a mean: ``d = sqrt(k / N)``,
-:meth:`l2norm._modes.EpsMode.inf_limit`); its gradient is 0. Input gradients beyond the
+:meth:`l2norm.core.modes.EpsMode.inf_limit`); its gradient is 0. Input gradients beyond the
 dtype saturate at its largest value (:func:`l2norm.reference.saturate`).
 
 Batch invariance: a row's arithmetic depends on that row, ``L``, the dtype and the
@@ -61,7 +61,7 @@ kernel) in the last place; the 1 ULP bound is what holds everywhere.
 
 Examples:
     >>> import jax.numpy as jnp
-    >>> from l2norm import _pallas
+    >>> from l2norm.jax import _pallas
     >>> x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
     >>> _pallas.forward(x, None, channel=1, eps_mode="clamp_norm", eps=1e-12, interpret=True)
     Array([[0.6, 0.8],
@@ -82,8 +82,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from l2norm._compensated import Pair, PairNamespace, two_prod, two_sum
-from l2norm._modes import EpsMode, get_mode
+from l2norm.core.modes import EpsMode, get_mode
+from l2norm.core.pairs import Pair, PairNamespace, two_prod, two_sum
 
 __all__ = ["DTYPES", "MAX_WIDTH", "BlockConfig", "applies", "block_config", "forward", "vjp"]
 
@@ -154,13 +154,13 @@ def block_config(width: int, platform: str, heavy: bool = False) -> BlockConfig:
 
 def applies(dtype: str, axes: Any, platform: str) -> bool:
     """Whether the kernels take a call with data of ``dtype`` normalized over ``axes``
-    (:class:`l2norm._spec.Axes`, or a sequence of axes with the channel axis first, then
+    (:class:`l2norm.core.spec.Axes`, or a sequence of axes with the channel axis first, then
     ``shape`` unknown) on ``platform``: a GPU or TPU, a dtype of :data:`DTYPES`.
 
     The row width is checked by :func:`fits` once the shape is known.
 
     Examples:
-        >>> from l2norm._spec import Spec
+        >>> from l2norm.core.spec import Spec
         >>> applies("bfloat16", Spec.create(axis=1).resolve(4), "tpu")
         True
         >>> applies("float64", Spec.create(axis=-1).resolve(2), "cuda")
@@ -203,7 +203,7 @@ def _ldexp(v: jax.Array, e: jax.Array) -> jax.Array:
 
 def _split(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``v = hi + lo`` exactly, ``hi`` the top 12 bits of the significand (by its bits)
-    and ``lo`` the rest: products of halves are exact (:func:`l2norm._compensated.two_prod`)."""
+    and ``lo`` the rest: products of halves are exact (:func:`l2norm.core.pairs.two_prod`)."""
     hi = _float(_bits(v) & jnp.int32(-4096))
     return hi, v - hi
 
@@ -310,7 +310,7 @@ def _square_sum(xs: jax.Array, exact: bool) -> Pair:
 class _Eps(NamedTuple):
     """eps as ``mant 2**exp`` with ``mant`` a float32 pair in ``[1/2, 1)`` (exact enough:
     ``2**-48``), the largest row shift ``cap`` that keeps it below ``2**62``, and the
-    slice size ``count`` (:class:`l2norm._modes.EpsMode`'s; only a mean reads it)."""
+    slice size ``count`` (:class:`l2norm.core.modes.EpsMode`'s; only a mean reads it)."""
 
     hi: float
     lo: float
@@ -328,7 +328,7 @@ def _eps_parts(mode: EpsMode, eps: float, count: int) -> _Eps:
     with ``d`` (exactly, or to where it no longer counts) changes nothing.
 
     Examples:
-        >>> from l2norm._modes import get_mode
+        >>> from l2norm.core.modes import get_mode
         >>> parts = _eps_parts(get_mode("add_meansq"), 1e-6, 4)
         >>> parts.exp, parts.cap  # at the largest shift eps is 2**(-19 + 2 * 40) or so
         (-19, 40)
@@ -355,7 +355,7 @@ class _Terms(NamedTuple):
 
 
 def _slice_terms(mode: EpsMode, eps: _Eps, sumsq: Pair, rows: _Rows) -> _Terms:
-    """The table of :mod:`l2norm._modes` on pairs (:class:`l2norm._compensated.Pair`).
+    """The table of :mod:`l2norm.core.modes` on pairs (:class:`l2norm.core.pairs.Pair`).
 
     ``d`` is computed at the shift ``min(s, cap)``, where eps (scaled along) stays below
     ``2**62``; the sum of squares ``sumsq`` (of ``x 2**s``) is brought down to it exactly
@@ -793,7 +793,7 @@ def forward(
         s: None, a one-element scale, or one value per channel (any float dtype; used in
             float32).
         channel: the axis a per-channel scale runs along (normalized).
-        eps_mode, eps: the placement (:mod:`l2norm._modes`) and its epsilon.
+        eps_mode, eps: the placement (:mod:`l2norm.core.modes`) and its epsilon.
         interpret: run in Pallas' interpret mode (any platform; the CPU tests).
         platform: ``"cuda"``, ``"rocm"`` or ``"tpu"``: that platform's kernel; None:
             chosen while lowering (``lax.platform_dependent``), the TPU kernel interpreted

@@ -1,7 +1,7 @@
 r"""The exported formula: l2norm in a dozen standard operations that every deployment
 runtime has (ONNX, TFLite builtins), overflow-safe in every dtype, with a stated bound.
 
-The fast lowerings (:mod:`l2norm._ladder`, the native and Triton kernels) rely on wide
+The fast lowerings (:mod:`l2norm.core.ladder`, the native and Triton kernels) rely on wide
 accumulators, bit manipulation or XLA's own reductions, which a deployment runtime lacks.
 An exported graph instead divides each slice by its largest magnitude before squaring,
 the classic scaled norm (LAPACK's ``nrm2`` before 3.10), written without branches:
@@ -11,9 +11,9 @@ the classic scaled norm (LAPACK's ``nrm2`` before 3.10), written without branche
     q = \max(\max_i |x_i|,\ \tau), \qquad t_i = x_i / q, \qquad
     S = \sum_i t_i^2, \qquad y = s \cdot \frac{t}{D(\sqrt S,\ \varepsilon / q^p)}
 
-with ``tau`` the eps placement's threshold (:meth:`~l2norm._modes.EpsMode.threshold`,
+with ``tau`` the eps placement's threshold (:meth:`~l2norm.core.modes.EpsMode.threshold`,
 at least the working dtype's smallest normal number), ``p`` the placement's power and
-``D`` its denominator (:meth:`~l2norm._modes.EpsMode.denominator`) in the units of the
+``D`` its denominator (:meth:`~l2norm.core.modes.EpsMode.denominator`) in the units of the
 slice divided by ``q``. The result does not depend on ``q`` in exact arithmetic
 (``q D(n / q, eps / q**p) = d(n)`` for every placement), so ``q`` is free to keep every
 intermediate in range:
@@ -44,8 +44,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from l2norm._ladder import FORMATS
-from l2norm._modes import EpsMode
+from l2norm.core.ladder import FORMATS
+from l2norm.core.modes import EpsMode
 
 __all__ = ["FORMULA_ULPS", "forward_ulps", "normalized", "working_dtype"]
 
@@ -117,7 +117,7 @@ def normalized(
 
     Example:
         >>> import numpy as np
-        >>> from l2norm._modes import get_mode
+        >>> from l2norm.core.modes import get_mode
         >>> x = np.array([[1.5e38, 2e38], [0.0, 0.0]], dtype=np.float32)  # n**2 overflows
         >>> keep = lambda f: lambda v: f(v, axis=-1, keepdims=True)
         >>> normalized(np, x, None, get_mode("clamp_norm"), 1e-12,

@@ -1,6 +1,6 @@
 """The bit-level helpers of :mod:`l2norm.jax`'s ladder lowering: reading subnormals and
 bfloat16 exactly on a CPU that flushes them (XLA's), and the hooks of the double-word
-pair sums (:mod:`l2norm._faithful`): an exact split, the power of two below a value, and
+pair sums (:mod:`l2norm.core.faithful`): an exact split, the power of two below a value, and
 two sums in one reduction.
 """
 
@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from l2norm import _driver
-from l2norm._ladder import FORMATS, FloatFormat
+from l2norm.core import driver as _driver
+from l2norm.core.ladder import FORMATS, FloatFormat
 
 __all__ = [
     "PAIRS",
@@ -51,14 +51,14 @@ def _ints(v: jax.Array) -> tuple[jax.Array, FloatFormat]:
     return lax.bitcast_convert_type(v, jnp.int64 if fmt.mant > 23 else jnp.int32), fmt
 
 
-#: How JAX reads and writes a float's bits (:class:`l2norm._driver.Bits`).
+#: How JAX reads and writes a float's bits (:class:`l2norm.core.driver.Bits`).
 BITS = _driver.Bits(
     _ints,
     lambda bits, like: lax.bitcast_convert_type(bits, like.dtype),
     lambda ints, like: ints.astype(like.dtype),
 )
 
-#: The pairs' split and floor from the bits (:func:`l2norm._driver.bit_pairs`).
+#: The pairs' split and floor from the bits (:func:`l2norm.core.driver.bit_pairs`).
 PAIRS = _driver.bit_pairs(BITS)
 
 
@@ -81,7 +81,7 @@ def subnormal(x: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def subnormal_upscaled(x: jax.Array, shift: int) -> jax.Array:
-    """:func:`l2norm._driver.upscaled_from_bits` with the derivative of a multiplication,
+    """:func:`l2norm.core.driver.upscaled_from_bits` with the derivative of a multiplication,
     ``2**shift``."""
     return _driver.upscaled_from_bits(jnp, BITS, x, shift)
 
@@ -92,7 +92,7 @@ def subnormal_upscaled_jvp(shift: int, primals: tuple, tangents: tuple) -> tuple
 
 
 def upscaled(x: jax.Array, shift: int) -> jax.Array:
-    """``x * 2**shift`` exactly (:func:`l2norm._driver.exact_upscale`)."""
+    """``x * 2**shift`` exactly (:func:`l2norm.core.driver.exact_upscale`)."""
     return _driver.exact_upscale(jnp, BITS, x, shift, subnormal_upscaled)
 
 

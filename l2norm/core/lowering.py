@@ -10,7 +10,7 @@ place that says which lowerings exist, one ``use_lowering`` and one ``forced`` s
 the conformance backends are generated from the same table.
 
 Example:
-    >>> from l2norm import _lowering
+    >>> from l2norm.core import lowering as _lowering
     >>> [lw.name for lw in _lowering.lowerings("numpy")]
     ['reference']
     >>> with _lowering.use_lowering("numpy", "reference"):

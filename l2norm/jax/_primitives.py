@@ -51,16 +51,17 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 from jax.sharding import NamedSharding, PartitionSpec
 
-from l2norm import _native, _pallas
-from l2norm._modes import MODES, EpsMode, get_mode
+from l2norm import _native
 from l2norm._native import ScaleKind
-from l2norm._spec import Axes, Spec
+from l2norm.core.modes import MODES, EpsMode, get_mode
+from l2norm.core.spec import Axes, Spec
+from l2norm.jax import _ops, _pallas
 
 __all__ = ["LOWERINGS", "OpPlan", "applies", "normalize", "plan_for", "use_lowering"]
 
 DTYPES = ("float32", "float16", "bfloat16")
 #: The lowerings :func:`use_lowering` can force: the native CPU kernel, the Pallas kernels
-#: (:mod:`l2norm._pallas`: GPUs and TPUs; interpreted elsewhere), or plain jax.numpy ops.
+#: (:mod:`l2norm.jax._pallas`: GPUs and TPUs; interpreted elsewhere), or plain jax.numpy ops.
 LOWERINGS: tuple[str, ...] = ("cpu-kernel", "pallas", "ops")
 #: Where the Pallas kernels are the default: CUDA GPUs, whose Triton lowering is compiled
 #: ahead of time in the tests. On TPUs (Mosaic) and ROCm they are opt-in
@@ -215,17 +216,15 @@ def _broadcast_scale(plan: OpPlan, s: jax.Array, groups: int) -> jax.Array:
 
 
 def _ladder_forward_one(plan: OpPlan, x: jax.Array, s: jax.Array) -> jax.Array:
-    from l2norm import jax as ladder  # it imports this module
 
-    return ladder._forward(plan.ladder_plan, x, _broadcast_scale(plan, s, 0))[0].astype(x.dtype)
+    return _ops.forward(plan.ladder_plan, x, _broadcast_scale(plan, s, 0))[0].astype(x.dtype)
 
 
 def _ladder_vjp_one(plan: OpPlan, x: jax.Array, s: jax.Array, g: jax.Array):
-    from l2norm import jax as ladder
 
     sb = _broadcast_scale(plan, s, 0)
-    _, residuals = ladder._forward(plan.ladder_plan, x, sb)
-    dx, ds = ladder._backward(plan.ladder_plan, residuals, g.astype(s.dtype))
+    _, residuals = _ops.forward(plan.ladder_plan, x, sb)
+    dx, ds = _ops.backward(plan.ladder_plan, residuals, g.astype(s.dtype))
     return dx, (ds.reshape(s.shape) if plan.scale_kind else jnp.zeros_like(s))
 
 

@@ -13,15 +13,15 @@ from decimal import Context, Decimal, localcontext
 
 import numpy as np
 
-from l2norm._modes import get_mode
-from l2norm._spec import Axes, Spec
+from l2norm.core.modes import get_mode
+from l2norm.core.spec import Axes, Spec
 
 _CTX = Context(prec=60, Emax=10**6, Emin=-(10**6))
 _NAN = float("nan")
 
 
 class _DecimalNamespace:
-    """The array namespace of :mod:`l2norm._modes`, for one Decimal at a time."""
+    """The array namespace of :mod:`l2norm.core.modes`, for one Decimal at a time."""
 
     sqrt = staticmethod(_CTX.sqrt)
 

@@ -1,0 +1,2 @@
+"""Parameter porting between frameworks and peer conventions (:mod:`l2norm.convert` is the
+public face)."""
