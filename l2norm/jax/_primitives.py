@@ -35,7 +35,6 @@ kernel call.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -53,6 +52,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from l2norm import _native
 from l2norm._native import ScaleKind
+from l2norm.core import lowering as _registry
 from l2norm.core.modes import MODES, EpsMode, get_mode
 from l2norm.core.spec import Axes, Spec
 from l2norm.jax import _ops, _pallas
@@ -60,16 +60,18 @@ from l2norm.jax import _ops, _pallas
 __all__ = ["LOWERINGS", "OpPlan", "applies", "normalize", "plan_for", "use_lowering"]
 
 DTYPES = ("float32", "float16", "bfloat16")
+_registry.register(
+    _registry.Lowering("jax", "cpu-kernel", "the native CPU kernel as XLA custom calls: the CPU"),
+    _registry.Lowering("jax", "pallas", "the Pallas kernels: CUDA GPUs (TPUs and ROCm opt in)"),
+    _registry.Lowering("jax", "ops", "the ladder in jax.numpy: any backend, dtype and axes"),
+)
 #: The lowerings :func:`use_lowering` can force: the native CPU kernel, the Pallas kernels
 #: (:mod:`l2norm.jax._pallas`: GPUs and TPUs; interpreted elsewhere), or plain jax.numpy ops.
-LOWERINGS: tuple[str, ...] = ("cpu-kernel", "pallas", "ops")
+LOWERINGS: tuple[str, ...] = _registry.names("jax")
 #: Where the Pallas kernels are the default: CUDA GPUs, whose Triton lowering is compiled
 #: ahead of time in the tests. On TPUs (Mosaic) and ROCm they are opt-in
 #: (``use_lowering("pallas")``) until they have run on such hardware.
 PALLAS_DEFAULT_BACKENDS = ("gpu",)
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "l2norm_jax_lowering", default=None
-)
 
 
 @contextlib.contextmanager
@@ -90,13 +92,8 @@ def use_lowering(name: str | None) -> Iterator[None]:
         >>> with use_lowering("ops"):
         ...     y = l2_normalize(jnp.ones((2, 4)))
     """
-    if name is not None and name not in LOWERINGS:
-        raise ValueError(f"unknown lowering {name!r}; expected one of {list(LOWERINGS)} or None")
-    token = _FORCED.set(name)
-    try:
+    with _registry.use_lowering("jax", name):
         yield
-    finally:
-        _FORCED.reset(token)
 
 
 @functools.cache
@@ -118,7 +115,7 @@ def applies(dtype: str, axes: Axes) -> bool:
     backend, one normalized axis, the kernel's dtypes, not turned off (``use_lowering``,
     ``L2NORM_CPU_KERNEL=0``), and the kernel built. Decided while tracing, from static
     properties only."""
-    forced = _FORCED.get()
+    forced = _registry.forced("jax")
     if forced in ("ops", "pallas") or dtype not in DTYPES or axes.norm != (axes.channel,):
         return False
     if jax.default_backend() != "cpu":
@@ -137,7 +134,7 @@ def choose(dtype: str, axes: Axes, width: int) -> str:
     take) or ``"ops"``. Decided while tracing, from static properties only."""
     if applies(dtype, axes):
         return "cpu-kernel"
-    forced = _FORCED.get()
+    forced = _registry.forced("jax")
     one_axis = axes.norm == (axes.channel,)
     takes = one_axis and dtype in _pallas.DTYPES and _pallas.fits(width)
     if forced == "pallas" or (forced is None and jax.default_backend() in PALLAS_DEFAULT_BACKENDS):
