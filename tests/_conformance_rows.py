@@ -15,3 +15,28 @@ def check_case(backend: str, case: conformance.Case) -> None:
         f"{result.grad_eps:.3g} eps, {result.nonfinite} non-finite mismatches, "
         f"error={result.error}"
     )
+
+
+def pairwise_cases(cases: list[conformance.Case]) -> list[conformance.Case]:
+    """A subset of ``cases`` that meets every pair of values of any two of a case's
+    dimensions (layout, option set, scale kind, dtype, data) that some case meets: greedily,
+    the case adding most pairs (the first in order among equals). For a backend too slow
+    for the whole matrix on this machine (an interpreter); a device runs all of it."""
+
+    def pairs(case: conformance.Case) -> set[tuple]:
+        dims = [
+            ("layout", case.layout),
+            ("options", case.option_set),
+            ("scale", case.scale_kind),
+            ("dtype", case.dtype),
+            ("data", case.data),
+        ]
+        return {(a, b) for i, a in enumerate(dims) for b in dims[i + 1 :]}
+
+    wanted = set().union(*map(pairs, cases))
+    chosen: list[conformance.Case] = []
+    while wanted:
+        best = max(cases, key=lambda c: len(pairs(c) & wanted))
+        wanted -= pairs(best)
+        chosen.append(best)
+    return chosen
