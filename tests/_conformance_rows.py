@@ -4,6 +4,8 @@ suite's two workers, which take a file at a time, share the load)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from l2norm import conformance
 
 
@@ -33,10 +35,18 @@ def pairwise_cases(cases: list[conformance.Case]) -> list[conformance.Case]:
         ]
         return {(a, b) for i, a in enumerate(dims) for b in dims[i + 1 :]}
 
-    wanted = set().union(*map(pairs, cases))
+    return greedy_cover(cases, pairs)
+
+
+def greedy_cover(
+    cases: list[conformance.Case], features: Callable[[conformance.Case], set]
+) -> list[conformance.Case]:
+    """Cases of ``cases`` that together meet every feature any of them has: greedily, the
+    case adding most (the first in order among equals)."""
+    wanted = set().union(*map(features, cases))
     chosen: list[conformance.Case] = []
     while wanted:
-        best = max(cases, key=lambda c: len(pairs(c) & wanted))
-        wanted -= pairs(best)
+        best = max(cases, key=lambda c: len(features(c) & wanted))
+        wanted -= features(best)
         chosen.append(best)
     return chosen

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _conformance_rows import greedy_cover  # tests/_conformance_rows.py
 
 from l2norm import conformance
 from l2norm.conformance import _pallas as pallas_backend
@@ -43,14 +44,7 @@ def _covering_subset() -> list[conformance.Case]:
     """A few cases that together exercise every layout, eps placement, scale kind, dtype
     on random and hostile data, and the extreme eps: greedily, the case that adds most
     (the first in :func:`l2norm.conformance.cases` order among equals)."""
-    taken = [c for c in conformance.cases() if c.dtype in _pallas.DTYPES]
-    wanted = set().union(*map(_features, taken))
-    chosen: list[conformance.Case] = []
-    while wanted:
-        best = max(taken, key=lambda c: len(_features(c) & wanted))
-        wanted -= _features(best)
-        chosen.append(best)
-    return chosen
+    return greedy_cover([c for c in conformance.cases() if c.dtype in _pallas.DTYPES], _features)
 
 
 def _backend(platform: str) -> conformance.Backend:
