@@ -32,6 +32,7 @@ from l2norm.core.spec import (
     ArrayOps,
     RMSSpec,
     Spec,
+    is_python_number,
 )
 from l2norm.reference import l2_normalize, l2_normalize_vjp
 
@@ -81,8 +82,9 @@ def rms_norm(
 
     Args:
         x: float16, bfloat16 (``ml_dtypes``), float32 or float64 array, rank >= 1.
-        scale: None; a scalar or shape ``(1,)`` float array; or one value per channel
-            of the channel axis (the first of ``axis``).
+        scale: None; a Python number, a scalar or shape ``(1,)`` float array; or one
+            value per channel of the channel axis (the first of ``axis``). Its dtype
+            follows the scale dtype rule of :func:`l2_normalize`.
         axis: the normalized axis, or a tuple of axes whose first entry is the channel
             axis.
         eps: positive finite epsilon; default ``1e-6``, or the preset's.
@@ -105,5 +107,6 @@ def rms_norm(
         array([[ 3., -4.]], dtype=float32)
     """
     x = np.asarray(x)
-    scale = None if scale is None else np.asarray(scale)
+    if scale is not None and not is_python_number(scale):  # a number stays weakly typed
+        scale = np.asarray(scale)
     return RMSSpec.create(axis=axis, eps=eps, preset=preset).apply(x, scale, NUMPY_OPS)

@@ -42,6 +42,8 @@ from l2norm.core.spec import (
     Spec,
     check_float_dtype,
     check_scale_shape,
+    is_python_number,
+    scale_compute_dtype,
     scale_init_values,
 )
 
@@ -49,8 +51,6 @@ __all__ = ["L2Norm", "RMSNorm", "l2_normalize", "rms_norm"]
 
 
 # --------------------------------------------------------------------------- dispatch
-
-_HALF = ("float16", "bfloat16")
 
 
 def _normalize(x: Any, scale: Any | None, spec: Spec, axes: Axes) -> Any:
@@ -62,6 +62,12 @@ def _normalize(x: Any, scale: Any | None, spec: Spec, axes: Axes) -> Any:
     is imported.
     """
     backend = keras.backend.backend()
+    if scale is not None:
+        # The one scale rule of every framework (a float scale no wider than the compute
+        # precision); the lowerings below widen it exactly and differentiably.
+        scale_compute_dtype(
+            keras.backend.standardize_dtype(x.dtype), keras.backend.standardize_dtype(scale.dtype)
+        )
     if backend == "tensorflow":
         from l2norm.tensorflow import _ops as _keras_tf
 
@@ -69,13 +75,10 @@ def _normalize(x: Any, scale: Any | None, spec: Spec, axes: Axes) -> Any:
     if backend == "jax":
         from l2norm import jax as l2jax
 
-        # Takes any float scale (computed in float32 for half input) and returns x's dtype.
         return l2jax.normalize(x, scale, spec)
     if backend == "torch":
         from l2norm import torch as l2torch
 
-        if scale is not None:
-            scale = ops.cast(scale, _torch_weight_dtype(x.dtype, scale.dtype))
         # eps and eps_mode as resolved by the spec: a preset has already been applied.
         return l2torch.l2_normalize(
             x,
@@ -88,17 +91,6 @@ def _normalize(x: Any, scale: Any | None, spec: Spec, axes: Axes) -> Any:
     raise NotImplementedError(
         f"l2norm.keras supports the tensorflow, jax and torch Keras backends, not {backend!r}"
     )
-
-
-def _torch_weight_dtype(x_dtype: Any, scale_dtype: Any) -> str:
-    """The weight dtype :func:`l2norm.torch.l2_normalize` takes: ``x``'s, or float32 for a
-    half ``x`` (mixed precision keeps gamma in float32). The cast is differentiable, so
-    the scale's gradient comes back in its own dtype."""
-    x_name = keras.backend.standardize_dtype(x_dtype)
-    s_name = keras.backend.standardize_dtype(scale_dtype)
-    if x_name in _HALF and s_name != x_name:
-        return "float32"
-    return x_name
 
 
 def _check_input(x: Any, spec: Spec) -> Axes:
@@ -127,8 +119,11 @@ def l2_normalize(
 
     Args:
         x: a float16, bfloat16, float32 or float64 tensor of the current backend.
-        scale: None, one shared value (shape ``()`` or ``(1,)``), or one value per
-            channel of the channel axis.
+        scale: None, a Python number, one shared value (shape ``()`` or ``(1,)``), or
+            one value per channel of the channel axis. A number is taken in the compute
+            precision (float32, float64 for float64 ``x``); a tensor has a float dtype no
+            wider than it and is widened to it exactly (the scale dtype rule of the
+            guarantees page): a float64 scale with float32 ``x`` raises TypeError.
         axis: the normalized axis, or a list of axes whose first entry is the channel
             axis.
         across_spatial: one norm per sample over every axis but the first.
@@ -148,15 +143,19 @@ def l2_normalize(
         axis=axis, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
     )
     x = ops.convert_to_tensor(x)
-    scale = None if scale is None else ops.convert_to_tensor(scale)
+    if scale is not None and not is_python_number(scale):
+        scale = ops.convert_to_tensor(scale)
     return _checked_normalize(x, scale, spec)
 
 
 def _checked_normalize(x: Any, scale: Any | None, spec: Spec) -> Any:
-    """:func:`_normalize` once ``x`` and ``scale`` (backend tensors) pass the checks."""
+    """:func:`_normalize` once ``x`` and ``scale`` (backend tensors, or a Python number)
+    pass the checks."""
     axes = _check_input(x, spec)
+    if is_python_number(scale):  # weakly typed: taken at the compute precision
+        x_dtype = keras.backend.standardize_dtype(x.dtype)
+        scale = ops.convert_to_tensor(scale, dtype=scale_compute_dtype(x_dtype, None))
     if scale is not None:
-        check_float_dtype(keras.backend.standardize_dtype(scale.dtype), what="scale")
         check_scale_shape(tuple(scale.shape), x.shape[axes.channel], axes)
     return _normalize(x, scale, spec, axes)
 
@@ -377,7 +376,9 @@ def rms_norm(
         array([[ 2., -3.]], dtype=float32)
     """
     x = ops.convert_to_tensor(x)
-    scale = None if scale is None else ops.convert_to_tensor(scale)
+    # A Python number stays one (weakly typed: the presets' promotions ignore it).
+    if scale is not None and not is_python_number(scale):
+        scale = ops.convert_to_tensor(scale)
     return RMSSpec.create(axis=axis, eps=eps, preset=preset).apply(x, scale, KERAS_OPS)
 
 

@@ -62,7 +62,14 @@ import ml_dtypes  # registers bfloat16 with NumPy
 import numpy as np
 
 from l2norm.core.modes import get_mode
-from l2norm.core.spec import Axes, Spec, check_float_dtype, check_scale_shape
+from l2norm.core.spec import (
+    Axes,
+    Spec,
+    check_float_dtype,
+    check_scale_shape,
+    is_python_number,
+    scale_compute_dtype,
+)
 
 __all__ = ["l2_normalize", "l2_normalize_vjp", "forward", "vjp"]
 
@@ -132,11 +139,15 @@ def _check_input(x: Any, name: str = "x") -> np.ndarray:
 
 
 def _scale_array(scale: Any, x: np.ndarray, axes: Axes) -> np.ndarray | None:
+    """The scale as an array after the scale rule (:func:`~l2norm.core.spec.scale_compute_dtype`):
+    a Python number in the compute precision, a float array no wider than it as given (the
+    working precision widens it exactly)."""
     if scale is None:
         return None
+    if is_python_number(scale):  # weakly typed: taken at the compute precision
+        return np.asarray(scale, dtype=scale_compute_dtype(x.dtype.name, None))
     arr = np.asarray(scale)
-    if arr.dtype == np.bool_ or arr.dtype.kind not in "iuf" and arr.dtype.name != "bfloat16":
-        raise TypeError(f"scale must hold real numbers, got dtype {arr.dtype}")
+    scale_compute_dtype(x.dtype.name, arr.dtype.name)
     check_scale_shape(arr.shape, x.shape[axes.channel], axes)
     return arr
 
@@ -215,10 +226,7 @@ def vjp(
         dscale = np.sum(gw * u).reshape(scale.shape)
     else:
         dscale = np.sum(gw * u, axis=axes.reduced)
-    out_dtype = (
-        scale.dtype if scale.dtype.kind == "f" or scale.dtype.name == "bfloat16" else x.dtype
-    )
-    return dx, dscale.astype(out_dtype)
+    return dx, dscale.astype(scale.dtype)
 
 
 def l2_normalize(
@@ -235,8 +243,10 @@ def l2_normalize(
 
     Args:
         x: float16, bfloat16 (``ml_dtypes``), float32 or float64 array, rank >= 1.
-        scale: None; a scalar or shape ``(1,)`` array (one shared value, Caffe's
-            ``channel_shared``); or one value per channel of the channel axis.
+        scale: None; a Python number, a scalar or shape ``(1,)`` array (one shared value,
+            Caffe's ``channel_shared``); or one value per channel of the channel axis. An
+            array has a float dtype no wider than the compute precision (float32, or
+            float64 for float64 ``x``), see the scale dtype rule in the guarantees.
         axis: the normalized axis, or a tuple of axes whose first entry is the channel
             axis the scale runs along.
         across_spatial: normalize over every axis but the first (one norm per sample,
@@ -279,8 +289,8 @@ def l2_normalize_vjp(
 
     Returns:
         The pair ``(dx, dscale)``, ``dx`` in ``x``'s dtype; ``dscale`` in the scale's shape
-        (and its dtype when the scale is a float array, else ``x``'s dtype), or None when
-        ``scale`` is None.
+        and dtype (the compute precision for a Python number), or None when ``scale`` is
+        None.
 
     Examples:
         >>> import numpy as np

@@ -32,7 +32,10 @@ __all__ = [
     "Spec",
     "Axes",
     "check_float_dtype",
+    "check_scale_float",
     "check_scale_shape",
+    "compute_dtype",
+    "is_python_number",
     "scale_init_values",
     "DEFAULT_RMS_EPS",
     "RMS_PRESETS",
@@ -41,6 +44,7 @@ __all__ = [
     "RMSSpec",
     "machine_eps",
     "promote_float",
+    "scale_compute_dtype",
 ]
 
 #: The eps placements, from the table in :mod:`l2norm.core.modes` (the one place they live).
@@ -246,6 +250,108 @@ def check_float_dtype(dtype_name: str, what: str = "input") -> None:
         )
 
 
+# --------------------------------------------------------------------------- scale dtypes
+# One rule for every framework: a scale is a Python number (weakly typed, taken at the
+# compute precision) or an array of a float dtype no wider than the compute precision, to
+# which it is widened exactly. Anything else raises: an integer, bool or complex array has
+# no float value to learn, and a wider scale would be rounded without a word.
+
+_WIDTHS: dict[str, int] = {"float16": 16, "bfloat16": 16, "float32": 32, "float64": 64}
+
+
+def is_python_number(value: object) -> bool:
+    """Whether ``value`` is a Python ``int`` or ``float`` (a weakly typed scale).
+
+    NumPy scalars carry a dtype and count as arrays; ``bool`` is no number here.
+
+    Examples:
+        >>> is_python_number(20), is_python_number(0.5), is_python_number(True)
+        (True, True, False)
+        >>> is_python_number(np.float64(0.5))  # a subclass of float, but it has a dtype
+        False
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, (bool, np.generic))
+
+
+def compute_dtype(x_dtype_name: str) -> str:
+    """The precision a scale is applied in: float64 for float64 input, float32 otherwise.
+
+    Examples:
+        >>> compute_dtype("bfloat16"), compute_dtype("float64")
+        ('float32', 'float64')
+    """
+    return "float64" if x_dtype_name == "float64" else "float32"
+
+
+def check_scale_float(x_dtype_name: str, scale_dtype_name: str) -> None:
+    """Raise TypeError unless the scale's dtype is one of :data:`FLOAT_DTYPES`.
+
+    The first half of :func:`scale_compute_dtype`, for the RMSNorm presets whose formula
+    takes the scale in a dtype of its own (they promote or cast it explicitly).
+
+    Examples:
+        >>> check_scale_float("float32", "int32")
+        Traceback (most recent call last):
+        ...
+        TypeError: scale has dtype int32 (input float32): ...
+    """
+    if str(scale_dtype_name) not in FLOAT_DTYPES:
+        raise TypeError(
+            f"scale has dtype {scale_dtype_name} (input {x_dtype_name}): a scale is a Python "
+            f"number or an array of a float dtype ({', '.join(FLOAT_DTYPES)}), never integer, "
+            f"bool or complex; cast it to a float dtype, e.g. {compute_dtype(x_dtype_name)}"
+        )
+
+
+def scale_compute_dtype(x_dtype_name: str, scale_dtype_name: str | None) -> str:
+    """The dtype a scale is widened to before the op, or TypeError: the one scale rule.
+
+    1. ``scale_dtype_name`` None stands for a Python number (or no scale): accepted, taken
+       at the compute precision, as JAX weak types and torch scalars are. An array must
+       have a float dtype (:data:`FLOAT_DTYPES`).
+    2. The compute precision is float32 for float16 / bfloat16 / float32 input and float64
+       for float64 input. A scale no wider than it is widened to it, which is exact: a
+       bfloat16 weight with float32 input, a float32 weight with float64 input are fine.
+    3. A scale wider than it (float64 with float32 or half input) is refused: it would be
+       rounded. Cast it, or compute in float64.
+
+    The output keeps ``x``'s dtype; the scale's gradient comes back in the scale's dtype
+    (each framework's cast is differentiable).
+
+    Args:
+        x_dtype_name: the input's dtype (``"float32"``...), one of :data:`FLOAT_DTYPES`.
+        scale_dtype_name: the scale array's dtype name, or None for a Python number.
+
+    Returns:
+        The compute precision, ``"float32"`` or ``"float64"``.
+
+    Raises:
+        TypeError: a non-float input, a non-float scale, a scale wider than the compute
+            precision; the message names both dtypes.
+
+    Examples:
+        >>> scale_compute_dtype("bfloat16", "float32"), scale_compute_dtype("float64", None)
+        ('float32', 'float64')
+        >>> scale_compute_dtype("float32", "float64")
+        Traceback (most recent call last):
+        ...
+        TypeError: scale has dtype float64, wider than the float32 a float32 input is ...
+    """
+    check_float_dtype(x_dtype_name, what="input")
+    compute = compute_dtype(x_dtype_name)
+    if scale_dtype_name is None:
+        return compute
+    check_scale_float(x_dtype_name, scale_dtype_name)
+    if _WIDTHS[scale_dtype_name] > _WIDTHS[compute]:
+        raise TypeError(
+            f"scale has dtype {scale_dtype_name}, wider than the {compute} a {x_dtype_name} "
+            f"input is computed in: it would be rounded. Cast the scale to {compute} "
+            f"(torch: weight.float(); NumPy / JAX / Keras: astype / cast to {compute!r}), or "
+            "compute in float64 (a float64 input)"
+        )
+    return compute
+
+
 def check_scale_shape(scale_shape: tuple[int, ...], channels: int, axes: Axes) -> None:
     """Raise ValueError unless a scale of ``scale_shape`` fits ``channels`` channels.
 
@@ -393,10 +499,11 @@ class ArrayOps(NamedTuple):
     Attributes:
         normalize: ``normalize(x, scale, spec)``, the framework's ``scale * x / d`` for a
             :class:`Spec`, in ``x``'s dtype, with its exact gradient; it checks ``x`` and
-            ``scale`` as the L2 op does.
+            ``scale`` as the L2 op does, and takes a Python number as ``scale``.
         cast: ``cast(t, dtype_name)``.
         dtype: ``dtype(t)``, the dtype's name (``"bfloat16"``, ``"float32"``, ...).
-        multiply: ``multiply(a, b)`` with the framework's type promotion.
+        multiply: ``multiply(a, b)`` with the framework's type promotion (``a`` may be a
+            Python number).
         reshape: ``reshape(t, shape)``.
     """
 
@@ -505,6 +612,9 @@ class RMSSpec:
         (llama, t5): part of its convention, kept. ``normalize`` is faithful, so each
         rounding a flow has is within 1 ULP.
 
+        The weight is None, a Python number or an array; the fused flow applies the whole
+        scale rule (:func:`scale_compute_dtype`), the others its first half (a float dtype).
+
         Raises:
             TypeError / ValueError: a non-float input or weight, a weight whose shape is
                 neither ``()``, ``(1,)`` nor the channel count.
@@ -516,17 +626,23 @@ class RMSSpec:
         if flow == "fused":  # normalize checks the scale as the L2 op does
             return ops.normalize(x, scale, spec)
         axes = spec.resolve(len(x.shape))
+        # These flows take the weight in a dtype of their own (promoted, cast to float32 or
+        # multiplied with the framework's promotion, as the peer's formula says), so only
+        # the first half of the scale rule applies: a float array, or a Python number
+        # (weakly typed: it promotes nothing, w_dtype stays None).
         w_dtype = None
-        if scale is not None:  # here, before a multiplication would broadcast it
+        if scale is not None and not is_python_number(scale):
             w_dtype = ops.dtype(scale)
-            check_float_dtype(w_dtype, what="scale")
+            check_scale_float(x_dtype, w_dtype)
+            # here, before a multiplication would broadcast it
             check_scale_shape(tuple(int(n) for n in scale.shape), int(x.shape[axes.channel]), axes)
         if flow == "promote":
             out = x_dtype if w_dtype is None else promote_float(x_dtype, w_dtype)
-            scale = None if scale is None else ops.cast(scale, out)
+            scale = scale if w_dtype is None else ops.cast(scale, out)
             return ops.normalize(ops.cast(x, out), scale, spec)
-        if flow == "gemma":
-            scale = None if scale is None else 1.0 + ops.cast(scale, "float32")
+        if flow == "gemma":  # (1 + w.float()): the formula rounds a float64 weight itself
+            if scale is not None:
+                scale = 1.0 + (scale if w_dtype is None else ops.cast(scale, "float32"))
             return ops.cast(ops.normalize(ops.cast(x, "float32"), scale, spec), x_dtype)
         if flow == "llama":
             u = ops.cast(ops.normalize(ops.cast(x, "float32"), None, spec), x_dtype)
@@ -536,6 +652,8 @@ class RMSSpec:
                 u = ops.cast(u, w_dtype)
         if scale is None:
             return u
+        if w_dtype is None:  # a number keeps u's dtype (NumPy would widen bfloat16 to float32)
+            return ops.cast(ops.multiply(scale, u), ops.dtype(u))
         if len(scale.shape) == 1 and scale.shape[0] > 1:  # one value per channel
             shape = [1] * axes.ndim
             shape[axes.channel] = int(scale.shape[0])

@@ -29,6 +29,9 @@ from l2norm.core.spec import (
     Spec,
     check_float_dtype,
     check_scale_shape,
+    compute_dtype,
+    is_python_number,
+    scale_compute_dtype,
 )
 from l2norm.jax import _ops, _primitives
 from l2norm.jax._primitives import LOWERINGS, use_lowering
@@ -57,8 +60,14 @@ def l2_normalize(
     Args:
         x: float16, bfloat16, float32 or float64 array, rank >= 1. float16 and bfloat16
             are computed in float32; the result has ``x``'s dtype.
-        scale: None; a scalar or shape ``(1,)`` array (one shared value); or one value
-            per channel of the channel axis. No other shape is broadcast.
+        scale: None; a Python number, a scalar or shape ``(1,)`` array (one shared
+            value); or one value per channel of the channel axis. No other shape is
+            broadcast. A number (or a weakly typed array) is taken in the compute
+            precision (float32, float64 for a float64 ``x``); an array has a float dtype
+            no wider than it, to which it is widened exactly: a float16 or bfloat16 scale
+            with float32 ``x`` is fine, an integer or a wider one raises TypeError (the
+            scale dtype rule of the guarantees page). The rule reads the dtype JAX gives
+            the array: with x64 off, a NumPy float64 array is float32.
         axis: the normalized axis, or a tuple of axes whose first entry is the channel
             axis the scale runs along.
         across_spatial: normalize over every axis but the first (one norm per sample,
@@ -115,7 +124,9 @@ def rms_norm(
                [ 0.,  0.]], dtype=float32)
     """
     x = jnp.asarray(x)
-    scale = None if scale is None else jnp.asarray(scale)
+    # A Python number stays one (weakly typed: the presets' promotions ignore it).
+    if scale is not None and not is_python_number(scale):
+        scale = jnp.asarray(scale)
     return RMSSpec.create(axis=axis, eps=eps, preset=preset).apply(x, scale, JAX_OPS)
 
 
@@ -163,16 +174,22 @@ def normalize(x: Any, scale: Any, spec: Spec) -> jax.Array:
     check_float_dtype(dtype, what="x")
     axes = spec.resolve(x.ndim)
     # The accumulator follows the data, never jax_enable_x64.
-    acc = "float64" if dtype == "float64" else "float32"
+    acc = compute_dtype(dtype)
     if scale is None:
         kind, s = 0, jnp.ones((1,), acc)
     else:
+        # A Python number, or a weakly typed array (a Python number under jit), is taken at
+        # the compute precision; any other scale follows the one scale rule, on the dtype
+        # JAX gave it (with x64 off, a float64 NumPy array is already float32 here).
+        weak = is_python_number(scale) or getattr(scale, "weak_type", False)
         scale = jnp.asarray(scale)
-        if not jnp.issubdtype(scale.dtype, jnp.floating) and not jnp.issubdtype(
-            scale.dtype, jnp.integer
-        ):
-            raise TypeError(f"scale must hold real numbers, got dtype {scale.dtype}")
+        if weak and jnp.dtype(scale.dtype).kind in "iuf":  # not a weak bool or complex
+            scale_compute_dtype(dtype, None)
+        else:
+            scale_compute_dtype(dtype, jnp.dtype(scale.dtype).name)
         check_scale_shape(scale.shape, x.shape[axes.channel], axes)
+        # The widening is exact and differentiable: the gradient comes back in the scale's
+        # own dtype.
         kind, s = (1 if scale.size == 1 else 2), scale.astype(acc).reshape(-1)
     if x.size == 0:  # nothing to normalize: an empty result (and a zero scale gradient)
         shape = [1] * x.ndim

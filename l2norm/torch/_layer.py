@@ -12,10 +12,19 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from l2norm.core.spec import Axes, Spec, check_scale_shape, scale_init_values
+from l2norm.core.spec import (
+    Axes,
+    Spec,
+    check_scale_shape,
+    compute_dtype,
+    is_python_number,
+    scale_compute_dtype,
+    scale_init_values,
+)
 from l2norm.torch._dispatch import Plan, choose
 from l2norm.torch._function import apply
 
@@ -34,20 +43,47 @@ def _check_tensor(x: Any) -> None:
         )
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+#: The compute precision of each input dtype (``l2norm.core.spec.compute_dtype``).
+_COMPUTE = {d: getattr(torch, compute_dtype(_dtype_name(d))) for d in _FLOATS}
+
+
+def _weight_tensor(weight: Any, x: Any) -> Any:
+    """A Python number as a 0-d tensor in the compute precision (weakly typed, as JAX, Keras
+    and NumPy take it: ``L2Norm``'s ``20`` or ``l2_normalize(x, 20.0)``); a NumPy scalar as
+    a tensor of its own dtype; anything else as given (the checks judge it)."""
+    if not isinstance(x, Tensor) or x.dtype not in _COMPUTE:
+        return weight
+    if is_python_number(weight):
+        return torch.tensor(weight, dtype=_COMPUTE[x.dtype], device=x.device)
+    if isinstance(weight, np.generic):
+        return torch.as_tensor(weight, device=x.device)
+    return weight
+
+
+def _kernel_weight(weight: Tensor | None, x: Tensor) -> Tensor | None:
+    """The checked weight in a dtype every lowering takes: its own when it is ``x``'s or
+    the compute precision, else widened to the compute precision (exact by the scale rule;
+    the cast is differentiable, so the gradient comes back in the weight's dtype)."""
+    if weight is None or weight.dtype == x.dtype:
+        return weight
+    wide = _COMPUTE[x.dtype]
+    return weight if weight.dtype == wide else weight.to(wide)
+
+
 def _check_weight(weight: Any, x: Tensor, axes: Axes) -> None:
     if weight is None:
         return
     if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    # A float32 weight with a float16/bfloat16 input is the mixed-precision layout (master
-    # weights in float32, activations in half, autocast); any other mix would silently
-    # change the result's precision, so it is refused.
-    accepted = (x.dtype,) if x.dtype in (torch.float32, torch.float64) else (x.dtype, torch.float32)
-    if weight.dtype not in accepted:
-        names = " or ".join(str(d) for d in accepted)
         raise TypeError(
-            f"weight has dtype {weight.dtype}, but the input is {x.dtype}; expected {names}"
+            f"weight must be a torch.Tensor, a Python number or None, got {type(weight).__name__}"
         )
+    # The one scale rule of every framework: a float weight no wider than the compute
+    # precision (a float32 or bfloat16 weight with a half input, float32 with float64...).
+    scale_compute_dtype(_dtype_name(x.dtype), _dtype_name(weight.dtype))
     if weight.device != x.device:
         raise ValueError(
             f"weight is on {weight.device} but the input is on {x.device}; move one of them"
@@ -101,12 +137,14 @@ def _apply(
         return _fx_l2_normalize(
             x, weight, spec.axis, spec.across_spatial, spec.eps_mode, spec.eps, num_channels
         )
+    weight = _weight_tensor(weight, x)
     if (
         torch.compiler.is_compiling()  # symbolic sizes: no table
         or not isinstance(x, Tensor)
         or not (weight is None or isinstance(weight, Tensor))
     ):
-        return apply(x, weight, _checked_plan(x, weight, spec, min_rank, num_channels))
+        plan = _checked_plan(x, weight, spec, min_rank, num_channels)
+        return apply(x, _kernel_weight(weight, x), plan)
     key = (
         spec,
         min_rank,
@@ -120,13 +158,14 @@ def _apply(
     try:
         plan = _PLANS.get(key)
     except TypeError:  # symbolic sizes (make_fx's symbolic tracing): no table
-        return apply(x, weight, _checked_plan(x, weight, spec, min_rank, num_channels))
+        plan = _checked_plan(x, weight, spec, min_rank, num_channels)
+        return apply(x, _kernel_weight(weight, x), plan)
     if plan is None:
         plan = _checked_plan(x, weight, spec, min_rank, num_channels)
         if len(_PLANS) >= 4096:
             _PLANS.clear()
         _PLANS[key] = plan
-    return apply(x, weight, plan)
+    return apply(x, _kernel_weight(weight, x), plan)
 
 
 def _fx_l2_normalize(
@@ -175,8 +214,11 @@ def l2_normalize(
         x: float16, bfloat16, float32 or float64 tensor of rank >= 1. Half inputs are
             computed in float32 and the result is returned in ``x``'s dtype.
         weight: None; a Python number or a tensor of shape ``()`` or ``(1,)`` (one shared
-            value); or one value per channel of the channel axis. A tensor's dtype is
-            ``x``'s (or float32 for a half input) and it must be on ``x``'s device.
+            value); or one value per channel of the channel axis, on ``x``'s device. A
+            number is taken in the compute precision (float32, float64 for a float64
+            ``x``); a tensor has a float dtype no wider than it and is widened to it
+            exactly (a bfloat16 weight with a float32 ``x`` is fine, a float64 one is
+            refused): the scale dtype rule of the guarantees page.
         dim: the normalized axis, or a tuple of axes whose first entry is the channel axis.
         across_spatial: one norm per sample over every axis but 0 (Caffe); ``dim`` then
             names the channel axis only.
@@ -197,11 +239,6 @@ def l2_normalize(
     spec = Spec.create(
         axis=dim, across_spatial=across_spatial, eps=eps, eps_mode=eps_mode, preset=preset
     )
-    if isinstance(weight, numbers.Real) and not isinstance(weight, bool) and isinstance(x, Tensor):
-        # A plain number, as JAX, Keras and NumPy take it: one shared value, held in the
-        # dtype a weight tensor would need (x's, float32 for a half input).
-        wide = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        weight = torch.tensor(float(weight), dtype=wide, device=x.device)
     return _apply(x, weight, spec, min_rank=1)
 
 
@@ -426,6 +463,15 @@ class _ScriptableL2Norm(nn.Module):
         if x.shape[channel] != self.num_channels:
             raise ValueError(
                 "L2Norm(" + str(self.num_channels) + ") got " + str(x.shape[channel]) + " channels"
+            )
+        # The scale rule (l2norm.core.spec.scale_compute_dtype), in what TorchScript runs
+        # (str() of a dtype is a number there, so the message spells the dtypes out).
+        if not self.weight.is_floating_point():
+            raise TypeError("L2Norm: the weight has a non-float dtype; cast it to a float dtype")
+        if self.weight.dtype == torch.float64 and x.dtype != torch.float64:
+            raise TypeError(
+                "L2Norm: the weight is float64, wider than the float32 a non-float64 input is "
+                "computed in: cast the weight (weight.float()) or compute in float64"
             )
         return torch.ops.l2norm.l2_normalize(
             x, self.weight, self.axis, self.across_spatial, self.mode, self.eps

@@ -7,15 +7,14 @@ module gives them torch's arrays and the layer its parameter.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from l2norm.core.spec import ArrayOps, RMSSpec
-from l2norm.torch._layer import _apply, _check_layer_args
+from l2norm.core.spec import ArrayOps, RMSSpec, is_python_number
+from l2norm.torch._layer import _apply, _check_layer_args, _weight_tensor
 
 __all__ = ["RMSNorm", "rms_norm"]
 
@@ -26,15 +25,6 @@ TORCH_OPS = ArrayOps(
     multiply=torch.mul,
     reshape=torch.reshape,
 )
-
-
-def _as_weight(weight: Any, x: Any) -> Any:
-    """A plain number as one shared value in ``x``'s dtype (float32 for a half ``x``), as
-    :func:`l2norm.torch.l2_normalize` takes it."""
-    if isinstance(weight, numbers.Real) and not isinstance(weight, bool) and isinstance(x, Tensor):
-        wide = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        return torch.tensor(float(weight), dtype=wide, device=x.device)
-    return weight
 
 
 def _check_input(x: Any) -> None:
@@ -61,8 +51,11 @@ def rms_norm(
     Args:
         x: float16, bfloat16, float32 or float64 tensor of rank >= 1.
         weight: None, a number or a tensor of shape ``()`` / ``(1,)`` (one shared value),
-            or one value per channel of the channel axis (the first of ``dim``). Its
-            dtype is ``x``'s, or float32 for a half ``x``.
+            or one value per channel of the channel axis (the first of ``dim``). A
+            tensor's dtype follows the scale dtype rule of :func:`l2norm.torch.l2_normalize`
+            (a float dtype no wider than the compute precision); the presets that
+            promote or cast the weight themselves (``"flax"``, ``"gemma"``, ``"llama"``,
+            ``"t5"``) take any float dtype, as their peer's formula does.
         dim: the normalized axis (default -1), or a tuple whose first entry is the
             channel axis.
         eps: positive finite epsilon; default 1e-6, or the preset's.
@@ -82,7 +75,9 @@ def rms_norm(
     """
     _check_input(x)
     spec = RMSSpec.create(axis=dim, eps=eps, preset=preset)
-    return spec.apply(x, _as_weight(weight, x), TORCH_OPS)
+    # A Python number stays one (weakly typed: the presets' promotions ignore it).
+    weight = weight if is_python_number(weight) else _weight_tensor(weight, x)
+    return spec.apply(x, weight, TORCH_OPS)
 
 
 class RMSNorm(nn.Module):
