@@ -114,7 +114,7 @@ def test_cli_lists_missing_frameworks_with_their_extra_and_passes():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert (
-        'not installed: torch, torch-ops, torch-cuda, torch-triton (pip install "l2norm[torch]")'
+        'not installed: torch, torch-ops, torch-triton, torch-cuda (pip install "l2norm[torch]")'
         in out
     )
     assert 'not installed: jax, jax-ops, jax-pallas, nnx, linen (pip install "l2norm[jax]")' in out

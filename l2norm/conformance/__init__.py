@@ -7,7 +7,8 @@ Backends are known by name (:func:`known_backends`) and built on first use by
 :func:`get_backend`, which imports their framework then; a backend whose framework is
 not installed raises :class:`BackendUnavailable` naming the extra that installs it.
 The adapters know nothing of this package: each backend here drives an adapter through
-its public API only.
+its public API only. A framework's default lowering and each other lowering it can force
+have a backend each, generated from the table of :mod:`l2norm.core.lowering`.
 
 =================  ===========================================================  ==========
 name               what it runs                                                 extra
@@ -16,12 +17,13 @@ numpy              :mod:`l2norm.reference`, against the exact decimal oracle
 torch              :func:`l2norm.torch.l2_normalize`, default dispatch (the     torch
                    native CPU kernel wherever it applies)
 torch-ops          the same, pure-torch lowering forced                         torch
-torch-cuda         the same on CUDA (only with a CUDA device)                   torch
 torch-triton       the Triton lowering forced: on CUDA where there is a GPU,    torch
                    else on CPU tensors in Triton's interpreter (slow)
+torch-cuda         the default dispatch on CUDA (only with a CUDA device)       torch
 jax                :func:`l2norm.jax.l2_normalize`, jitted                      jax
 jax-ops            the same, the ``jax.numpy`` ladder forced                    jax
-jax-pallas         the Pallas kernels (GPUs, TPUs), interpreted on the CPU      jax
+jax-pallas         the same, the Pallas kernels (GPUs, TPUs) forced:            jax
+                   interpreted on the CPU
 nnx, linen         the Flax layers, jitted                                      jax
 keras-tensorflow   :func:`l2norm.keras.l2_normalize` on each Keras backend;     tensorflow
 keras-jax          Keras picks its backend once per process, so ``l2norm        (+ jax,

@@ -1,5 +1,8 @@
-"""The JAX backends: ``jax`` (:func:`l2norm.jax.l2_normalize`), ``nnx`` and ``linen`` (the
-Flax layers, as users call them).
+"""The JAX backends: ``jax`` (:func:`l2norm.jax.l2_normalize`), one per other lowering of
+:mod:`l2norm.core.lowering`, forced (``jax-ops``, ``jax-pallas``), and ``nnx`` and
+``linen`` (the Flax layers, as users call them). A forced lowering computes the calls it
+applies to (the Pallas kernels: one normalized axis) and leaves the others to the ladder,
+as in a user's program.
 
 Each runs forward and VJP as one jitted program, compiled once per option set, shape and
 dtype (compiling dominates the cost of a case; a program computes the forward too, so a
@@ -22,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from l2norm.conformance._registry import Backend
-from l2norm.core.spec import Spec
-from l2norm.jax import l2_normalize, use_lowering
+from l2norm.core.spec import FLOAT_DTYPES, Spec
+from l2norm.jax import _pallas, l2_normalize, use_lowering
 
 _Run = Callable[..., tuple]
 
@@ -113,18 +116,13 @@ def _run_linen(x, scale, g, options):
     return y, dx, None if scale is None else dvars["params"]["scale"]
 
 
-_RUNS = {
-    "jax": _run_function,
-    "jax-ops": functools.partial(_run_function, lowering="ops"),
-    "nnx": _run_nnx,
-    "linen": _run_linen,
-}
-
-
-def build(name: str) -> Backend:
-    """The backend ``jax`` (the default lowering: the native kernel on the CPU),
-    ``jax-ops`` (the ladder in jax.numpy, what GPUs run), ``nnx`` or ``linen``."""
-    run = _RUNS[name]
+def build(name: str, lowering: str | None = None) -> Backend:
+    """The backend ``nnx`` or ``linen`` (the Flax layers), else ``name`` runs
+    :func:`l2norm.jax.l2_normalize` with ``lowering`` forced (``jax-ops``: the ladder in
+    jax.numpy; ``jax-pallas``: the Pallas kernels, interpreted on the CPU) or, for None,
+    the default one (``jax``: the native kernel on the CPU)."""
+    layers = {"nnx": _run_nnx, "linen": _run_linen}
+    run = layers.get(name, functools.partial(_run_function, lowering=lowering))
 
     def compute(x, scale, g, options):
         with jax.enable_x64(x.dtype == np.float64):
@@ -147,4 +145,7 @@ def build(name: str) -> Backend:
         vjp=vjp,
         # XLA:CPU reads float32 subnormals as zero (see l2norm.jax).
         flushes_subnormals=True,
+        # The Pallas kernels take no float64 (the lowering would leave such calls to the
+        # ladder, which the other rows check).
+        dtypes=_pallas.DTYPES if lowering == "pallas" else FLOAT_DTYPES,
     )

@@ -1,12 +1,14 @@
-"""The ``jax-pallas`` backend: the Pallas kernels of :mod:`l2norm.jax._pallas` (what JAX runs
-on GPUs and TPUs) in Pallas' interpret mode on this machine's CPU.
+"""A backend of one platform's Pallas kernel of :mod:`l2norm.jax._pallas`, called directly
+(any normalized axes) in Pallas' interpret mode on this machine's CPU: the TPU kernel
+(Mosaic block specs, the last block padded) or the GPU kernel (Triton's masked loads), for
+``tests/test_pallas.py``. The ``jax-pallas`` row of ``l2norm check`` is
+:func:`l2norm.jax.l2_normalize` with the ``pallas`` lowering forced, which interprets the
+TPU kernel on the CPU (:mod:`l2norm.conformance._jax`).
 
 Forward and VJP are one jitted program per option set, shape, dtype and scale kind, as
-in the ``jax`` rows. The TPU kernel (Mosaic block specs, the last block padded) is the
-one interpreted; ``tests/test_pallas.py`` interprets the GPU kernel (Triton's masked
-loads) too. Interpret mode runs on XLA:CPU, which flushes float32 subnormals, so the row
-measures with ``flushes_subnormals``. float64 is not taken (TPUs have none; JAX on a GPU
-runs float64 on the ladder).
+in the ``jax`` rows. Interpret mode runs on XLA:CPU, which flushes float32 subnormals, so
+the backend measures with ``flushes_subnormals``. float64 is not taken (TPUs have none;
+JAX on a GPU runs float64 on the ladder).
 """
 
 from __future__ import annotations
@@ -21,9 +23,6 @@ import numpy as np
 from l2norm.conformance._registry import Backend
 from l2norm.core.spec import Spec
 from l2norm.jax import _pallas
-
-#: The kernel interpreted by the backend (``"tpu"`` or ``"cuda"``).
-PLATFORM = "tpu"
 
 
 @functools.cache
@@ -64,9 +63,8 @@ def run(x: np.ndarray, scale: np.ndarray | None, g: np.ndarray, options: dict, p
     return np.asarray(y), np.asarray(dx), np.asarray(ds).astype(scale.dtype).reshape(scale.shape)
 
 
-def build(name: str, platform: str = PLATFORM) -> Backend:
-    """The ``jax-pallas`` backend: ``platform``'s kernel interpreted (the registry's row
-    takes :data:`PLATFORM`; the tests build one for each kernel).
+def build(name: str, platform: str) -> Backend:
+    """The backend ``name``: ``platform``'s kernel (``"tpu"`` or ``"cuda"``) interpreted.
 
     Examples:
         >>> build("jax-pallas-cuda", "cuda").flushes_subnormals

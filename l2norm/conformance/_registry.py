@@ -2,9 +2,12 @@
 
 A backend of a framework is a :class:`LazyBackend` entry: the framework modules it needs,
 the extra that installs them and a factory (``"module:function"``) that imports the
-framework and builds the :class:`Backend`. Nothing here imports a framework: listing the
-backends, or asking whether one is installed, only looks the modules up
-(:func:`importlib.util.find_spec`); :func:`get_backend` builds one on demand.
+framework and builds the :class:`Backend`. The backends that check a lowering are
+generated from the table of :mod:`l2norm.core.lowering` (each lowering's
+:attr:`~l2norm.core.lowering.Lowering.row`); the few adapter rows that are not lowerings
+(``torch-cuda``, ``nnx``, ``linen``, ``keras-*``) are declared here. Nothing here imports
+a framework: listing the backends, or asking whether one is installed, only looks the
+modules up (:func:`importlib.util.find_spec`); :func:`get_backend` builds one on demand.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from l2norm import reference
+from l2norm.core import lowering as _lowering
 from l2norm.core.spec import FLOAT_DTYPES, Spec
 
 Forward = Callable[[np.ndarray, "np.ndarray | None", dict], np.ndarray]
@@ -93,8 +97,9 @@ class LazyBackend:
         modules: the top-level modules it needs (looked up, not imported, to list it).
         extra: the extras of the ``l2norm`` distribution that install them (``"jax"``,
             ``"tensorflow,jax"``).
-        factory: ``"package.module:function"``, called with the backend's name; returns
-            the :class:`Backend` or raises :class:`BackendUnavailable`.
+        factory: ``"package.module:function"``, called with the backend's name (and
+            ``lowering`` when set); returns the :class:`Backend` or raises
+            :class:`BackendUnavailable`.
         env: environment variables the backend needs set before its framework is
             imported (``KERAS_BACKEND``). ``l2norm check`` runs such a backend in a child
             process with them set; in this process :func:`get_backend` sets them when
@@ -102,6 +107,8 @@ class LazyBackend:
         probe: ``"package.module:function"`` (called with the name, returns a reason or
             None) for a condition beyond the modules, e.g. a CUDA device. It may import
             the framework.
+        lowering: the lowering of the framework the backend forces (``use_lowering``),
+            or None for the framework's default choice.
     """
 
     name: str
@@ -110,6 +117,7 @@ class LazyBackend:
     factory: str
     env: tuple[tuple[str, str], ...] = ()
     probe: str | None = None
+    lowering: str | None = None
 
     @property
     def install(self) -> str:
@@ -117,9 +125,9 @@ class LazyBackend:
         return f'pip install "l2norm[{self.extra}]"'
 
 
-def _call(target: str, name: str):
+def _call(target: str, *args: str):
     module, _, function = target.partition(":")
-    return getattr(importlib.import_module(module), function)(name)
+    return getattr(importlib.import_module(module), function)(*args)
 
 
 def _numpy_backend(name: str) -> Backend:
@@ -143,34 +151,51 @@ def _numpy_backend(name: str) -> Backend:
 
 
 _PKG = "l2norm.conformance"
-_KERAS = "keras"
+_TORCH = f"{_PKG}._torch"
+#: The builder of each framework's backends, called with the row's name and the lowering
+#: it forces (see :class:`LazyBackend`), and the probe of its rows.
+_BUILDERS = {
+    "numpy": (f"{_PKG}._registry:_numpy_backend", None),
+    "torch": (f"{_TORCH}:build", f"{_TORCH}:probe"),
+    "jax": (f"{_PKG}._jax:build", None),
+}
+
+
+def _rows(framework: str) -> tuple[LazyBackend, ...]:
+    """The backends of ``framework``'s lowerings: its default choice, then each forced
+    lowering by name."""
+    factory, probe = _BUILDERS[framework]
+    checked = [lw for lw in _lowering.lowerings(framework) if lw.backend]
+    return tuple(
+        LazyBackend(
+            lw.backend,
+            lw.modules,
+            lw.extra,
+            factory,
+            probe=probe,
+            lowering=lw.name if lw.row == "forced" else None,
+        )
+        for lw in sorted(checked, key=lambda lw: (lw.row != "default", lw.name))
+    )
+
+
 #: Every backend ``l2norm check`` knows, in the order it checks them.
 _TABLE: dict[str, LazyBackend] = {
     entry.name: entry
     for entry in (
-        LazyBackend("numpy", (), "", f"{_PKG}._registry:_numpy_backend"),
-        LazyBackend("torch", ("torch",), "torch", f"{_PKG}._torch:build"),
-        LazyBackend("torch-ops", ("torch",), "torch", f"{_PKG}._torch:build"),
-        LazyBackend(
-            "torch-cuda", ("torch",), "torch", f"{_PKG}._torch:build", probe=f"{_PKG}._torch:probe"
+        *_rows("numpy"),
+        *_rows("torch"),
+        LazyBackend("torch-cuda", ("torch",), "torch", f"{_TORCH}:build", probe=f"{_TORCH}:probe"),
+        *_rows("jax"),
+        *(
+            LazyBackend(name, ("jax", "flax"), "jax", _BUILDERS["jax"][0])
+            for name in ("nnx", "linen")
         ),
-        LazyBackend(
-            "torch-triton",
-            ("torch", "triton"),
-            "torch",
-            f"{_PKG}._torch:build",
-            probe=f"{_PKG}._torch:probe",
-        ),
-        LazyBackend("jax", ("jax",), "jax", f"{_PKG}._jax:build"),
-        LazyBackend("jax-ops", ("jax",), "jax", f"{_PKG}._jax:build"),
-        LazyBackend("jax-pallas", ("jax",), "jax", f"{_PKG}._pallas:build"),
-        LazyBackend("nnx", ("jax", "flax"), "jax", f"{_PKG}._jax:build"),
-        LazyBackend("linen", ("jax", "flax"), "jax", f"{_PKG}._jax:build"),
         # Keras comes with the tensorflow extra; its other backends need their framework too.
         *(
             LazyBackend(
                 f"keras-{kb}",
-                (_KERAS, module),
+                ("keras", module),
                 "tensorflow" if kb == "tensorflow" else f"tensorflow,{extra}",
                 f"{_PKG}._keras:build",
                 env=(("KERAS_BACKEND", kb),),
@@ -262,7 +287,7 @@ def get_backend(name: str) -> Backend:
     problem = unavailable(name)
     if problem is not None:
         raise problem
-    backend = _call(entry.factory, name)
+    backend = _call(entry.factory, name, *([entry.lowering] if entry.lowering else []))
     _BUILT[name] = backend
     return backend
 

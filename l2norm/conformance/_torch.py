@@ -1,6 +1,7 @@
 """The PyTorch backends: ``torch`` (the default dispatch: the native CPU kernel wherever it
-applies), ``torch-ops`` (the pure-torch lowering, forced), ``torch-cuda`` and
-``torch-triton`` (the Triton lowering, forced; without a GPU in Triton's interpreter).
+applies), ``torch-cuda`` (the same on CUDA) and one per other lowering of
+:mod:`l2norm.core.lowering`, forced: ``torch-ops`` (the pure-torch lowering) and
+``torch-triton`` (the Triton lowering; without a GPU in Triton's interpreter).
 
 Only the public API of :mod:`l2norm.torch` is used: :func:`~l2norm.torch.l2_normalize`,
 :func:`~l2norm.torch.use_lowering` and :func:`~l2norm.torch.cpu_kernel_available`.
@@ -8,7 +9,6 @@ Only the public API of :mod:`l2norm.torch` is used: :func:`~l2norm.torch.l2_norm
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import numpy as np
@@ -50,14 +50,14 @@ def _triton_device() -> tuple[str, str | None]:
     return "cpu", None
 
 
-def build(name: str) -> Backend:
-    """The backend ``torch``, ``torch-ops`` or ``torch-cuda``."""
+def build(name: str, lowering: str | None = None) -> Backend:
+    """The backend ``name``: ``lowering`` forced (:func:`l2norm.torch.use_lowering`), or
+    the default dispatch for None; on CUDA for ``torch-cuda``."""
     reason = probe(name)
     if reason is not None:
         raise BackendUnavailable(name, reason)
     device = "cuda" if name == "torch-cuda" else "cpu"
-    lowering = {"torch-ops": "ops", "torch-triton": "triton"}.get(name)
-    if name == "torch-triton":
+    if lowering == "triton":
         device = _triton_device()[0]
     notes: tuple[str, ...] = ()
     if name == "torch":
@@ -72,12 +72,9 @@ def build(name: str) -> Backend:
                 "lowering",
             )
 
-    def lowered():
-        return l2torch.use_lowering(lowering) if lowering else contextlib.nullcontext()
-
     def forward(x: np.ndarray, scale: np.ndarray | None, options: dict) -> np.ndarray:
         w = None if scale is None else numpy_to_torch(scale).to(device)
-        with lowered():
+        with l2torch.use_lowering(lowering):
             y = l2torch.l2_normalize(numpy_to_torch(x).to(device), w, **torch_kwargs(options))
         return torch_to_numpy(y)
 
@@ -86,7 +83,7 @@ def build(name: str) -> Backend:
     ) -> tuple[np.ndarray, np.ndarray | None]:
         xt = numpy_to_torch(x).to(device).requires_grad_(True)
         wt = None if scale is None else numpy_to_torch(scale).to(device).requires_grad_(True)
-        with lowered():
+        with l2torch.use_lowering(lowering):
             y = l2torch.l2_normalize(xt, wt, **torch_kwargs(options))
             inputs = (xt,) if wt is None else (xt, wt)
             grads = torch.autograd.grad(y, inputs, numpy_to_torch(g).to(device))

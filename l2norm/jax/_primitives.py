@@ -60,11 +60,6 @@ from l2norm.jax import _ops, _pallas
 __all__ = ["LOWERINGS", "OpPlan", "applies", "normalize", "plan_for", "use_lowering"]
 
 DTYPES = ("float32", "float16", "bfloat16")
-_registry.register(
-    _registry.Lowering("jax", "cpu-kernel", "the native CPU kernel as XLA custom calls: the CPU"),
-    _registry.Lowering("jax", "pallas", "the Pallas kernels: CUDA GPUs (TPUs and ROCm opt in)"),
-    _registry.Lowering("jax", "ops", "the ladder in jax.numpy: any backend, dtype and axes"),
-)
 #: The lowerings :func:`use_lowering` can force: the native CPU kernel, the Pallas kernels
 #: (:mod:`l2norm.jax._pallas`: GPUs and TPUs; interpreted elsewhere), or plain jax.numpy ops.
 LOWERINGS: tuple[str, ...] = _registry.names("jax")

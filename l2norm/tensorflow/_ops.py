@@ -44,18 +44,10 @@ from tensorflow.python.ops import control_flow_util as _control_flow
 
 from l2norm.core import driver as _driver
 from l2norm.core import ladder as _ladder
-from l2norm.core import lowering as _registry
 from l2norm.core import portable as _portable
 from l2norm.core.ladder import FORMATS, Ladder, SliceFactors
 from l2norm.core.modes import get_mode
 from l2norm.core.spec import Axes, Spec
-
-_registry.register(
-    _registry.Lowering("tensorflow", "ops", "the ladder in TensorFlow ops, XLA-compiled"),
-    _registry.Lowering(
-        "tensorflow", "traced", "the portable formula: Keras export, TFLite", forceable=False
-    ),
-)
 
 __all__ = ["normalize", "exact_upscale", "exporting", "portable"]
 

@@ -41,15 +41,7 @@ from l2norm.torch._layout import Layout
 
 __all__ = ["LOWERINGS", "Plan", "Route", "choose", "use_lowering"]
 
-_lowering.register(
-    _lowering.Lowering("torch", "cpu-kernel", "the native CPU kernel: CPU tensors, the default"),
-    _lowering.Lowering("torch", "triton", "Triton kernels: CUDA tensors, the default"),
-    _lowering.Lowering("torch", "ops", "the ladder in torch ops: any device, dtype and layout"),
-    _lowering.Lowering(
-        "torch", "traced", "the portable formula: jit.trace, export, ONNX", forceable=False
-    ),
-)
-#: The lowerings :func:`use_lowering` can force.
+#: The lowerings :func:`use_lowering` can force (the table of :mod:`l2norm.core.lowering`).
 LOWERINGS: tuple[str, ...] = _lowering.names("torch")
 
 
