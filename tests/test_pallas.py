@@ -4,9 +4,10 @@ cases against the reference, bitwise batch invariance, the exported lowerings fo
 ``cuda`` and ``tpu``, and the errors.
 
 Every conformance case runs in ``l2norm check --backends jax-pallas --full`` (the TPU
-kernel); here the few cases that together meet every layout, eps placement, scale kind,
-dtype on random and hostile data and the extreme eps values, since each case compiles a
-program of its own (about 2 s).
+kernel through :mod:`l2norm.jax`, where it applies: one normalized axis); here, on the
+kernels directly (any axes), the few cases that together meet every layout, eps
+placement, scale kind, dtype on random and hostile data and the extreme eps values, since
+each case compiles a program of its own (about 2 s).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import doctest
 import re
 from dataclasses import dataclass
 
+import _pallas_backend as pallas_backend  # tests/_pallas_backend.py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,6 @@ import pytest
 from _conformance_rows import greedy_cover  # tests/_conformance_rows.py
 
 from l2norm import conformance
-from l2norm.conformance import _pallas as pallas_backend
 from l2norm.core.spec import Spec
 from l2norm.jax import _pallas
 

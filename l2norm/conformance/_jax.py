@@ -85,8 +85,7 @@ def _linen_program(key: tuple, shared: bool, param_dtype: str) -> _Run:
 
 def _run_function(x, scale, g, options, lowering=None):
     # None is a pytree without leaves: one program serves "no scale" too.
-    y, dx, ds = _function_program(_options_key(options), lowering)(x, scale, g)
-    return y, dx, ds
+    return _function_program(_options_key(options), lowering)(x, scale, g)
 
 
 def _run_nnx(x, scale, g, options):

@@ -151,32 +151,32 @@ def _numpy_backend(name: str) -> Backend:
 
 
 _PKG = "l2norm.conformance"
-_TORCH = f"{_PKG}._torch"
-#: The builder of each framework's backends, called with the row's name and the lowering
-#: it forces (see :class:`LazyBackend`), and the probe of its rows.
+#: Each framework's builder (called with a row's name and the lowering it forces, see
+#: :class:`LazyBackend`) and the probe of its rows.
 _BUILDERS = {
     "numpy": (f"{_PKG}._registry:_numpy_backend", None),
-    "torch": (f"{_TORCH}:build", f"{_TORCH}:probe"),
+    "torch": (f"{_PKG}._torch:build", f"{_PKG}._torch:probe"),
     "jax": (f"{_PKG}._jax:build", None),
 }
 
 
-def _rows(framework: str) -> tuple[LazyBackend, ...]:
-    """The backends of ``framework``'s lowerings: its default choice, then each forced
-    lowering by name."""
+def _rows(framework: str, *adapters: str, needs: tuple[str, ...] = ()) -> list[LazyBackend]:
+    """``framework``'s backends: one per lowering the table checks (the default choice,
+    then each forced lowering by name), then ``adapters``, rows of the default choice that
+    are no lowering (a device, the layers), which need the modules ``needs`` too."""
     factory, probe = _BUILDERS[framework]
     checked = [lw for lw in _lowering.lowerings(framework) if lw.backend]
-    return tuple(
-        LazyBackend(
-            lw.backend,
-            lw.modules,
-            lw.extra,
-            factory,
-            probe=probe,
-            lowering=lw.name if lw.row == "forced" else None,
-        )
-        for lw in sorted(checked, key=lambda lw: (lw.row != "default", lw.name))
-    )
+    checked.sort(key=lambda lw: (lw.row != "default", lw.name))
+    default = checked[0]
+    rows = [
+        (lw.backend, lw.modules, lw.extra, lw.name if lw.row == "forced" else None)
+        for lw in checked
+    ]
+    rows += [(name, (*default.modules, *needs), default.extra, None) for name in adapters]
+    return [
+        LazyBackend(name, modules, extra, factory, probe=probe, lowering=lowering)
+        for name, modules, extra, lowering in rows
+    ]
 
 
 #: Every backend ``l2norm check`` knows, in the order it checks them.
@@ -184,13 +184,8 @@ _TABLE: dict[str, LazyBackend] = {
     entry.name: entry
     for entry in (
         *_rows("numpy"),
-        *_rows("torch"),
-        LazyBackend("torch-cuda", ("torch",), "torch", f"{_TORCH}:build", probe=f"{_TORCH}:probe"),
-        *_rows("jax"),
-        *(
-            LazyBackend(name, ("jax", "flax"), "jax", _BUILDERS["jax"][0])
-            for name in ("nnx", "linen")
-        ),
+        *_rows("torch", "torch-cuda"),
+        *_rows("jax", "nnx", "linen", needs=("flax",)),
         # Keras comes with the tensorflow extra; its other backends need their framework too.
         *(
             LazyBackend(

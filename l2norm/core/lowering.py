@@ -75,10 +75,6 @@ class Lowering:
 
 _torch = functools.partial(Lowering, "torch", modules=("torch",), extra="torch")
 _jax = functools.partial(Lowering, "jax", modules=("jax",), extra="jax")
-# TensorFlow's lowerings run under Keras: the keras-tensorflow backend checks them.
-_tensorflow = functools.partial(
-    Lowering, "tensorflow", modules=("tensorflow",), extra="tensorflow", row=None
-)
 #: Every lowering, each framework's in order of preference.
 TABLE: tuple[Lowering, ...] = (
     Lowering("numpy", "reference", "NumPy in float64 / long double: the reference", row="default"),
@@ -89,8 +85,9 @@ TABLE: tuple[Lowering, ...] = (
     _jax("cpu-kernel", "the native CPU kernel as XLA custom calls: the CPU", row="default"),
     _jax("pallas", "the Pallas kernels: CUDA GPUs (TPUs and ROCm opt in)"),
     _jax("ops", "the ladder in jax.numpy: any backend, dtype and axes"),
-    _tensorflow("ops", "the ladder in TensorFlow ops, XLA-compiled"),
-    _tensorflow("traced", "the portable formula: Keras export, TFLite", forceable=False),
+    # TensorFlow's lowerings run under Keras: the keras-tensorflow backend checks them.
+    Lowering("tensorflow", "ops", "the ladder in TensorFlow ops, XLA-compiled", row=None),
+    Lowering("tensorflow", "traced", "the portable formula: Keras export, TFLite", False, row=None),
 )
 # (framework, name) pairs: immutable, so a context's value is never changed in place.
 _FORCED: contextvars.ContextVar[tuple[tuple[str, str], ...]] = contextvars.ContextVar(

@@ -1,9 +1,8 @@
-"""A backend of one platform's Pallas kernel of :mod:`l2norm.jax._pallas`, called directly
-(any normalized axes) in Pallas' interpret mode on this machine's CPU: the TPU kernel
-(Mosaic block specs, the last block padded) or the GPU kernel (Triton's masked loads), for
-``tests/test_pallas.py``. The ``jax-pallas`` row of ``l2norm check`` is
-:func:`l2norm.jax.l2_normalize` with the ``pallas`` lowering forced, which interprets the
-TPU kernel on the CPU (:mod:`l2norm.conformance._jax`).
+"""A conformance backend of one platform's Pallas kernel of :mod:`l2norm.jax._pallas`,
+called directly (any normalized axes) in Pallas' interpret mode on this machine's CPU: the
+TPU kernel (Mosaic block specs, the last block padded) or the GPU kernel (Triton's masked
+loads), for ``tests/test_pallas.py``. (The ``jax-pallas`` row of ``l2norm check`` is
+:func:`l2norm.jax.l2_normalize` with the ``pallas`` lowering forced.)
 
 Forward and VJP are one jitted program per option set, shape, dtype and scale kind, as
 in the ``jax`` rows. Interpret mode runs on XLA:CPU, which flushes float32 subnormals, so
