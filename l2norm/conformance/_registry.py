@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -285,31 +283,3 @@ def get_backend(name: str) -> Backend:
     backend = _call(entry.factory, name, *([entry.lowering] if entry.lowering else []))
     _BUILT[name] = backend
     return backend
-
-
-def backends() -> dict[str, Backend]:
-    """Every backend that can run in this process, built: this imports every installed
-    framework (use :func:`get_backend` for one). Keras backends other than the one this
-    process runs are left out, as are backends that cannot run here."""
-    built = {}
-    for name, entry in known_backends().items():
-        if entry is not None and entry.env and not env_matches(entry):
-            continue
-        try:
-            built[name] = get_backend(name)
-        except BackendUnavailable:
-            continue
-    return built
-
-
-def env_matches(entry: LazyBackend) -> bool:
-    """Whether this process can run ``entry`` as it is: every variable of its ``env`` is
-    set to its value, or unset while its framework is not imported yet."""
-    for key, value in entry.env:
-        current = os.environ.get(key)
-        if current == value:
-            continue
-        if current is None and not any(m in sys.modules for m in entry.modules[:1]):
-            continue
-        return False
-    return True
