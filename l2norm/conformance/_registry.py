@@ -100,8 +100,8 @@ class LazyBackend:
             :class:`BackendUnavailable`.
         env: environment variables the backend needs set before its framework is
             imported (``KERAS_BACKEND``). ``l2norm check`` runs such a backend in a child
-            process with them set; in this process :func:`get_backend` sets them when
-            the framework is not imported yet.
+            process with them set; in this process its factory sets them when the
+            framework is not imported yet (see ``_keras``).
         probe: ``"package.module:function"`` (called with the name, returns a reason or
             None) for a condition beyond the modules, e.g. a CUDA device. It may import
             the framework.
