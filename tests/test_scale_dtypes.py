@@ -163,6 +163,33 @@ def test_an_accepted_mix_is_the_exactly_widened_scale(framework, x_dtype, s_dtyp
     assert gradient_error(ds, ds_want, ds_size, None, None, None, coarser, False) <= 2.0
 
 
+LOWERINGS = [
+    ("torch", "ops"),
+    ("torch", "cpu-kernel"),
+    ("torch", "triton"),  # the interpreter without a GPU
+    ("jax", "ops"),
+    ("jax", "cpu-kernel"),
+    ("jax", "pallas"),  # interpreted without a GPU
+]
+
+
+@pytest.mark.parametrize("framework, lowering", LOWERINGS)
+@pytest.mark.parametrize("x_dtype, s_dtype", [("float32", "bfloat16"), ("bfloat16", "float16")])
+def test_every_lowering_takes_the_widened_scale(framework, lowering, x_dtype, s_dtype):
+    """The accepted mixes reach each kernel in a dtype it takes (the compute precision)."""
+    x, scale, g = _data(x_dtype, s_dtype)
+    module = l2norm.torch if framework == "torch" else l2norm.jax
+    with module.use_lowering(lowering), _x64(framework):
+        assert module.lowering_for(x if framework == "jax" else numpy_to_torch(x)) == lowering
+        y, dx, ds = _run(framework, x, scale, g)
+    assert ds.dtype == scale.dtype
+    assert forward_error(y, oracle.forward(x, scale, SPEC), x.dtype, False) <= 1.0
+    _, ds_want = oracle.vjp(x, scale, g, SPEC)
+    _, ds_size = gradient_magnitudes(x, scale, g, SPEC)
+    coarser = _np_dtype(_coarser(x_dtype, s_dtype))
+    assert gradient_error(ds, ds_want, ds_size, None, None, None, coarser, False) <= 2.0
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("x_dtype, s_dtype", REFUSED)
 def test_a_refused_mix_names_both_dtypes(framework, x_dtype, s_dtype):
