@@ -127,6 +127,16 @@ def _widen(x: tf.Tensor, acc: tf.DType) -> tf.Tensor:
     return tf.cast(x, acc)
 
 
+def _widen_magnitude(x: tf.Tensor, acc: tf.DType) -> tf.Tensor:
+    """``|x|`` in the accumulator dtype, subnormals kept: what a sum of squares reads, in
+    fewer operations than :func:`_widen` (no sign to restore)."""
+    if x.dtype == tf.float32 and acc == tf.float64:
+        magnitude = tf.bitwise.bitwise_and(tf.bitcast(x, tf.int32), tf.constant(0x7FFFFFFF))
+        rebuilt = tf.cast(magnitude, tf.float64) * tf.constant(2.0**-149, tf.float64)
+        return tf.where(magnitude < (1 << 23), rebuilt, tf.cast(tf.abs(x), tf.float64))
+    return tf.abs(_widen(x, acc))
+
+
 def _acc_dtype(dtype: tf.DType) -> tf.DType:
     return tf.float64 if dtype in (tf.float32, tf.float64) else tf.float32
 
@@ -189,29 +199,43 @@ def _adder(count: int, dtype: tf.DType) -> Any:
 
 
 def _sum_over(terms: list[tf.Tensor], dim: int) -> list[tf.Tensor]:
-    """Each of ``terms`` (one shape) summed over ``dim``, in one pass over them.
+    """Each of ``terms`` (one shape) summed over ``dim``, in one pass over them, each
+    term after term, first to last, whatever the size of the array.
 
     One multi-output reduction where XLA is reachable: XLA on CPU does not fuse sibling
-    reductions, and separate ones read the input once per rung. The barrier keeps XLA
-    from merging the stages of :func:`staged_sums` back into one long chain.
+    reductions, and separate ones read the input once per rung. It also fixes the order:
+    XLA's CPU reduction with a single output adds in an order that depends on the size
+    of the whole array (in vector lanes once it holds some 2**15 entries; other orders for
+    longer rows or along outer axes), so that a sample's sums, and its output, would
+    change with the batch; the multi-output one adds term after term. A single term is
+    therefore summed next to a zero operand. The barrier keeps XLA from merging the
+    stages of :func:`staged_sums` back into one long chain.
     """
-    if _tfxla is None or len(terms) == 1:
+    if _tfxla is None:
         sums = [tf.reduce_sum(t, axis=dim) for t in terms]
     else:
+        operands = terms if len(terms) > 1 else [terms[0], tf.zeros_like(terms[0])]
         zero = tf.zeros([], terms[0].dtype)
-        sums = list(
-            _tfxla.variadic_reduce(
-                terms,
-                [zero] * len(terms),
-                dimensions_to_reduce=[dim],
-                reducer=_adder(len(terms), terms[0].dtype),
-            )
+        sums = _tfxla.variadic_reduce(
+            operands,
+            [zero] * len(operands),
+            dimensions_to_reduce=[dim],
+            reducer=_adder(len(operands), terms[0].dtype),
         )
+        sums = list(sums)[: len(terms)]
     return sums if _barrier is None else list(_barrier(sums))
 
 
 def staged_sums(terms: list[tf.Tensor], plan: Plan) -> list[tf.Tensor]:
-    """Each of ``terms`` (arrays of one shape) summed over the planned axes (kept)."""
+    """Each of ``terms`` (arrays of one shape) summed over the planned axes (kept), each
+    stage's terms added first to last (:func:`_sum_over`): the same sums at any batch size.
+
+    Example:
+        >>> v = tf.reshape(tf.range(32.0), [2, 16])
+        >>> plan = sum_plan(v.shape, Axes(norm=(1,), channel=1, ndim=2))
+        >>> staged_sums([v], plan)[0].numpy().ravel()
+        array([120., 376.], dtype=float32)
+    """
     for axis, stages in plan:
         for k in stages[:-1]:  # all but the last stage: split the axis, sum the inner part
             shape = tf.shape(terms[0])
@@ -229,7 +253,9 @@ _split = _PAIRS.split  # the split alone (tests/test_compensated.py)
 def _sum_to_scale(v: tf.Tensor, scale_axes: tuple[int, ...]) -> tf.Tensor:
     """``v`` summed over ``scale_axes``: the innermost one first, on its own (one XLA
     column reduction over every pixel at once runs 10 times slower on CPU)."""
-    (v,) = _sum_over([v], scale_axes[-1])
+    # Summed over the batch: its order may depend on the batch size (plain reductions).
+    v = tf.reduce_sum(v, axis=scale_axes[-1])
+    v = v if _barrier is None else _barrier([v])[0]
     return tf.reduce_sum(v, axis=scale_axes[:-1]) if len(scale_axes) > 1 else v
 
 
@@ -237,8 +263,11 @@ def _hooks(x: tf.Tensor, plan: Plan, scale_axes: tuple[int, ...] | None) -> _dri
     """The driver's hooks: staged reductions, the exact upscale, the scale inside."""
 
     def sums(xw: tf.Tensor, ladder: Ladder) -> tuple[list, tf.Tensor]:
+        # One rung reads only the squares and the infinities: |x| from x itself is
+        # cheaper than xw (no sign to restore) and gives the same squares.
+        read = _widen_magnitude(x, xw.dtype) if ladder.single else xw
         # The ladder's full-size terms (``reduce`` left as the identity), summed together.
-        terms, infinite = _ladder.sums(XP, xw, ladder, lambda v: v, exact_upscale)
+        terms, infinite = _ladder.sums(XP, read, ladder, lambda v: v, exact_upscale)
         *rung_sums, n_inf = staged_sums([*terms, infinite], plan)
         return rung_sums, n_inf
 
