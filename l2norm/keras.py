@@ -127,7 +127,9 @@ def l2_normalize(
         axis: the normalized axis, or a list of axes whose first entry is the channel
             axis.
         across_spatial: one norm per sample over every axis but the first.
-        eps, eps_mode, preset: see :class:`L2Norm`.
+        eps: epsilon; see :class:`L2Norm`.
+        eps_mode: where eps goes; see :class:`L2Norm`.
+        preset: a peer's (eps_mode, eps); see :class:`L2Norm`.
 
     Returns:
         A tensor of ``x``'s shape and dtype.

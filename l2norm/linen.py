@@ -43,7 +43,9 @@ class L2Norm(nn.Module):
         across_spatial: one norm per sample over every axis but the first.
         learnable: False puts the scale in the ``"constants"`` collection instead of
             ``"params"``: saved and restored with the variables, never trained.
-        eps, eps_mode, preset: where eps goes; see :func:`l2norm.jax.l2_normalize`.
+        eps: epsilon; see :func:`l2norm.jax.l2_normalize`.
+        eps_mode: where eps goes; see :func:`l2norm.jax.l2_normalize`.
+        preset: a peer's (eps_mode, eps); see :func:`l2norm.jax.l2_normalize`.
         dtype: the compute and output dtype; None keeps the input's dtype.
         param_dtype: the storage dtype of the scale.
     """

@@ -52,7 +52,9 @@ class L2Norm(nnx.Module):
         across_spatial: one norm per sample over every axis but the first.
         learnable: False stores the scale as a :class:`Constant` variable, which is
             serialized with the state but not trained.
-        eps, eps_mode, preset: where eps goes; see :func:`l2norm.jax.l2_normalize`.
+        eps: epsilon; see :func:`l2norm.jax.l2_normalize`.
+        eps_mode: where eps goes; see :func:`l2norm.jax.l2_normalize`.
+        preset: a peer's (eps_mode, eps); see :func:`l2norm.jax.l2_normalize`.
         dtype: the compute and output dtype; None keeps the input's dtype (float16 and
             bfloat16 are computed in float32 either way).
         param_dtype: the storage dtype of the scale.

@@ -326,9 +326,11 @@ class L2Norm(nn.Module):
         across_spatial: one norm per sample over every axis but 0 (Caffe's option).
         learnable: $\gamma$ is a parameter; if False, a buffer (still in the
             ``state_dict``). Default: True.
-        eps: epsilon (default 1e-12 or the preset's); eps_mode: where it goes (see the
-            table); preset: a peer's (eps_mode, eps), e.g. ``"ssd.pytorch"``.
-        device, dtype: of the parameter (factory kwargs, as in `torch.nn.LayerNorm`).
+        eps: epsilon (default 1e-12 or the preset's).
+        eps_mode: where eps goes (see the table).
+        preset: a peer's (eps_mode, eps), e.g. ``"ssd.pytorch"``.
+        device: the parameter's device (factory kwarg, as in `torch.nn.LayerNorm`).
+        dtype: the parameter's dtype (factory kwarg).
 
     Attributes:
         weight: $\gamma$, shape $(C,)$ or $(1,)$ with ``channel_shared``.

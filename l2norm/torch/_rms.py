@@ -96,7 +96,8 @@ class RMSNorm(nn.Module):
         dim: the normalized axis, or a tuple whose first entry is the channel axis.
         preset: a peer's convention (see :func:`rms_norm`); ``"gemma"`` starts the weight
             at 0 (the scale is ``1 + weight``), every other at 1.
-        device, dtype: of the weight (factory kwargs).
+        device: the weight's device (factory kwarg).
+        dtype: the weight's dtype (factory kwarg).
 
     Examples:
         >>> import torch
