@@ -8,6 +8,15 @@ Usage::
     python benchmarks/run.py --frameworks torch,jax
     python benchmarks/run.py --device cuda    # torch and jax on the GPU
     python benchmarks/run.py --frameworks rmsnorm-torch --sizes 8,512,768  # RMSNorm
+    python benchmarks/run.py --record         # the headline run, checked in (below)
+    python benchmarks/run.py --render         # RESULTS.md's headline from the record
+
+``--record`` runs every CPU framework at :data:`RECORD_SIZES` in float32, bfloat16 and
+float16 and writes :data:`RECORD` (``benchmarks/headline.json``, checked in). Everything the
+docs show of it is generated from that one file: the headline table of
+``benchmarks/RESULTS.md`` (between :data:`BEGIN` and :data:`END`, rewritten by ``--record``
+and ``--render``, compared by ``tests/test_benchmarks.py``) and the plots (drawn by the
+docs build from the file), so no figure can go stale against the table.
 
 Each framework module ``benchmarks/bench_<name>.py`` exposes
 ``suites(shape, dtype, quick, device) -> list[Suite]`` for an NCHW ``shape`` (it
@@ -31,6 +40,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +55,13 @@ SIZES = ((1, 64, 8, 8), (2, 256, 19, 19), (8, 512, 38, 38), (32, 512, 75, 75))
 QUICK_SIZES = ((1, 64, 8, 8), (8, 512, 38, 38))
 HEADLINE = (8, 512, 38, 38)
 DTYPES = ("float32", "bfloat16")
+#: The checked-in headline run (``--record``) and the page its table lives in.
+RECORD = ROOT / "benchmarks" / "headline.json"
+RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+RECORD_SIZES = ((1, 64, 8, 8), (2, 256, 19, 19), HEADLINE)
+RECORD_DTYPES = ("float32", "bfloat16", "float16")
+BEGIN = "<!-- headline: generated from benchmarks/headline.json by benchmarks/run.py -->"
+END = "<!-- end of headline -->"
 #: The frameworks each device can run (NumPy has no GPU; the Keras rows run on CPU).
 DEVICE_FRAMEWORKS = {"cpu": FRAMEWORKS, "cuda": ("torch", "jax")}
 #: Run only when named: RMSNorm at (batch, tokens, channels) sizes (bench_rmsnorm.py).
@@ -143,8 +160,30 @@ def vector_extensions() -> str:
     return " ".join(found) or "none found"
 
 
+def _commit() -> str:
+    """The checked-out commit, ``+`` when the tree has changes (or 'unknown')."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
 def machine() -> dict:
     info = {
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "commit": _commit(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "vector_extensions": vector_extensions(),
@@ -212,6 +251,72 @@ def markdown(rows: list[dict], info: dict) -> str:
     return header + "\n\n" + "\n".join(lines) + "\n"
 
 
+#: How each framework's compiled rows are called in the headline table.
+_COMPILED = {"torch": "torch.compile", "keras-tensorflow": "XLA"}
+
+
+def _label(row: dict) -> str:
+    how = _COMPILED.get(row["framework"], "jit") if row["compiled"] else "eager"
+    if row["framework"] == "numpy":
+        how = "reference"
+    return f"{how} {row['mode']}"
+
+
+def headline_table(results: dict) -> str:
+    """The headline table of a run (:data:`HEADLINE` rows): per framework and mode, for
+    each dtype, l2norm's time over the fastest peer idiom's and over a copy's, both in
+    the same run; the run's date, commit, command and machine above it.
+
+    Example:
+        >>> row = {"framework": "numpy", "mode": "forward", "compiled": False,
+        ...        "shape_nchw": list(HEADLINE), "dtype": "float32",
+        ...        "ratios": {"vs_best_peer": 8.71, "best_peer": "naive", "vs_copy": 6.14}}
+        >>> headline_table({"machine": {}, "command": "run.py", "rows": [row]}).splitlines()[-1]
+        '| numpy | reference forward | 8.71 / 6.1 |'
+    """
+    info = results["machine"]
+    rows = [r for r in results["rows"] if tuple(r["shape_nchw"]) == HEADLINE]
+    dtypes = [d for d in RECORD_DTYPES if any(r["dtype"] == d for r in rows)] or list(RECORD_DTYPES)
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for row in rows:
+        ratios = row["ratios"]
+        cell = f"{ratios['vs_best_peer']:.2f}"
+        if "vs_copy" in ratios:
+            cell += f" / {ratios['vs_copy']:.1f}"
+        cells.setdefault((row["framework"], _label(row)), {})[row["dtype"]] = cell
+    versions = ", ".join(
+        f"{k} {info[k]}"
+        for k in ("torch", "jax", "flax", "keras", "tensorflow", "numpy")
+        if k in info
+    )
+    lines = [
+        f"Run {info.get('date', '?')} at commit {info.get('commit', '?')}: "
+        f"`{results.get('command', '?')}`. {info.get('processor', '?')}, "
+        f"{info.get('cpu_count', '?')} cores, vector extensions: "
+        f"{info.get('vector_extensions', '?')}; {versions}, Python {info.get('python', '?')}.",
+        "",
+        "| framework | mode | " + " | ".join(f"{d} peer / copy" for d in dtypes) + " |",
+        "|---|---|" + "---|" * len(dtypes),
+    ]
+    for (framework, label), by_dtype in cells.items():
+        cells_of_row = [framework, label, *(by_dtype.get(d, "") for d in dtypes)]
+        lines.append("|" + "|".join(f" {c} " if c else " " for c in cells_of_row) + "|")
+    return "\n".join(lines)
+
+
+def render(results: dict, page: str) -> str:
+    """``page`` (RESULTS.md's text) with the block between :data:`BEGIN` and :data:`END`
+    replaced by :func:`headline_table` of ``results``.
+
+    Raises:
+        ValueError: the page has no such block.
+    """
+    start, end = page.find(BEGIN), page.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"the page has no block between {BEGIN!r} and {END!r}")
+    return page[: start + len(BEGIN)] + "\n" + headline_table(results) + "\n" + page[end:]
+
+
 def plots(rows: list[dict], out_dir: Path) -> list[Path]:
     import matplotlib
 
@@ -245,27 +350,30 @@ def plots(rows: list[dict], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    headline = [
-        r
-        for r in rows
-        if tuple(r["shape_nchw"]) == HEADLINE
-        and r["dtype"] == "float32"
-        and "vs_best_peer" in r["ratios"]
-    ]
+    headline = [r for r in rows if tuple(r["shape_nchw"]) == HEADLINE and "vs_copy" in r["ratios"]]
     if headline:
-        labels = [
-            f"{r['framework']}\n{r['mode']}{' (compiled)' if r['compiled'] else ''}"
-            for r in headline
-        ]
-        values = [r["ratios"]["vs_best_peer"] for r in headline]
-        fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(values)), 4.5), constrained_layout=True)
-        ax.bar(
-            range(len(values)), values, color=["tab:green" if v <= 1 else "tab:red" for v in values]
-        )
+        labels = list(dict.fromkeys(f"{r['framework']}\n{_label(r)}" for r in headline))
+        dtypes = [d for d in RECORD_DTYPES if any(r["dtype"] == d for r in headline)]
+        width = 0.8 / len(dtypes)
+        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 4.5), constrained_layout=True)
+        for k, dtype in enumerate(dtypes):
+            value = {
+                f"{r['framework']}\n{_label(r)}": r["ratios"]["vs_best_peer"]
+                for r in headline
+                if r["dtype"] == dtype
+            }
+            xs = [
+                i + (k - (len(dtypes) - 1) / 2) * width
+                for i, lb in enumerate(labels)
+                if lb in value
+            ]
+            ax.bar(xs, [value[lb] for lb in labels if lb in value], width, label=dtype)
         ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_xticks(range(len(values)), labels, rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("l2norm time / fastest peer idiom")
-        ax.set_title(f"SSD conv4_3 {HEADLINE}, float32: below 1 is faster than every peer")
+        ax.set_yscale("log")  # ratios: 0.5 and 2 are the same distance from 1
+        ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("l2norm time / fastest peer idiom (log)")
+        ax.set_title(f"SSD conv4_3 {HEADLINE}: below 1 is faster than every peer")
+        ax.legend(fontsize=8)
         path = out_dir / "headline_ratios.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
@@ -294,9 +402,22 @@ def main(argv=None) -> int:
     parser.add_argument("--frameworks", help="default: every framework the device runs")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--sizes", help="NCHW sizes, e.g. '1,64,8,8;8,512,38,38'")
+    parser.add_argument(
+        "--record", action="store_true", help=f"the headline run, written to {RECORD.name}"
+    )
+    parser.add_argument(
+        "--render", action="store_true", help=f"RESULTS.md's headline table from {RECORD.name}"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.render:
+        RESULTS_MD.write_text(render(json.loads(RECORD.read_text()), RESULTS_MD.read_text()))
+        print(f"rewrote the headline of {RESULTS_MD} from {RECORD}")
+        return 0
+    if args.record:  # the checked-in run: every CPU framework, three sizes, three dtypes
+        args.sizes = args.sizes or ";".join(",".join(map(str, s)) for s in RECORD_SIZES)
+        args.dtypes = ",".join(RECORD_DTYPES)
     sizes = _parse_sizes(args.sizes, args.quick)
     dtypes = tuple(args.dtypes.split(","))
 
@@ -330,7 +451,13 @@ def main(argv=None) -> int:
             rows += child_rows or []
             bar.update(len(sizes) * len(dtypes))
     info = machine()
-    (out_dir / "results.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1))
+    command = " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
+    results = {"machine": info, "command": command, "rows": rows}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    if args.record and not failed:
+        RECORD.write_text(json.dumps(results, indent=1) + "\n")
+        RESULTS_MD.write_text(render(results, RESULTS_MD.read_text()))
+        print(f"recorded {RECORD} and rewrote the headline of {RESULTS_MD}")
     table = markdown(rows, info)
     (out_dir / "results.md").write_text(table)
     written = plots(rows, out_dir)

@@ -120,3 +120,35 @@ def test_run_takes_the_rms_norm_frameworks_by_name_only():
     assert not set(run.RMS_FRAMEWORKS) & set(run.FRAMEWORKS)  # (batch, tokens, C) sizes
     assert run.keras_backend("rmsnorm-keras-jax") == run.keras_backend("keras-jax") == "jax"
     assert run.keras_backend("rmsnorm-torch") is None
+
+
+def test_results_headline_is_generated_from_the_checked_in_run():
+    """RESULTS.md's headline table is exactly what the checked-in run renders (the docs
+    build draws the plots from the same file), and that run is a whole headline run."""
+    results = json.loads(run.RECORD.read_text())
+    page = run.RESULTS_MD.read_text()
+    assert run.render(results, page) == page, "run `python benchmarks/run.py --render`"
+    headline = [r for r in results["rows"] if tuple(r["shape_nchw"]) == run.HEADLINE]
+    assert {r["framework"] for r in headline} == set(run.FRAMEWORKS)
+    assert {r["dtype"] for r in headline} == set(run.RECORD_DTYPES)
+    assert results["machine"]["vector_extensions"] not in ("", "unknown")
+    for row in headline:
+        ratio = row["ratios"]["vs_best_peer"]
+        assert ratio == row["median_s"]["l2norm"] / row["median_s"][row["ratios"]["best_peer"]]
+
+
+def test_render_replaces_only_the_generated_block():
+    row = {
+        "framework": "jax",
+        "mode": "forward",
+        "compiled": True,
+        "shape_nchw": list(run.HEADLINE),
+        "dtype": "float32",
+        "ratios": {"vs_best_peer": 0.5, "best_peer": "naive", "vs_copy": 1.25},
+    }
+    page = f"before\n{run.BEGIN}\nstale\n{run.END}\nafter\n"
+    out = run.render({"machine": {}, "command": "c", "rows": [row]}, page)
+    assert out.startswith(f"before\n{run.BEGIN}\n") and out.endswith(f"{run.END}\nafter\n")
+    assert "stale" not in out and "| jax | jit forward | 0.50 / 1.2 |" in out
+    with pytest.raises(ValueError, match="no block"):
+        run.render({"machine": {}, "rows": []}, "no markers")
