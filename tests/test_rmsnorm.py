@@ -408,6 +408,58 @@ def _keras_dtypes() -> tuple[str, ...]:
     return FLOAT_DTYPES
 
 
+def _inf_slices(dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Slices with 2 and 1 infinities beside a finite one, and no NaN slice (a NaN slice
+    makes every entry of the scale's gradient NaN, which hid a wrong Inf-slice term)."""
+    x = np.array(
+        [[np.inf, 1, 2, -np.inf, 3], [1, 2, 3, 4, 5], [-np.inf, 0, 0, 0, 0]], dtype=_dtype(dtype)
+    )
+    w = np.array([1.5, -2.0, 0.25, 3.0, 1.0], dtype=np.float32 if dtype in HALF else x.dtype)
+    g = np.random.default_rng(5).standard_normal(x.shape).astype(x.dtype)
+    return x, w, g
+
+
+#: Every lowering of torch and JAX that runs on the CPU (Pallas in interpret mode), in
+#: the dtypes each takes (JAX's float64 needs jax_enable_x64, off in this suite).
+_CPU_LOWERINGS = [
+    (framework, lowering, dtype)
+    for framework, lowering in [("torch", "cpu-kernel"), ("torch", "ops")]
+    + [("jax", "cpu-kernel"), ("jax", "ops"), ("jax", "pallas")]
+    for dtype in ("float32", "bfloat16", *(("float64",) if framework == "torch" else ()))
+]
+
+
+@pytest.mark.parametrize(("framework", "lowering", "dtype"), _CPU_LOWERINGS)
+def test_inf_slices_give_the_scale_the_limit_gradient(framework, lowering, dtype):
+    """At a slice with k infinities the output tends to +-sqrt(N / k) scale, so the scale's
+    gradient gets g sqrt(N / k) there, on every lowering (the ops ladder of torch and
+    TensorFlow once added sqrt(N) times too much)."""
+    x, w, g = _inf_slices(dtype)
+    if framework == "torch":
+        xt, wt = numpy_to_torch(x).requires_grad_(), numpy_to_torch(w).requires_grad_()
+        with l2norm.torch.use_lowering(lowering):
+            y = torch_rms_norm(xt, wt)
+            dx, dw = torch.autograd.grad(y, (xt, wt), numpy_to_torch(g))
+        y, dx, dw = (torch_to_numpy(t.detach()) for t in (y, dx, dw))
+    else:
+        with l2norm.jax.use_lowering(lowering):
+            y, pullback = jax.vjp(l2norm.jax.rms_norm, jnp.asarray(x), jnp.asarray(w))
+            dx, dw = (np.asarray(t) for t in pullback(jnp.asarray(g)))
+    assert _oracle_ulps(np.asarray(y), x, w, 1e-6) <= 1.0
+    assert _grad_eps(x, w, g, dx, dw, 1e-6) <= conformance.DEFAULT_GRAD_EPS[dtype]
+
+
+@pytest.mark.keras
+def test_keras_inf_slices_give_the_scale_the_limit_gradient(keras_rms):
+    keras, lk = keras_rms
+    for dtype in _keras_dtypes():
+        x, w, g = _inf_slices(dtype)
+        args = [numpy_to_keras(x), numpy_to_keras(w)]
+        dx, dw = keras_vjp(lambda x, w: lk.rms_norm(x, w), args, numpy_to_keras(g))
+        err = _grad_eps(x, w, g, keras_to_numpy(dx, x.dtype), keras_to_numpy(dw, w.dtype), 1e-6)
+        assert err <= conformance.DEFAULT_GRAD_EPS[dtype], dtype
+
+
 @pytest.mark.keras
 def test_keras_forward_and_gradient_match_the_reference(keras_rms):
     keras, lk = keras_rms

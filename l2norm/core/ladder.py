@@ -195,7 +195,7 @@ class SliceFactors(NamedTuple):
     inv_d: Any  # 1 / d in the chosen rung's units; 0 in Inf slices, NaN in NaN slices
     inv_n: Any  # 1 / n in the same units; 0 where n = 0 and in Inf slices
     r: Any  # n d'(n) / d(n) (l2norm.core.modes), 0 in Inf slices
-    ratio: Any  # n / d: u = ratio * xhat; 1 in Inf slices (the limit)
+    ratio: Any  # n / d: u = ratio * xhat; 1 in Inf slices (rinf holds the limit)
     rinf: Any  # 1 / sqrt(number of infinities), for the Inf slices' infinite entries
     pre: Any  # 2**s for s > 0, else 1
     post: Any  # 2**s for s < 0, else 1
@@ -313,12 +313,13 @@ def factors(xp: Any, ladder: Ladder, chosen: Chosen, bottom: Any, n_inf: Any) ->
     inv_n = xp.where(nan_slice, nan, xp.where(inf_slice, zeros, inv_n))
     r = xp.where(inf_slice, zeros, r)
     count = xp.where(inf_slice, n_inf, ones)
+    # rinf is already the whole limit of u = x n / (n d) at an infinite entry (the mode's
+    # inf_limit shared by the k infinities), so ratio is 1 there: xhat * ratio = rinf.
     if ladder.count == 1:
-        limit, rinf = ones, ones / xp.sqrt(count)
+        rinf = ones / xp.sqrt(count)
     else:  # sqrt(N / k) rounded once, not sqrt(N) / sqrt(k)
-        limit = xp.full_like(bottom, mode.inf_limit(ladder.count))
         rinf = xp.sqrt(xp.full_like(bottom, float(ladder.count)) / count)
-    ratio = xp.where(nan_slice, nan, xp.where(inf_slice, limit, ratio))
+    ratio = xp.where(nan_slice, nan, xp.where(inf_slice, ones, ratio))
     rinf = xp.where(nan_slice, nan, xp.where(inf_slice, rinf, zeros))
     if inv_d_lo is not None:
         inv_d_lo = xp.where(nan_slice | inf_slice, zeros, inv_d_lo)
