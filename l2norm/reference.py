@@ -144,8 +144,12 @@ def _scale_array(scale: Any, x: np.ndarray, axes: Axes) -> np.ndarray | None:
     working precision widens it exactly)."""
     if scale is None:
         return None
-    if is_python_number(scale):  # weakly typed: taken at the compute precision
-        return np.asarray(scale, dtype=scale_compute_dtype(x.dtype.name, None))
+    if is_python_number(scale) or (  # weakly typed: taken at the compute precision
+        isinstance(scale, (list, tuple)) and all(is_python_number(v) for v in scale)
+    ):
+        arr = np.asarray(scale, dtype=scale_compute_dtype(x.dtype.name, None))
+        check_scale_shape(arr.shape, x.shape[axes.channel], axes)
+        return arr
     arr = np.asarray(scale)
     scale_compute_dtype(x.dtype.name, arr.dtype.name)
     check_scale_shape(arr.shape, x.shape[axes.channel], axes)

@@ -30,6 +30,7 @@ import torch
 import l2norm
 import l2norm.jax
 import l2norm.torch
+from l2norm import reference
 from l2norm.conformance import forward_error, gradient_error, gradient_magnitudes
 from l2norm.core import oracle
 from l2norm.core.spec import FLOAT_DTYPES, RMSSpec, Spec, machine_eps
@@ -283,3 +284,16 @@ def test_torch_layer_with_a_bfloat16_weight_trains_on_float32_input():
     assert forward_error(torch_to_numpy(y), want, np.dtype(np.float32), False) <= 1.0
     with pytest.raises(TypeError, match="float64, wider"):
         l2norm.torch.L2Norm(8, dtype=torch.float64)(x)
+
+
+def test_a_list_of_python_numbers_is_weakly_typed_in_numpy():
+    """``[20.0] * C`` has no dtype: NumPy takes it at the compute precision, as a number,
+    where ``np.asarray`` alone would make it a float64 array (refused with float32 input)."""
+    x, _, _ = _data("float32", "float32")
+    values = [float(v) for v in np.linspace(0.5, 2.0, x.shape[-1])]
+    want = reference.l2_normalize(x, np.asarray(values, np.float32), axis=-1)
+    for scale in (values, tuple(values)):
+        got = reference.l2_normalize(x, scale, axis=-1)
+        np.testing.assert_array_equal(got, want, strict=True)
+    with pytest.raises(TypeError, match="float64"):
+        reference.l2_normalize(x, np.asarray(values), axis=-1)
