@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
+from l2norm.core.spec import Axes
+from l2norm.tensorflow._ops import staged_sums, sum_plan  # imports TensorFlow after its preload
 
-from l2norm.core.spec import Axes  # noqa: E402
-from l2norm.tensorflow._ops import staged_sums, sum_plan  # noqa: E402
+# isort: split
+import tensorflow as tf
 
 #: Rows in the batch: far above the size where XLA's single-output reduction reorders.
 ROWS = 4096
